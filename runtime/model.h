@@ -1,0 +1,48 @@
+// The interface every runtime (CPU reference, CUDA) implements: run rows of tokens through the model,
+// appending to per-sequence KV caches, and return logits.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/model_config.h"
+
+namespace kvplan {
+
+// One forward step: row r feeds tokens[r] at positions[r] of sequence sequences[r]. Rows of one sequence
+// must be consecutive positions in order, continuing that sequence's cache.
+struct StepRows {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> sequences;
+  std::vector<int32_t> positions;
+};
+
+enum class LogitRows {
+  kAll,              // [rows, vocab]
+  kLastPerSequence,  // [distinct sequences in order of appearance, vocab]
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual int num_sequences() const = 0;
+  virtual int capacity() const = 0;  // positions each sequence's cache holds
+  virtual std::string device_name() const = 0;
+
+  virtual absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) = 0;
+  // Forgets every sequence's cache.
+  virtual void Reset() = 0;
+  // Fills positions [0, context) of every sequence's cache with random values, so decode speed at a long
+  // context can be measured without running the prefill.
+  virtual absl::Status FillCacheWithNoise(int context) = 0;
+  // Bytes the KV caches of all sequences occupy when each holds `context` positions.
+  virtual int64_t kv_cache_bytes(int context) const = 0;
+};
+
+// Rows for feeding `tokens` to one sequence starting at `first_position`.
+StepRows SequenceRows(const std::vector<int32_t>& tokens, int sequence, int first_position);
+
+}  // namespace kvplan
