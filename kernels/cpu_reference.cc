@@ -41,6 +41,11 @@ void apply_rope(float* x, const int32_t* positions, const float* inv_freq, int t
   }
 }
 
+void add_row_bias(float* x, const float* bias, int64_t rows, int dim) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int i = 0; i < dim; ++i) x[r * dim + i] += bias[i];
+}
+
 void swiglu(const float* gate, const float* up, int64_t n, float* out) {
 #pragma omp parallel for if (n > 65536)
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];

@@ -15,6 +15,9 @@ void rms_norm(const float* x, const float* weight, int64_t rows, int dim, float 
 void apply_rope(float* x, const int32_t* positions, const float* inv_freq, int tokens, int heads, int head_dim,
                 float attention_factor);
 
+// x[r, :] += bias.
+void add_row_bias(float* x, const float* bias, int64_t rows, int dim);
+
 // out = silu(gate) * up, elementwise over n values.
 void swiglu(const float* gate, const float* up, int64_t n, float* out);
 

@@ -29,7 +29,7 @@ void MatMulTransposed(const float* x, const float* w, int rows, int in, int out,
               y, out);
 }
 
-absl::StatusOr<std::vector<float>> ReadStacked(const WeightSource& weights, std::initializer_list<TensorSpec> specs) {
+absl::StatusOr<std::vector<float>> ReadStacked(const WeightSource& weights, std::vector<TensorSpec> specs) {
   std::vector<float> stacked;
   for (const TensorSpec& spec : specs) {
     absl::StatusOr<std::vector<float>> part = weights.Read(spec);
@@ -62,7 +62,7 @@ class CpuModel : public Model {
     for (int l = 0; l < config_.num_layers; ++l) {
       const LayerSpecs specs = LayerTensorSpecs(config_, l);
       CpuLayer layer;
-      std::vector<std::pair<std::vector<float>*, std::initializer_list<TensorSpec>>> parts = {
+      std::vector<std::pair<std::vector<float>*, std::vector<TensorSpec>>> parts = {
           {&layer.attention_norm, {specs.attention_norm}}, {&layer.qkv, {specs.q, specs.k, specs.v}},
           {&layer.o, {specs.o}}, {&layer.mlp_norm, {specs.mlp_norm}}, {&layer.gate_up, {specs.gate, specs.up}},
           {&layer.down, {specs.down}}};
@@ -94,6 +94,8 @@ class CpuModel : public Model {
     return int64_t(num_sequences_) * context * config_.kv_bytes_per_token(sizeof(float));
   }
 
+  int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(float)); }
+
   absl::Status FillCacheWithNoise(int context) override {
     if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
     std::mt19937 generator(7);
@@ -105,7 +107,7 @@ class CpuModel : public Model {
   }
 
   absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) override {
-    if (absl::Status status = Validate(rows); !status.ok()) return status;
+    if (absl::Status status = ValidateStepRows(rows, config_, lengths_, capacity_); !status.ok()) return status;
     const ModelConfig& c = config_;
     const int T = int(rows.tokens.size());
     const int hidden = c.hidden_size, q_dim = c.q_dim(), kv_dim = c.kv_dim(), ffn = c.intermediate_size;
@@ -120,10 +122,9 @@ class CpuModel : public Model {
       const CpuLayer& layer = layers_[l];
       cpu::rms_norm(x.data(), layer.attention_norm.data(), T, hidden, c.rms_norm_eps, normed.data());
       MatMulTransposed(normed.data(), layer.qkv.data(), T, hidden, qkv_dim, qkv.data(), false);
+      if (!layer.qkv_bias.empty()) cpu::add_row_bias(qkv.data(), layer.qkv_bias.data(), T, qkv_dim);
       for (int t = 0; t < T; ++t) {
-        float* row = qkv.data() + int64_t(t) * qkv_dim;
-        if (!layer.qkv_bias.empty())
-          for (int i = 0; i < qkv_dim; ++i) row[i] += layer.qkv_bias[i];
+        const float* row = qkv.data() + int64_t(t) * qkv_dim;
         std::copy_n(row, q_dim, q.data() + int64_t(t) * q_dim);
         std::copy_n(row + q_dim, kv_dim, k.data() + int64_t(t) * kv_dim);
         std::copy_n(row + q_dim + kv_dim, kv_dim, v.data() + int64_t(t) * kv_dim);
@@ -172,28 +173,6 @@ class CpuModel : public Model {
            config_.head_dim;
   }
 
-  absl::Status Validate(const StepRows& rows) const {
-    const size_t T = rows.tokens.size();
-    if (T == 0 || rows.sequences.size() != T || rows.positions.size() != T)
-      return absl::InvalidArgumentError("StepRows: tokens, sequences and positions must have the same non-zero size");
-    std::vector<int32_t> next = lengths_;
-    for (size_t t = 0; t < T; ++t) {
-      if (rows.tokens[t] < 0 || rows.tokens[t] >= config_.vocab_size)
-        return absl::InvalidArgumentError(absl::StrCat("token id ", rows.tokens[t], " outside vocabulary of ",
-                                                       config_.vocab_size));
-      const int s = rows.sequences[t];
-      if (s < 0 || s >= num_sequences_)
-        return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " outside [0, ", num_sequences_, ")"));
-      if (rows.positions[t] != next[s])
-        return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " expects position ", next[s], ", got ",
-                                                       rows.positions[t]));
-      if (rows.positions[t] >= capacity_)
-        return absl::OutOfRangeError(absl::StrCat("position ", rows.positions[t], " exceeds the KV cache capacity ",
-                                                  capacity_));
-      ++next[s];
-    }
-    return absl::OkStatus();
-  }
 
   void Attend(int layer, const StepRows& rows, const float* q, float* out) {
     const ModelConfig& c = config_;

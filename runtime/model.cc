@@ -2,6 +2,9 @@
 
 #include <numeric>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
 namespace kvplan {
 
 StepRows SequenceRows(const std::vector<int32_t>& tokens, int sequence, int first_position) {
@@ -11,6 +14,30 @@ StepRows SequenceRows(const std::vector<int32_t>& tokens, int sequence, int firs
   rows.positions.resize(tokens.size());
   std::iota(rows.positions.begin(), rows.positions.end(), first_position);
   return rows;
+}
+
+absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, const std::vector<int32_t>& lengths,
+                              int capacity) {
+  const size_t T = rows.tokens.size();
+  if (T == 0 || rows.sequences.size() != T || rows.positions.size() != T)
+    return absl::InvalidArgumentError("StepRows: tokens, sequences and positions must have the same non-zero size");
+  std::vector<int32_t> next = lengths;
+  for (size_t t = 0; t < T; ++t) {
+    if (rows.tokens[t] < 0 || rows.tokens[t] >= config.vocab_size)
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", rows.tokens[t], " outside vocabulary of ", config.vocab_size));
+    const int s = rows.sequences[t];
+    if (s < 0 || s >= int(lengths.size()))
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " outside [0, ", lengths.size(), ")"));
+    if (rows.positions[t] != next[s])
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", s, " expects position ", next[s], ", got ", rows.positions[t]));
+    if (rows.positions[t] >= capacity)
+      return absl::OutOfRangeError(
+          absl::StrCat("position ", rows.positions[t], " exceeds the KV cache capacity ", capacity));
+    ++next[s];
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvplan

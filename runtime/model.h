@@ -40,7 +40,14 @@ class Model {
   virtual absl::Status FillCacheWithNoise(int context) = 0;
   // Bytes the KV caches of all sequences occupy when each holds `context` positions.
   virtual int64_t kv_cache_bytes(int context) const = 0;
+  // Bytes the weights occupy on the model's device.
+  virtual int64_t weight_bytes() const = 0;
 };
+
+// Checks rows against the sequences' current lengths: ids inside the vocabulary, known sequences, positions
+// continuing each sequence and inside the cache capacity.
+absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, const std::vector<int32_t>& lengths,
+                              int capacity);
 
 // Rows for feeding `tokens` to one sequence starting at `first_position`.
 StepRows SequenceRows(const std::vector<int32_t>& tokens, int sequence, int first_position);

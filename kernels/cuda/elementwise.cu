@@ -54,6 +54,11 @@ __global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, __n
   if (i < n) out[i] = __float2bfloat16(gate[i] / (1.0f + __expf(-gate[i])) * up[i]);
 }
 
+__global__ void add_row_bias_kernel(float* x, const float* bias, int64_t n, int dim) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] += bias[i % dim];
+}
+
 __global__ void append_kv_kernel(const float* k, const float* v, const int32_t* row_sequence,
                                  const int32_t* row_position, int kv_heads, int head_dim, int capacity,
                                  __nv_bfloat16* k_cache, __nv_bfloat16* v_cache) {
@@ -97,6 +102,13 @@ cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq
 cudaError_t swiglu(const float* gate, const float* up, int64_t n, __nv_bfloat16* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(gate, up, n, out);
+  return cudaGetLastError();
+}
+
+cudaError_t add_row_bias(float* x, const float* bias, int rows, int dim, cudaStream_t stream) {
+  const int64_t n = int64_t(rows) * dim;
+  if (n == 0) return cudaSuccess;
+  add_row_bias_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, bias, n, dim);
   return cudaGetLastError();
 }
 

@@ -27,6 +27,9 @@ cudaError_t rms_norm(const float* x, const __nv_bfloat16* weight, int rows, int 
 cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq, int rows, int heads,
                        int head_dim, float attention_factor, cudaStream_t stream);
 
+// x[r, :] += bias, for the q/k/v biases of Qwen2-style attention.
+cudaError_t add_row_bias(float* x, const float* bias, int rows, int dim, cudaStream_t stream);
+
 // out = bf16(silu(gate) * up).
 cudaError_t swiglu(const float* gate, const float* up, int64_t n, __nv_bfloat16* out, cudaStream_t stream);
 

@@ -1,0 +1,33 @@
+#include "runtime/backend.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "runtime/cpu_model.h"
+#ifdef KVPLAN_WITH_CUDA
+#include "runtime/cuda_model.h"
+#endif
+
+namespace kvplan {
+
+absl::StatusOr<Backend> ParseBackend(const std::string& name) {
+  if (name == "auto") return Backend::kAuto;
+  if (name == "cpu") return Backend::kCpu;
+  if (name == "cuda") return Backend::kCuda;
+  return absl::InvalidArgumentError(absl::StrCat("unknown device \"", name, "\" (auto, cpu, cuda)"));
+}
+
+absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
+                                                   const ModelOptions& options) {
+#ifdef KVPLAN_WITH_CUDA
+  if (options.backend == Backend::kCuda || (options.backend == Backend::kAuto && CudaDeviceAvailable()))
+    return CreateCudaModel(config, weights,
+                           {.num_sequences = options.num_sequences, .capacity = options.capacity,
+                            .max_rows = options.max_rows});
+#else
+  if (options.backend == Backend::kCuda)
+    return absl::FailedPreconditionError("this kvplan was built without CUDA (configure with -DKVPLAN_CUDA=ON)");
+#endif
+  return CreateCpuModel(config, weights, {.num_sequences = options.num_sequences, .capacity = options.capacity});
+}
+
+}  // namespace kvplan

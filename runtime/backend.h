@@ -1,0 +1,24 @@
+// Picks the runtime a command runs on.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "runtime/model.h"
+#include "runtime/weights.h"
+
+namespace kvplan {
+
+enum class Backend { kAuto, kCpu, kCuda };
+absl::StatusOr<Backend> ParseBackend(const std::string& name);  // auto | cpu | cuda
+
+struct ModelOptions {
+  Backend backend = Backend::kAuto;  // auto: CUDA when built with it and a device is present
+  int num_sequences = 1;
+  int capacity = 0;     // 0: the model's max_position_embeddings
+  int max_rows = 2048;  // CUDA: most rows per Forward
+};
+absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
+                                                   const ModelOptions& options);
+
+}  // namespace kvplan

@@ -1,0 +1,29 @@
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kvplan::testing {
+
+inline std::string SharedDir() { return KVPLAN_SHARED_DIR; }
+inline std::string FixtureModelDir() { return SharedDir() + "/models/llama-dev-6m"; }
+
+// ||a - b|| / ||b||
+inline double RelativeError(const float* a, const float* b, size_t n) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < n; ++i) {
+    diff += double(a[i] - b[i]) * (a[i] - b[i]);
+    norm += double(b[i]) * b[i];
+  }
+  return std::sqrt(diff / std::max(norm, 1e-30));
+}
+
+}  // namespace kvplan::testing
+
+#define KVPLAN_ASSERT_OK_AND_ASSIGN(lhs, expr)                 \
+  auto lhs##_or = (expr);                                      \
+  ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status().ToString(); \
+  auto lhs = std::move(*lhs##_or)
