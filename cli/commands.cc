@@ -62,6 +62,17 @@ absl::Status RunEval(const EvalCommand& command) {
     json_fields.push_back(absl::StrFormat("\"perplexity\": %.6f, \"scored_tokens\": %d", perplexity.perplexity,
                                           perplexity.scored_tokens));
   }
+  if (!command.needle_prompts_path.empty()) {
+    std::ofstream out(command.needle_prompts_path);
+    std::vector<std::string> entries;
+    for (const NeedleTrial& trial : NeedleTrials(*tokenizer, loaded.config.bos_token_id,
+                                                 {.context_lengths = command.needle_lengths,
+                                                  .trials = command.needle_trials}))
+      entries.push_back(absl::StrFormat("{\"length\": %d, \"key\": %d, \"ids\": [%s]}", trial.context_length,
+                                        trial.pass_key, absl::StrJoin(trial.prompt, ",")));
+    out << "[" << absl::StrJoin(entries, ",\n") << "]\n";
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", command.needle_prompts_path));
+  }
   if (!command.skip_needle) {
     ProgressBar bar("needle");
     KVPLAN_ASSIGN_OR_RETURN(

@@ -29,6 +29,8 @@ int main(int argc, char** argv) {
   eval_app->add_flag("--skip-perplexity", eval.skip_perplexity, "only needle");
   eval_app->add_option("--device", eval.device, "auto | cpu | cuda");
   eval_app->add_option("--json", eval.json_path, "also write results as JSON to this file");
+  eval_app->add_option("--needle-prompts", eval.needle_prompts_path,
+                       "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
 
   kvplan::BenchCommand bench;
   CLI::App* bench_app = app.add_subcommand("bench", "decode tokens/s and KV bytes at given context lengths");

@@ -41,6 +41,8 @@ class DeviceBuffer {
     if (data_ != nullptr) cudaFree(data_);
   }
   absl::Status Allocate(size_t bytes) {
+    if (data_ != nullptr) cudaFree(data_);
+    data_ = nullptr;
     bytes_ = bytes;
     return CudaStatus(cudaMalloc(&data_, std::max<size_t>(bytes, 1)), "cudaMalloc");
   }
@@ -214,10 +216,7 @@ class CudaModel : public Model {
     KVPLAN_CUDA(cuda::rms_norm(x_.as<float>(), final_norm_.as<__nv_bfloat16>(), selected, hidden, c.rms_norm_eps,
                                normed_.as<__nv_bfloat16>(), stream_));
     const size_t logits_bytes = size_t(selected) * c.vocab_size * sizeof(float);
-    if (logits_.bytes() < logits_bytes) {
-      logits_ = DeviceBuffer();
-      KVPLAN_RETURN_IF_ERROR(logits_.Allocate(logits_bytes));
-    }
+    if (logits_.bytes() < logits_bytes) KVPLAN_RETURN_IF_ERROR(logits_.Allocate(logits_bytes));
     KVPLAN_RETURN_IF_ERROR(Gemm(normed_, c.tie_word_embeddings ? embed_ : lm_head_, selected, hidden, c.vocab_size,
                                 logits_, 0.0f));
     std::vector<float> logits(size_t(selected) * c.vocab_size);

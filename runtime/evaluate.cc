@@ -130,31 +130,40 @@ std::vector<int32_t> NeedlePrompt(const Tokenizer& tokenizer, int bos_token_id, 
   return ids;
 }
 
-absl::StatusOr<std::vector<NeedleResult>> EvaluateNeedle(Model& model, const Tokenizer& tokenizer,
-                                                         const NeedleOptions& options,
-                                                         const ProgressCallback& progress) {
+std::vector<NeedleTrial> NeedleTrials(const Tokenizer& tokenizer, int bos_token_id, const NeedleOptions& options) {
   std::mt19937_64 generator(options.seed);
   std::uniform_int_distribution<int> key_distribution(10000, 99999);
-  std::vector<NeedleResult> results;
-  const int64_t total = int64_t(options.context_lengths.size()) * options.trials;
-  int64_t done = 0;
+  std::vector<NeedleTrial> trials;
   for (int context_length : options.context_lengths) {
-    if (context_length - options.answer_tokens > model.capacity())
-      return absl::InvalidArgumentError(absl::StrCat("needle context ", context_length, " exceeds the cache capacity ",
-                                                     model.capacity()));
-    NeedleResult result{.context_length = context_length, .trials = options.trials};
     for (int trial = 0; trial < options.trials; ++trial) {
       const int pass_key = key_distribution(generator);
       const double depth = options.trials > 1 ? double(trial) / (options.trials - 1) : 0.5;
-      const std::vector<int32_t> prompt = NeedlePrompt(tokenizer, model.config().bos_token_id,
-                                                       context_length - options.answer_tokens, pass_key, depth);
-      model.Reset();
-      absl::StatusOr<std::vector<int32_t>> answer = GenerateGreedy(model, prompt, options.answer_tokens, -1);
-      if (!answer.ok()) return answer.status();
-      result.correct += FirstInteger(tokenizer.Decode(*answer)) == pass_key;
-      if (progress) progress(++done, total);
+      trials.push_back({context_length, pass_key,
+                        NeedlePrompt(tokenizer, bos_token_id, context_length - options.answer_tokens, pass_key, depth)});
     }
-    results.push_back(result);
+  }
+  return trials;
+}
+
+absl::StatusOr<std::vector<NeedleResult>> EvaluateNeedle(Model& model, const Tokenizer& tokenizer,
+                                                         const NeedleOptions& options,
+                                                         const ProgressCallback& progress) {
+  for (int context_length : options.context_lengths)
+    if (context_length > model.capacity())
+      return absl::InvalidArgumentError(absl::StrCat("needle context ", context_length, " exceeds the cache capacity ",
+                                                     model.capacity()));
+  const std::vector<NeedleTrial> trials = NeedleTrials(tokenizer, model.config().bos_token_id, options);
+  std::vector<NeedleResult> results;
+  for (size_t i = 0; i < trials.size(); ++i) {
+    const NeedleTrial& trial = trials[i];
+    if (results.empty() || results.back().context_length != trial.context_length)
+      results.push_back({.context_length = trial.context_length});
+    model.Reset();
+    absl::StatusOr<std::vector<int32_t>> answer = GenerateGreedy(model, trial.prompt, options.answer_tokens, -1);
+    if (!answer.ok()) return answer.status();
+    results.back().correct += FirstInteger(tokenizer.Decode(*answer)) == trial.pass_key;
+    ++results.back().trials;
+    if (progress) progress(int64_t(i) + 1, int64_t(trials.size()));
   }
   return results;
 }

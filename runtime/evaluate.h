@@ -52,6 +52,14 @@ struct NeedleResult {
 // The prompt (as token ids, BOS first) of one pass-key trial with the key at `depth` in [0, 1].
 std::vector<int32_t> NeedlePrompt(const Tokenizer& tokenizer, int bos_token_id, int context_length, int pass_key,
                                   double depth);
+struct NeedleTrial {
+  int context_length = 0;
+  int pass_key = 0;
+  std::vector<int32_t> prompt;  // BOS first, ends with "The pass key is"
+};
+// The trials EvaluateNeedle runs, in order; deterministic in options.seed.
+std::vector<NeedleTrial> NeedleTrials(const Tokenizer& tokenizer, int bos_token_id, const NeedleOptions& options);
+
 absl::StatusOr<std::vector<NeedleResult>> EvaluateNeedle(Model& model, const Tokenizer& tokenizer,
                                                          const NeedleOptions& options,
                                                          const ProgressCallback& progress = nullptr);

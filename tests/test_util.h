@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -8,7 +9,13 @@
 
 namespace kvplan::testing {
 
-inline std::string SharedDir() { return KVPLAN_SHARED_DIR; }
+// KVPLAN_SHARED_DIR in the environment overrides the configured fixture folder (the GPU machine keeps the
+// fixtures elsewhere).
+inline std::string SharedDir() {
+  const char* overridden = std::getenv("KVPLAN_SHARED_DIR");
+  return overridden != nullptr ? overridden : KVPLAN_SHARED_DIR;
+}
+inline std::string TestDataDir() { return KVPLAN_TEST_DATA_DIR; }
 inline std::string FixtureModelDir() { return SharedDir() + "/models/llama-dev-6m"; }
 
 // ||a - b|| / ||b||
