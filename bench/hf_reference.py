@@ -75,7 +75,24 @@ SHAPES = {"llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_s
                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0)}
 
 
+def copy_rate():
+    x = torch.empty(1 << 30, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 20
+    print(json.dumps({"device_copy_gb_per_s_read_plus_write": 2 * x.numel() * 4 / seconds / 1e9}))
+    del x, y
+
+
 def speed(shape, contexts):
+    copy_rate()
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(contexts) + 64)
     torch.manual_seed(0)
     with torch.device("cuda"):

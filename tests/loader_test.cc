@@ -40,11 +40,12 @@ TEST(ModelConfigTest, OlderRopeThetaAndLlama3ScalingMatchTransformers) {
   EXPECT_EQ(config.rope.theta, 500000.0);
   const std::vector<float> inv_freq = RopeInverseFrequencies(config);
   ASSERT_EQ(inv_freq.size(), 64u);
-  // Values from transformers' _compute_llama3_parameters for Llama 3.1 8B.
+  // Values of transformers' _compute_llama3_parameters for Llama 3.1 8B, evaluated in float64.
   EXPECT_FLOAT_EQ(inv_freq[0], 1.0f);
-  EXPECT_NEAR(inv_freq[20], 0.0311216f / 1.0f, 1e-6);           // high frequency: unchanged
-  EXPECT_NEAR(inv_freq[63], 1.2994e-06f / 8.0f, 1e-10);         // low frequency: divided by factor
-  EXPECT_NEAR(inv_freq[45], 4.21e-05f, 0.2e-05f);               // smooth band
+  EXPECT_FLOAT_EQ(inv_freq[20], 1.656044e-02f);  // high frequency: unchanged
+  EXPECT_FLOAT_EQ(inv_freq[30], 1.371894e-03f);  // between the bands: interpolated
+  EXPECT_FLOAT_EQ(inv_freq[45], 1.229764e-05f);  // low frequency: divided by the factor
+  EXPECT_FLOAT_EQ(inv_freq[63], 3.068926e-07f);
 }
 
 TEST(ModelConfigTest, QwenBiasMistralWindowAndTiedEmbeddings) {
