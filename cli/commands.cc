@@ -2,12 +2,18 @@
 
 #include <cstdio>
 #include <fstream>
+#include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "cli/progress.h"
+#include "absl/strings/str_split.h"
+#include "planner/planner.h"
+#include "plans/plan_io.h"
 #include "runtime/backend.h"
+#include "runtime/plan_runtime.h"
 #include "runtime/bench.h"
 #include "runtime/evaluate.h"
 #include "runtime/tokenizer.h"
@@ -20,6 +26,16 @@ namespace {
   if (!lhs##_or.ok()) return lhs##_or.status(); \
   auto lhs = std::move(*lhs##_or)
 
+// The plan named on the command line, if any; its model check happens when the model is built.
+absl::StatusOr<std::optional<plan::Plan>> OptionalPlan(const std::string& path) {
+  if (path.empty()) return std::optional<plan::Plan>();
+  absl::StatusOr<plan::Plan> plan = ReadPlanFile(path);
+  if (!plan.ok()) return plan.status();
+  return std::optional<plan::Plan>(std::move(*plan));
+}
+
+const plan::Plan* PlanPointer(const std::optional<plan::Plan>& plan) { return plan ? &*plan : nullptr; }
+
 }  // namespace
 
 absl::Status RunGenerate(const GenerateCommand& command) {
@@ -31,8 +47,10 @@ absl::Status RunGenerate(const GenerateCommand& command) {
   const std::vector<int32_t> body = tokenizer->Encode(command.prompt);
   prompt.insert(prompt.end(), body.begin(), body.end());
   const int capacity = int(prompt.size()) + command.max_new_tokens;
+  KVPLAN_ASSIGN_OR_RETURN(plan, OptionalPlan(command.plan_path));
   KVPLAN_ASSIGN_OR_RETURN(model, CreateModel(loaded.config, *loaded.weights,
-                                             {.backend = backend, .capacity = capacity, .max_rows = capacity}));
+                                             {.backend = backend, .capacity = capacity, .max_rows = capacity,
+                                              .plan = PlanPointer(plan)}));
   KVPLAN_ASSIGN_OR_RETURN(generated,
                           GenerateGreedy(*model, prompt, command.max_new_tokens, loaded.config.eos_token_id));
   std::printf("%s%s\n", command.prompt.c_str(), tokenizer->Decode(generated).c_str());
@@ -45,8 +63,10 @@ absl::Status RunEval(const EvalCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
   int capacity = command.window;
   for (int length : command.needle_lengths) capacity = std::max(capacity, length);
+  KVPLAN_ASSIGN_OR_RETURN(plan, OptionalPlan(command.plan_path));
   KVPLAN_ASSIGN_OR_RETURN(model, CreateModel(loaded.config, *loaded.weights,
-                                             {.backend = backend, .capacity = capacity, .max_rows = capacity}));
+                                             {.backend = backend, .capacity = capacity, .max_rows = capacity,
+                                              .plan = PlanPointer(plan)}));
   std::vector<std::string> json_fields = {absl::StrFormat("\"device\": \"%s\"", model->device_name())};
   std::printf("model %s on %s\n", command.model_dir.c_str(), model->device_name().c_str());
   if (!command.skip_perplexity) {
@@ -87,7 +107,13 @@ absl::Status RunEval(const EvalCommand& command) {
     }
     json_fields.push_back(absl::StrCat("\"needle\": {", absl::StrJoin(needle_fields, ", "), "}"));
   }
-  std::printf("KV cache at %d tokens: %lld bytes\n", capacity, (long long)model->kv_cache_bytes(capacity));
+  // The cache as the last needle trial (or perplexity window) left it, against a full bf16 cache of the same
+  // number of tokens.
+  const int64_t full_bytes = int64_t(capacity) * loaded.config.kv_bytes_per_token(2);
+  const int64_t held_bytes = model->kv_cache_bytes();
+  std::printf("KV cache at ~%d tokens: %lld bytes (full cache %lld, %.2fx smaller)\n", capacity,
+              (long long)held_bytes, (long long)full_bytes, double(full_bytes) / std::max<int64_t>(1, held_bytes));
+  json_fields.push_back(absl::StrFormat("\"kv_bytes\": %d, \"full_kv_bytes\": %d", held_bytes, full_bytes));
   if (!command.json_path.empty()) {
     std::ofstream out(command.json_path);
     out << "{" << absl::StrJoin(json_fields, ", ") << "}\n";
@@ -104,9 +130,11 @@ absl::Status RunBench(const BenchCommand& command) {
                                                             : OpenModelDirectory(command.model_dir));
   const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
   const int capacity = max_context + command.steps + 8;
+  KVPLAN_ASSIGN_OR_RETURN(plan, OptionalPlan(command.plan_path));
   KVPLAN_ASSIGN_OR_RETURN(model, CreateModel(loaded.config, *loaded.weights,
                                              {.backend = backend, .num_sequences = command.batch,
-                                              .capacity = capacity, .max_rows = command.batch}));
+                                              .capacity = capacity, .max_rows = command.batch,
+                                              .plan = PlanPointer(plan)}));
   std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step",
               "KV bytes", "GB/s");
   for (int context : command.contexts) {
@@ -115,6 +143,49 @@ absl::Status RunBench(const BenchCommand& command) {
                 result.batch, result.tokens_per_second, result.seconds_per_step * 1e3,
                 (long long)result.kv_cache_bytes, result.achieved_gb_per_second);
   }
+  return absl::OkStatus();
+}
+
+absl::Status RunCalibrate(CalibrateCommand command) {
+  command.options.methods.clear();
+  for (absl::string_view method : absl::StrSplit(command.methods, ',', absl::SkipEmpty()))
+    command.options.methods.insert(std::string(method));
+  if (command.scoring == "attention") {
+    command.options.budget_settings.scoring = plan::TokenBudgets::ATTENTION_SCORE;
+  } else if (command.scoring != "l2") {
+    return absl::InvalidArgumentError(absl::StrCat("unknown scoring \"", command.scoring, "\" (l2, attention)"));
+  }
+  command.options.budget_settings.merge_evicted = !command.no_merge;
+  std::string stage;
+  std::unique_ptr<ProgressBar> bar;
+  KVPLAN_ASSIGN_OR_RETURN(plan, Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
+                            if (name != stage) {
+                              stage = name;
+                              bar = std::make_unique<ProgressBar>(name);
+                            }
+                            bar->Update(done, total);
+                          }));
+  if (absl::Status status = WritePlanFile(plan, command.output_path); !status.ok()) return status;
+  std::printf("%s\nwrote %s\n", DescribePlan(plan).c_str(), command.output_path.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status RunInspect(const InspectCommand& command) {
+  KVPLAN_ASSIGN_OR_RETURN(plan, ReadPlanFile(command.plan_path));
+  if (command.json) {
+    KVPLAN_ASSIGN_OR_RETURN(json, PlanToJson(plan, command.include_atoms));
+    std::printf("%s\n", json.c_str());
+  } else {
+    std::printf("%s", DescribePlan(plan).c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunValidate(const ValidateCommand& command) {
+  KVPLAN_ASSIGN_OR_RETURN(plan, ReadPlanFile(command.plan_path));
+  KVPLAN_ASSIGN_OR_RETURN(loaded, OpenModelDirectory(command.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(factory, PlanCacheFactory(plan, loaded.config, *loaded.weights));
+  std::printf("%s: valid for %s\n", command.plan_path.c_str(), command.model_dir.c_str());
   return absl::OkStatus();
 }
 

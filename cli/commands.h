@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "calibrate/calibrate.h"
 
 namespace kvplan {
 
@@ -13,6 +14,7 @@ struct GenerateCommand {
   std::string prompt;
   int max_new_tokens = 64;
   std::string device = "auto";
+  std::string plan_path;  // execute this cache plan
 };
 absl::Status RunGenerate(const GenerateCommand& command);
 
@@ -26,6 +28,7 @@ struct EvalCommand {
   bool skip_needle = false;
   bool skip_perplexity = false;
   std::string device = "auto";
+  std::string plan_path;
   std::string json_path;  // also write the results here when set
   std::string needle_prompts_path;  // write the needle trials (ids, pass key) as JSON, for cross-checking
 };
@@ -38,7 +41,30 @@ struct BenchCommand {
   int batch = 1;
   int steps = 32;
   std::string device = "auto";
+  std::string plan_path;
 };
 absl::Status RunBench(const BenchCommand& command);
+
+struct CalibrateCommand {
+  CalibrateOptions options;
+  std::string methods = "share,dict,budget,refresh";
+  std::string scoring = "l2";  // l2 | attention
+  bool no_merge = false;
+  std::string output_path;
+};
+absl::Status RunCalibrate(CalibrateCommand command);
+
+struct InspectCommand {
+  std::string plan_path;
+  bool json = false;
+  bool include_atoms = false;
+};
+absl::Status RunInspect(const InspectCommand& command);
+
+struct ValidateCommand {
+  std::string model_dir;
+  std::string plan_path;
+};
+absl::Status RunValidate(const ValidateCommand& command);
 
 }  // namespace kvplan

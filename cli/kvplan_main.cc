@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   generate_app->add_option("--prompt", generate.prompt, "prompt text")->required();
   generate_app->add_option("--max-new-tokens", generate.max_new_tokens, "tokens to generate");
   generate_app->add_option("--device", generate.device, "auto | cpu | cuda");
+  generate_app->add_option("--plan", generate.plan_path, "execute this cache plan");
 
   kvplan::EvalCommand eval;
   CLI::App* eval_app = app.add_subcommand("eval", "held-out perplexity and pass-key (needle) accuracy");
@@ -28,6 +29,7 @@ int main(int argc, char** argv) {
   eval_app->add_flag("--skip-needle", eval.skip_needle, "only perplexity");
   eval_app->add_flag("--skip-perplexity", eval.skip_perplexity, "only needle");
   eval_app->add_option("--device", eval.device, "auto | cpu | cuda");
+  eval_app->add_option("--plan", eval.plan_path, "execute this cache plan");
   eval_app->add_option("--json", eval.json_path, "also write results as JSON to this file");
   eval_app->add_option("--needle-prompts", eval.needle_prompts_path,
                        "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
@@ -41,6 +43,42 @@ int main(int argc, char** argv) {
   bench_app->add_option("--batch", bench.batch, "sequences decoded together");
   bench_app->add_option("--steps", bench.steps, "timed decode steps");
   bench_app->add_option("--device", bench.device, "auto | cpu | cuda");
+  bench_app->add_option("--plan", bench.plan_path, "execute this cache plan");
+
+  kvplan::CalibrateCommand calibrate;
+  kvplan::CalibrateOptions& calibration = calibrate.options;
+  CLI::App* calibrate_app = app.add_subcommand("calibrate", "learn a cache plan from sample text");
+  calibrate_app->add_option("--model", calibration.model_dir, "Hugging Face model directory")->required();
+  calibrate_app->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines")
+      ->required();
+  calibrate_app->add_option("-o,--output", calibrate.output_path, "plan file to write")->required();
+  calibrate_app->add_option("--target-memory", calibration.target_memory_ratio,
+                            "plan KV bytes / full-cache bytes at 2K tokens, e.g. 0.2 for 5x");
+  calibrate_app->add_option("--methods", calibrate.methods, "comma-separated: share,dict,budget,refresh");
+  calibrate_app->add_option("--sequences", calibration.sequences, "calibration sequences");
+  calibrate_app->add_option("--sequence-length", calibration.sequence_length, "tokens per calibration sequence");
+  calibrate_app->add_option("--share-threshold", calibration.share_cosine_threshold,
+                            "KVSharer: minimum cosine of the last hidden state to the full model");
+  calibrate_app->add_option("--max-shared-layers", calibration.max_shared_layers, "KVSharer: at most this many");
+  calibrate_app->add_option("--atoms", calibration.dictionary_atoms, "CSR: dictionary atoms per layer");
+  calibrate_app->add_option("--key-sparsity", calibration.key_sparsity, "CSR: atoms per key");
+  calibrate_app->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value");
+  calibrate_app->add_option("--coding-window", calibration.coding_recent_window, "CSR: newest tokens left uncoded");
+  calibrate_app->add_option("--epochs", calibration.dictionary_epochs, "CSR: dictionary training epochs");
+  calibrate_app->add_option("--scoring", calibrate.scoring, "budgets: l2 (key norm) | attention");
+  calibrate_app->add_flag("--no-merge", calibrate.no_merge, "budgets: drop evicted tokens instead of merging them");
+  calibrate_app->add_option("--recent-window", calibration.budget_settings.recent_window, "budgets: never-evicted recent tokens");
+
+  kvplan::InspectCommand inspect;
+  CLI::App* inspect_app = app.add_subcommand("inspect", "print a plan's decisions and memory per context length");
+  inspect_app->add_option("plan", inspect.plan_path, "plan file")->required();
+  inspect_app->add_flag("--json", inspect.json, "as JSON");
+  inspect_app->add_flag("--atoms", inspect.include_atoms, "with --json: include dictionary atoms");
+
+  kvplan::ValidateCommand validate;
+  CLI::App* validate_app = app.add_subcommand("validate", "check a plan against a model");
+  validate_app->add_option("--model", validate.model_dir, "Hugging Face model directory")->required();
+  validate_app->add_option("plan", validate.plan_path, "plan file")->required();
 
   CLI11_PARSE(app, argc, argv);
 
@@ -54,6 +92,9 @@ int main(int argc, char** argv) {
     status = kvplan::RunEval(eval);
   }
   if (*bench_app) status = kvplan::RunBench(bench);
+  if (*calibrate_app) status = kvplan::RunCalibrate(calibrate);
+  if (*inspect_app) status = kvplan::RunInspect(inspect);
+  if (*validate_app) status = kvplan::RunValidate(validate);
   if (!status.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
     return 1;

@@ -91,4 +91,114 @@ void attention(const float* q, const int32_t* query_positions, int tokens, int h
   }
 }
 
+float round_to_fp16(float value) {
+  if (!std::isfinite(value)) return value;
+  const float magnitude = std::fabs(value);
+  if (magnitude >= 65504.0f) return std::copysign(65504.0f, value);
+  if (magnitude < 6.103515625e-05f) return std::nearbyint(value * 16777216.0f) / 16777216.0f;  // subnormal step
+  int exponent;
+  std::frexp(magnitude, &exponent);
+  const float step = std::ldexp(1.0f, exponent - 11);  // 10 explicit mantissa bits
+  return std::nearbyint(value / step) * step;
+}
+
+void matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int sparsity, uint16_t* indices,
+                      float* coefficients) {
+  std::vector<float> residual(x, x + dim);
+  for (int s = 0; s < sparsity; ++s) {
+    int best = 0;
+    float best_correlation = 0.0f;
+    for (int a = 0; a < atoms; ++a) {
+      const float* atom = dictionary + int64_t(a) * dim;
+      float correlation = 0.0f;
+      for (int d = 0; d < dim; ++d) correlation += residual[d] * atom[d];
+      if (std::fabs(correlation) > std::fabs(best_correlation)) {
+        best = a;
+        best_correlation = correlation;
+      }
+    }
+    const float coefficient = round_to_fp16(best_correlation);
+    indices[s] = uint16_t(best);
+    coefficients[s] = coefficient;
+    const float* atom = dictionary + int64_t(best) * dim;
+    for (int d = 0; d < dim; ++d) residual[d] -= coefficient * atom[d];
+  }
+}
+
+void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients,
+                   int sparsity, float* out) {
+  std::fill(out, out + dim, 0.0f);
+  for (int s = 0; s < sparsity; ++s) {
+    const float* atom = dictionary + int64_t(indices[s]) * dim;
+    for (int d = 0; d < dim; ++d) out[d] += coefficients[s] * atom[d];
+  }
+}
+
+void sparse_attention(const SparseAttentionParams& p, const float* q, const int32_t* query_positions,
+                      const CodedHeadView* kv, float* out, float* last_row_probabilities) {
+  const int hd = p.head_dim, group = p.heads / p.kv_heads;
+  int64_t probability_offset = 0;
+  for (int h = 0; h < p.kv_heads; ++h) {
+    const CodedHeadView& head = kv[h];
+    const int entries = head.coded_length + head.dense.length;
+    // Materialise this head's keys (rotated) and values once; every query row of the group reuses them.
+    std::vector<float> keys(int64_t(entries) * hd), values(int64_t(entries) * hd);
+    std::vector<int32_t> positions(entries);
+    std::vector<float> bias(entries, 0.0f);
+    for (int e = 0; e < head.coded_length; ++e) {
+      float* key = keys.data() + int64_t(e) * hd;
+      decode_sparse(p.key_dictionary, hd, head.key_atoms + int64_t(e) * p.key_sparsity,
+                    head.key_coefficients + int64_t(e) * p.key_sparsity, p.key_sparsity, key);
+      apply_rope(key, head.coded_positions + e, p.inv_freq, 1, 1, hd, p.rope_attention_factor);
+      decode_sparse(p.value_dictionary, hd, head.value_atoms + int64_t(e) * p.value_sparsity,
+                    head.value_coefficients + int64_t(e) * p.value_sparsity, p.value_sparsity,
+                    values.data() + int64_t(e) * hd);
+      positions[e] = head.coded_positions[e];
+    }
+    for (int e = 0; e < head.dense.length; ++e) {
+      const int target = head.coded_length + e;
+      std::copy_n(head.dense.keys + int64_t(e) * hd, hd, keys.data() + int64_t(target) * hd);
+      std::copy_n(head.dense.values + int64_t(e) * hd, hd, values.data() + int64_t(target) * hd);
+      positions[target] = head.dense.positions[e];
+      if (head.dense.logit_bias != nullptr) bias[target] = head.dense.logit_bias[e];
+    }
+    float* probabilities = last_row_probabilities ? last_row_probabilities + probability_offset : nullptr;
+    if (probabilities != nullptr) std::fill(probabilities, probabilities + entries, 0.0f);
+    probability_offset += entries;
+    std::vector<float> logits(entries);
+    for (int t = 0; t < p.tokens; ++t) {
+      for (int g = 0; g < group; ++g) {
+        const int query_head = h * group + g;
+        const float* query = q + (int64_t(t) * p.heads + query_head) * hd;
+        float* result = out + (int64_t(t) * p.heads + query_head) * hd;
+        float max_logit = -std::numeric_limits<float>::infinity();
+        for (int e = 0; e < entries; ++e) {
+          if (positions[e] > query_positions[t]) {
+            logits[e] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
+          float dot = 0.0f;
+          for (int d = 0; d < hd; ++d) dot += query[d] * keys[int64_t(e) * hd + d];
+          logits[e] = dot * p.scale + bias[e];
+          max_logit = std::max(max_logit, logits[e]);
+        }
+        std::fill(result, result + hd, 0.0f);
+        if (max_logit == -std::numeric_limits<float>::infinity()) continue;
+        double denominator = 0.0;
+        for (int e = 0; e < entries; ++e) {
+          if (logits[e] == -std::numeric_limits<float>::infinity()) continue;
+          logits[e] = std::exp(logits[e] - max_logit);
+          denominator += logits[e];
+          for (int d = 0; d < hd; ++d) result[d] += logits[e] * values[int64_t(e) * hd + d];
+        } 
+        for (int d = 0; d < hd; ++d) result[d] = float(result[d] / denominator);
+        if (probabilities != nullptr && t + 1 == p.tokens)
+          for (int e = 0; e < entries; ++e)
+            if (positions[e] <= query_positions[t])
+              probabilities[e] = std::max(probabilities[e], float(logits[e] / denominator));
+      }
+    }
+  }
+}
+
 }  // namespace kvplan::cpu

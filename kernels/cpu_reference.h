@@ -39,4 +39,50 @@ struct KvHeadView {
 void attention(const float* q, const int32_t* query_positions, int tokens, int heads, const KvHeadView* kv,
                int kv_heads, int head_dim, float scale, int sliding_window, float* out);
 
+// --- Compressed caches -------------------------------------------------------------------------------------
+
+// Nearest fp16-representable value (ties to even), saturating at the fp16 range: the precision of stored
+// sparse-code coefficients.
+float round_to_fp16(float value);
+
+// Matching pursuit of x ([dim]) over unit-norm atoms ([atoms, dim]): `sparsity` times, pick the atom with the
+// largest |<residual, atom>| and subtract its projection. Coefficients are rounded to fp16, the precision
+// they are stored in, before the residual is updated. Writes indices and coefficients ([sparsity]).
+void matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int sparsity, uint16_t* indices,
+                      float* coefficients);
+
+// out[dim] = sum_i coefficients[i] * dictionary[indices[i], :]
+void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients,
+                   int sparsity, float* out);
+
+// One KV head of a compressed cache: entries coded against dictionaries (keys before RoPE) plus dense entries
+// (recent tokens and merged slots, keys after RoPE, optional logit bias).
+struct CodedHeadView {
+  const uint16_t* key_atoms = nullptr;         // [coded_length, key_sparsity]
+  const float* key_coefficients = nullptr;     // [coded_length, key_sparsity]
+  const uint16_t* value_atoms = nullptr;       // [coded_length, value_sparsity]
+  const float* value_coefficients = nullptr;   // [coded_length, value_sparsity]
+  const int32_t* coded_positions = nullptr;    // [coded_length]
+  int coded_length = 0;
+  KvHeadView dense;
+};
+
+struct SparseAttentionParams {
+  int tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  int key_sparsity = 0, value_sparsity = 0;
+  const float* key_dictionary = nullptr;    // [atoms, head_dim], shared by the layer's KV heads
+  const float* value_dictionary = nullptr;  // [atoms, head_dim]
+  const float* inv_freq = nullptr;          // [head_dim / 2], RoPE for the decoded keys
+  float rope_attention_factor = 1.0f;
+  float scale = 1.0f;
+};
+
+// Causal attention over compressed heads; coded keys are decoded and rotated to their positions on the fly and
+// values are decoded from their atoms. When last_row_probabilities is not null, it receives for every KV head
+// the softmax probabilities of the last query row over [coded entries, dense entries], maxed over the query
+// heads of the group: the signal eviction and RefreshKV selection use. Layout: kv head h starts at
+// sum over earlier heads of (coded_length + dense.length).
+void sparse_attention(const SparseAttentionParams& params, const float* q, const int32_t* query_positions,
+                      const CodedHeadView* kv, float* out, float* last_row_probabilities);
+
 }  // namespace kvplan::cpu

@@ -3,6 +3,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/cpu_model.h"
+#include "runtime/plan_runtime.h"
 #ifdef KVPLAN_WITH_CUDA
 #include "runtime/cuda_model.h"
 #endif
@@ -18,6 +19,14 @@ absl::StatusOr<Backend> ParseBackend(const std::string& name) {
 
 absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
                                                    const ModelOptions& options) {
+  if (options.plan != nullptr) {
+    // The CUDA kernels for compressed caches exist (kernels/cuda/compressed.cu) but the GPU runtime does not
+    // execute plans yet: say so rather than silently running the full cache.
+    if (options.backend == Backend::kCuda)
+      return absl::UnimplementedError("plans execute on the CPU runtime only; use --device cpu (or auto)");
+    return CreatePlannedCpuModel(config, weights, *options.plan,
+                                 {.num_sequences = options.num_sequences, .capacity = options.capacity});
+  }
 #ifdef KVPLAN_WITH_CUDA
   if (options.backend == Backend::kCuda || (options.backend == Backend::kAuto && CudaDeviceAvailable()))
     return CreateCudaModel(config, weights,

@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 
+#include "plans/kvplan.pb.h"
 #include "runtime/model.h"
 #include "runtime/weights.h"
 
@@ -17,6 +18,7 @@ struct ModelOptions {
   int num_sequences = 1;
   int capacity = 0;     // 0: the model's max_position_embeddings
   int max_rows = 2048;  // CUDA: most rows per Forward
+  const plan::Plan* plan = nullptr;  // execute this cache plan (CPU runtime)
 };
 absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
                                                    const ModelOptions& options);

@@ -11,6 +11,7 @@ absl::StatusOr<BenchResult> BenchDecode(Model& model, const BenchOptions& option
   if (options.context + options.warmup + options.steps > model.capacity())
     return absl::InvalidArgumentError(absl::StrCat("context + steps exceed the cache capacity ", model.capacity()));
   if (absl::Status status = model.FillCacheWithNoise(options.context); !status.ok()) return status;
+  const int64_t kv_cache_bytes = model.kv_cache_bytes();
   const int batch = model.num_sequences();
   StepRows rows;
   for (int s = 0; s < batch; ++s) {
@@ -33,7 +34,7 @@ absl::StatusOr<BenchResult> BenchDecode(Model& model, const BenchOptions& option
   result.batch = batch;
   result.seconds_per_step = seconds / options.steps;
   result.tokens_per_second = batch / result.seconds_per_step;
-  result.kv_cache_bytes = model.kv_cache_bytes(options.context);
+  result.kv_cache_bytes = kv_cache_bytes;
   result.bytes_per_step = model.weight_bytes() + result.kv_cache_bytes;
   result.achieved_gb_per_second = result.bytes_per_step / result.seconds_per_step / 1e9;
   return result;

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <numeric>
-#include <random>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -15,7 +14,8 @@ namespace {
 
 struct CpuLayer {
   std::vector<float> attention_norm;
-  std::vector<float> qkv;       // [q_dim + 2 kv_dim, hidden]: q, k and v projections stacked for one GEMM
+  // [q_dim + 2 kv_dim, hidden]: q, k and v stacked for one GEMM; its first q_dim rows alone give q.
+  std::vector<float> qkv;
   std::vector<float> qkv_bias;  // [q_dim + 2 kv_dim] or empty
   std::vector<float> o;         // [hidden, q_dim]
   std::vector<float> mlp_norm;
@@ -29,7 +29,7 @@ void MatMulTransposed(const float* x, const float* w, int rows, int in, int out,
               y, out);
 }
 
-absl::StatusOr<std::vector<float>> ReadStacked(const WeightSource& weights, std::vector<TensorSpec> specs) {
+absl::StatusOr<std::vector<float>> ReadStacked(const WeightSource& weights, const std::vector<TensorSpec>& specs) {
   std::vector<float> stacked;
   for (const TensorSpec& spec : specs) {
     absl::StatusOr<std::vector<float>> part = weights.Read(spec);
@@ -43,7 +43,7 @@ class CpuModel : public Model {
  public:
   CpuModel(const ModelConfig& config, const CpuModelOptions& options)
       : config_(config),
-        num_sequences_(options.num_sequences),
+        options_(options),
         capacity_(options.capacity > 0 ? options.capacity : int(config.max_position_embeddings)),
         inv_freq_(RopeInverseFrequencies(config)) {}
 
@@ -74,73 +74,110 @@ class CpuModel : public Model {
       }
       layers_.push_back(std::move(layer));
     }
-    const int64_t cache_floats =
-        int64_t(config_.num_layers) * num_sequences_ * config_.num_kv_heads * capacity_ * config_.head_dim;
-    k_cache_.assign(cache_floats, 0.0f);
-    v_cache_.assign(cache_floats, 0.0f);
-    lengths_.assign(num_sequences_, 0);
-    entry_positions_.resize(capacity_);
-    std::iota(entry_positions_.begin(), entry_positions_.end(), 0);
+    caches_ = options_.cache_factory
+                  ? options_.cache_factory(config_, options_.num_sequences, capacity_)
+                  : std::vector<std::unique_ptr<LayerCache>>();
+    if (caches_.empty())
+      for (int l = 0; l < config_.num_layers; ++l)
+        caches_.push_back(CreateDenseLayerCache(config_, options_.num_sequences, capacity_));
+    if (int(caches_.size()) != config_.num_layers)
+      return absl::InternalError("cache factory built the wrong number of layer caches");
+    lengths_.assign(options_.num_sequences, 0);
     return absl::OkStatus();
   }
 
   const ModelConfig& config() const override { return config_; }
-  int num_sequences() const override { return num_sequences_; }
+  int num_sequences() const override { return options_.num_sequences; }
   int capacity() const override { return capacity_; }
-  std::string device_name() const override { return "cpu"; }
-  void Reset() override { std::fill(lengths_.begin(), lengths_.end(), 0); }
+  std::string device_name() const override { return options_.device_label; }
+  int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(float)); }
 
-  int64_t kv_cache_bytes(int context) const override {
-    return int64_t(num_sequences_) * context * config_.kv_bytes_per_token(sizeof(float));
+  void Reset() override {
+    std::fill(lengths_.begin(), lengths_.end(), 0);
+    for (auto& cache : caches_) cache->Reset();
   }
 
-  int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(float)); }
+  int64_t kv_cache_bytes() const override {
+    int64_t total = 0;
+    for (const auto& cache : caches_) total += cache->bytes();
+    return total;
+  }
 
   absl::Status FillCacheWithNoise(int context) override {
     if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
-    std::mt19937 generator(7);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (float& value : k_cache_) value = normal(generator);
-    for (float& value : v_cache_) value = normal(generator);
+    for (auto& cache : caches_) cache->FillWithNoise(context);
     std::fill(lengths_.begin(), lengths_.end(), context);
     return absl::OkStatus();
   }
 
   absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) override {
     if (absl::Status status = ValidateStepRows(rows, config_, lengths_, capacity_); !status.ok()) return status;
-    const ModelConfig& c = config_;
     const int T = int(rows.tokens.size());
+    std::vector<bool> wanted(T);
+    for (int t = 0; t < T; ++t)
+      wanted[t] = which == LogitRows::kAll || t + 1 == T || rows.sequences[t + 1] != rows.sequences[t];
+    const int chunk = options_.chunk_rows > 0 ? options_.chunk_rows : T;
+    std::vector<float> logits;
+    for (int begin = 0; begin < T; begin += chunk) {
+      const int end = std::min(T, begin + chunk);
+      ForwardRows(rows, begin, end, wanted, logits);
+    }
+    for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
+    return logits;
+  }
+
+ private:
+  // Runs rows [begin, end) and appends the logits of the wanted ones.
+  void ForwardRows(const StepRows& all_rows, int begin, int end, const std::vector<bool>& wanted,
+                   std::vector<float>& logits) {
+    const ModelConfig& c = config_;
+    const int T = end - begin;
+    const int32_t* tokens = all_rows.tokens.data() + begin;
+    const int32_t* sequences = all_rows.sequences.data() + begin;
+    const int32_t* positions = all_rows.positions.data() + begin;
     const int hidden = c.hidden_size, q_dim = c.q_dim(), kv_dim = c.kv_dim(), ffn = c.intermediate_size;
     const int qkv_dim = q_dim + 2 * kv_dim;
     std::vector<float> x(int64_t(T) * hidden), normed(x.size()), qkv(int64_t(T) * qkv_dim);
-    std::vector<float> q(int64_t(T) * q_dim), k(int64_t(T) * kv_dim), v(int64_t(T) * kv_dim);
+    std::vector<float> q(int64_t(T) * q_dim), k(int64_t(T) * kv_dim), k_pre_rope(k.size()), v(k.size());
     std::vector<float> attention_out(int64_t(T) * q_dim), gate_up(int64_t(T) * 2 * ffn), activated(int64_t(T) * ffn);
     for (int t = 0; t < T; ++t)
-      std::copy_n(embed_.data() + int64_t(rows.tokens[t]) * hidden, hidden, x.data() + int64_t(t) * hidden);
+      std::copy_n(embed_.data() + int64_t(tokens[t]) * hidden, hidden, x.data() + int64_t(t) * hidden);
 
+    const float attention_factor = float(c.rope.attention_factor);
     for (int l = 0; l < c.num_layers; ++l) {
       const CpuLayer& layer = layers_[l];
+      LayerCache& cache = *caches_[l];
+      const bool computes_kv = cache.computes_kv();
+      const int projected = computes_kv ? qkv_dim : q_dim;
       cpu::rms_norm(x.data(), layer.attention_norm.data(), T, hidden, c.rms_norm_eps, normed.data());
-      MatMulTransposed(normed.data(), layer.qkv.data(), T, hidden, qkv_dim, qkv.data(), false);
-      if (!layer.qkv_bias.empty()) cpu::add_row_bias(qkv.data(), layer.qkv_bias.data(), T, qkv_dim);
+      MatMulTransposed(normed.data(), layer.qkv.data(), T, hidden, projected, qkv.data(), false);
+      if (!layer.qkv_bias.empty()) cpu::add_row_bias(qkv.data(), layer.qkv_bias.data(), T, projected);
       for (int t = 0; t < T; ++t) {
-        const float* row = qkv.data() + int64_t(t) * qkv_dim;
+        const float* row = qkv.data() + int64_t(t) * projected;
         std::copy_n(row, q_dim, q.data() + int64_t(t) * q_dim);
+        if (!computes_kv) continue;
         std::copy_n(row + q_dim, kv_dim, k.data() + int64_t(t) * kv_dim);
         std::copy_n(row + q_dim + kv_dim, kv_dim, v.data() + int64_t(t) * kv_dim);
       }
-      const float attention_factor = float(c.rope.attention_factor);
-      cpu::apply_rope(q.data(), rows.positions.data(), inv_freq_.data(), T, c.num_heads, c.head_dim, attention_factor);
-      cpu::apply_rope(k.data(), rows.positions.data(), inv_freq_.data(), T, c.num_kv_heads, c.head_dim,
-                      attention_factor);
-      for (int t = 0; t < T; ++t) {
-        for (int h = 0; h < c.num_kv_heads; ++h) {
-          const int64_t entry = CacheOffset(l, rows.sequences[t], h) + int64_t(rows.positions[t]) * c.head_dim;
-          std::copy_n(k.data() + (int64_t(t) * c.num_kv_heads + h) * c.head_dim, c.head_dim, k_cache_.data() + entry);
-          std::copy_n(v.data() + (int64_t(t) * c.num_kv_heads + h) * c.head_dim, c.head_dim, v_cache_.data() + entry);
-        }
+      cpu::apply_rope(q.data(), positions, inv_freq_.data(), T, c.num_heads, c.head_dim, attention_factor);
+      if (computes_kv) {
+        k_pre_rope = k;
+        cpu::apply_rope(k.data(), positions, inv_freq_.data(), T, c.num_kv_heads, c.head_dim, attention_factor);
+        if (options_.observer != nullptr) options_.observer->OnLayerKv(l, T, q.data(), k_pre_rope.data(), v.data());
       }
-      Attend(l, rows, q.data(), attention_out.data());
+      // Rows are grouped by sequence; each group appends, then attends.
+      for (int group_begin = 0; group_begin < T;) {
+        int group_end = group_begin + 1;
+        while (group_end < T && sequences[group_end] == sequences[group_begin]) ++group_end;
+        const int n = group_end - group_begin;
+        if (computes_kv)
+          cache.Append(sequences[group_begin], positions + group_begin, n,
+                       k_pre_rope.data() + int64_t(group_begin) * kv_dim, k.data() + int64_t(group_begin) * kv_dim,
+                       v.data() + int64_t(group_begin) * kv_dim);
+        cache.Attend(sequences[group_begin], positions + group_begin, n, q.data() + int64_t(group_begin) * q_dim,
+                     attention_out.data() + int64_t(group_begin) * q_dim);
+        group_begin = group_end;
+      }
       MatMulTransposed(attention_out.data(), layer.o.data(), T, q_dim, hidden, x.data(), true);
 
       cpu::rms_norm(x.data(), layer.mlp_norm.data(), T, hidden, c.rms_norm_eps, normed.data());
@@ -151,59 +188,35 @@ class CpuModel : public Model {
       }
       MatMulTransposed(activated.data(), layer.down.data(), T, ffn, hidden, x.data(), true);
     }
-    for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
 
+    if (options_.observer != nullptr) {
+      cpu::rms_norm(x.data(), final_norm_.data(), T, hidden, c.rms_norm_eps, normed.data());
+      options_.observer->OnFinalHidden(T, normed.data());
+    }
     std::vector<int> logit_rows;
     for (int t = 0; t < T; ++t)
-      if (which == LogitRows::kAll || t + 1 == T || rows.sequences[t + 1] != rows.sequences[t]) logit_rows.push_back(t);
+      if (wanted[begin + t]) logit_rows.push_back(t);
+    if (logit_rows.empty()) return;
     std::vector<float> selected(logit_rows.size() * hidden);
     for (size_t i = 0; i < logit_rows.size(); ++i)
       std::copy_n(x.data() + int64_t(logit_rows[i]) * hidden, hidden, selected.data() + i * hidden);
     cpu::rms_norm(selected.data(), final_norm_.data(), int64_t(logit_rows.size()), hidden, c.rms_norm_eps,
                   selected.data());
-    std::vector<float> logits(logit_rows.size() * c.vocab_size);
+    const size_t offset = logits.size();
+    logits.resize(offset + logit_rows.size() * c.vocab_size);
     const std::vector<float>& head = c.tie_word_embeddings ? embed_ : lm_head_;
-    MatMulTransposed(selected.data(), head.data(), int(logit_rows.size()), hidden, c.vocab_size, logits.data(), false);
-    return logits;
-  }
-
- private:
-  int64_t CacheOffset(int layer, int sequence, int kv_head) const {
-    return ((int64_t(layer) * num_sequences_ + sequence) * config_.num_kv_heads + kv_head) * capacity_ *
-           config_.head_dim;
-  }
-
-
-  void Attend(int layer, const StepRows& rows, const float* q, float* out) {
-    const ModelConfig& c = config_;
-    const float scale = 1.0f / std::sqrt(float(c.head_dim));
-    std::vector<cpu::KvHeadView> views(c.num_kv_heads);
-    const int T = int(rows.tokens.size());
-    for (int begin = 0; begin < T;) {
-      int end = begin + 1;
-      while (end < T && rows.sequences[end] == rows.sequences[begin]) ++end;
-      const int sequence = rows.sequences[begin];
-      for (int h = 0; h < c.num_kv_heads; ++h) {
-        const int64_t offset = CacheOffset(layer, sequence, h);
-        views[h] = {k_cache_.data() + offset, v_cache_.data() + offset, entry_positions_.data(), nullptr,
-                    rows.positions[end - 1] + 1};
-      }
-      const int64_t row_stride = int64_t(c.q_dim());
-      cpu::attention(q + begin * row_stride, rows.positions.data() + begin, end - begin, c.num_heads, views.data(),
-                     c.num_kv_heads, c.head_dim, scale, c.sliding_window, out + begin * row_stride);
-      begin = end;
-    }
+    MatMulTransposed(selected.data(), head.data(), int(logit_rows.size()), hidden, c.vocab_size,
+                     logits.data() + offset, false);
   }
 
   ModelConfig config_;
-  int num_sequences_;
+  CpuModelOptions options_;
   int capacity_;
   std::vector<float> inv_freq_;
   std::vector<float> embed_, final_norm_, lm_head_;
   std::vector<CpuLayer> layers_;
-  std::vector<float> k_cache_, v_cache_;  // [layer, sequence, kv_head, capacity, head_dim]
+  std::vector<std::unique_ptr<LayerCache>> caches_;
   std::vector<int32_t> lengths_;
-  std::vector<int32_t> entry_positions_;  // entry j of a dense cache holds position j
 };
 
 }  // namespace

@@ -3,16 +3,30 @@
 // caches are measured against.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
+#include "runtime/layer_cache.h"
 #include "runtime/model.h"
 #include "runtime/weights.h"
 
 namespace kvplan {
 
+// Builds one LayerCache per layer; the default is the dense cache.
+using LayerCacheFactory = std::function<std::vector<std::unique_ptr<LayerCache>>(const ModelConfig& config,
+                                                                                 int num_sequences, int capacity)>;
+
 struct CpuModelOptions {
   int num_sequences = 1;
   int capacity = 0;  // 0: the model's max_position_embeddings
+  LayerCacheFactory cache_factory;
+  // Rows per pass: a long prefill runs in chunks of this many rows so compressed caches evict between
+  // chunks and never hold the whole prompt at once. 0: one pass.
+  int chunk_rows = 0;
+  ForwardObserver* observer = nullptr;
+  std::string device_label = "cpu";
 };
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config, const WeightSource& weights,

@@ -133,8 +133,9 @@ class CudaModel : public Model {
     return properties.name;
   }
   void Reset() override { std::fill(lengths_.begin(), lengths_.end(), 0); }
-  int64_t kv_cache_bytes(int context) const override {
-    return int64_t(num_sequences_) * context * config_.kv_bytes_per_token(sizeof(__nv_bfloat16));
+  int64_t kv_cache_bytes() const override {
+    const int64_t tokens = std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
+    return tokens * config_.kv_bytes_per_token(sizeof(__nv_bfloat16));
   }
 
   int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(__nv_bfloat16)); }

@@ -38,8 +38,9 @@ class Model {
   // Fills positions [0, context) of every sequence's cache with random values, so decode speed at a long
   // context can be measured without running the prefill.
   virtual absl::Status FillCacheWithNoise(int context) = 0;
-  // Bytes the KV caches of all sequences occupy when each holds `context` positions.
-  virtual int64_t kv_cache_bytes(int context) const = 0;
+  // Bytes the KV caches of all sequences hold now, counting K/V as bf16 (the GPU's storage) whatever the
+  // runtime's working precision, and compressed entries at their packed size.
+  virtual int64_t kv_cache_bytes() const = 0;
   // Bytes the weights occupy on the model's device.
   virtual int64_t weight_bytes() const = 0;
 };

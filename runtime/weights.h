@@ -35,8 +35,9 @@ class WeightSource {
  public:
   virtual ~WeightSource() = default;
   virtual absl::StatusOr<std::vector<float>> Read(const TensorSpec& spec) const = 0;
-  // Identifies the weights (checkpoint contents or random seed) for plan fingerprints.
   virtual std::string description() const = 0;
+  // Identifies the weights (checkpoint contents, or the random seed) for plan fingerprints.
+  virtual uint64_t content_hash() const = 0;
 };
 
 class CheckpointWeightSource : public WeightSource {
@@ -44,6 +45,7 @@ class CheckpointWeightSource : public WeightSource {
   explicit CheckpointWeightSource(std::unique_ptr<Checkpoint> checkpoint, std::string model_dir);
   absl::StatusOr<std::vector<float>> Read(const TensorSpec& spec) const override;
   std::string description() const override { return model_dir_; }
+  uint64_t content_hash() const override;
 
  private:
   std::unique_ptr<Checkpoint> checkpoint_;
@@ -56,6 +58,7 @@ class RandomWeightSource : public WeightSource {
   explicit RandomWeightSource(uint64_t seed) : seed_(seed) {}
   absl::StatusOr<std::vector<float>> Read(const TensorSpec& spec) const override;
   std::string description() const override;
+  uint64_t content_hash() const override;
 
  private:
   uint64_t seed_;

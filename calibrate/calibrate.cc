@@ -1,0 +1,380 @@
+#include "calibrate/calibrate.h"
+
+#include <cblas.h>
+#include <faiss/Clustering.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kernels/cpu_reference.h"
+#include "runtime/cpu_model.h"
+#include "runtime/evaluate.h"
+#include "runtime/plan_runtime.h"
+#include "runtime/sparse_coding.h"
+#include "runtime/tokenizer.h"
+#include "runtime/weights.h"
+
+namespace kvplan {
+namespace {
+
+constexpr float kCoverageMass = 0.9f;     // attention mass a head's budget should cover
+constexpr int kCoverageQueries = 32;      // last rows of each calibration sequence used as queries
+constexpr float kHeldBackFraction = 0.1f;  // dictionary vectors kept out of training to measure error
+
+#define KVPLAN_ASSIGN_OR_RETURN(lhs, expr)        \
+  auto lhs##_or = (expr);                         \
+  if (!lhs##_or.ok()) return lhs##_or.status();   \
+  auto lhs = std::move(*lhs##_or)
+
+// Collects, from full-cache forward passes, what every method needs.
+class StatisticsObserver : public ForwardObserver {
+ public:
+  StatisticsObserver(const ModelConfig& config, int max_vectors, int sequence_length)
+      : config_(config),
+        inv_freq_(RopeInverseFrequencies(config)),
+        sequence_length_(sequence_length),
+        max_vectors_(max_vectors),
+        kv_sums_(config.num_layers, std::vector<double>(2 * config.kv_dim(), 0.0)),
+        key_samples_(config.num_layers),
+        value_samples_(config.num_layers),
+        seen_(config.num_layers, 0),
+        coverage_sums_(config.num_layers, std::vector<double>(config.num_kv_heads, 0.0)),
+        coverage_counts_(config.num_layers, 0),
+        generator_(17) {}
+
+  void OnLayerKv(int layer, int rows, const float* q, const float* k_pre_rope, const float* v) override {
+    const int kv_dim = config_.kv_dim(), hd = config_.head_dim;
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < kv_dim; ++i) {
+        kv_sums_[layer][i] += k_pre_rope[int64_t(r) * kv_dim + i];
+        kv_sums_[layer][kv_dim + i] += v[int64_t(r) * kv_dim + i];
+      }
+    // Reservoir-sample head vectors (each KV head's vector is one training vector for the layer's dictionary).
+    for (int64_t i = 0; i < int64_t(rows) * config_.num_kv_heads; ++i) {
+      const int64_t index = seen_[layer]++;
+      int64_t slot = index;
+      if (index >= max_vectors_) {
+        slot = std::uniform_int_distribution<int64_t>(0, index)(generator_);
+        if (slot >= max_vectors_) continue;
+      }
+      auto store = [&](std::vector<float>& samples, const float* source) {
+        if (int64_t(samples.size()) < (slot + 1) * hd) samples.resize((slot + 1) * hd);
+        std::copy_n(source + i * hd, hd, samples.begin() + slot * hd);
+      };
+      store(key_samples_[layer], k_pre_rope);
+      store(value_samples_[layer], v);
+    }
+    AccumulateCoverage(layer, rows, q, k_pre_rope);
+  }
+
+  void OnFinalHidden(int rows, const float* hidden) override {
+    hidden_.insert(hidden_.end(), hidden, hidden + int64_t(rows) * config_.hidden_size);
+  }
+
+  std::vector<float> LayerMean(int layer, int64_t tokens) const {
+    std::vector<float> mean(kv_sums_[layer].size());
+    for (size_t i = 0; i < mean.size(); ++i) mean[i] = float(kv_sums_[layer][i] / std::max<int64_t>(1, tokens));
+    return mean;
+  }
+  std::vector<std::vector<float>> Coverage() const {
+    std::vector<std::vector<float>> coverage(config_.num_layers, std::vector<float>(config_.num_kv_heads, 1.0f));
+    for (int l = 0; l < config_.num_layers; ++l)
+      for (int h = 0; h < config_.num_kv_heads; ++h)
+        if (coverage_counts_[l] > 0) coverage[l][h] = float(coverage_sums_[l][h] / coverage_counts_[l]);
+    return coverage;
+  }
+  const std::vector<float>& key_samples(int layer) const { return key_samples_[layer]; }
+  const std::vector<float>& value_samples(int layer) const { return value_samples_[layer]; }
+  const std::vector<float>& hidden() const { return hidden_; }
+
+ private:
+  // For the last queries of a calibration sequence: the fraction of the context holding kCoverageMass of each
+  // head's attention, averaged over the group's query heads.
+  void AccumulateCoverage(int layer, int rows, const float* q, const float* k_pre_rope) {
+    if (rows != sequence_length_) return;  // only whole calibration sequences (positions 0..rows-1)
+    const int hd = config_.head_dim, group = config_.num_heads / config_.num_kv_heads;
+    std::vector<float> keys(k_pre_rope, k_pre_rope + int64_t(rows) * config_.kv_dim());
+    std::vector<int32_t> positions(rows);
+    std::iota(positions.begin(), positions.end(), 0);
+    cpu::apply_rope(keys.data(), positions.data(), inv_freq_.data(), rows, config_.num_kv_heads, hd,
+                    float(config_.rope.attention_factor));
+    const float scale = 1.0f / std::sqrt(float(hd));
+    std::vector<float> probabilities(rows);
+    for (int t = rows - kCoverageQueries; t < rows; ++t) {
+      for (int h = 0; h < config_.num_kv_heads; ++h) {
+        double head_coverage = 0;
+        for (int g = 0; g < group; ++g) {
+          const float* query = q + (int64_t(t) * config_.num_heads + h * group + g) * hd;
+          float max_logit = -1e30f;
+          for (int j = 0; j <= t; ++j) {
+            const float* key = keys.data() + (int64_t(j) * config_.num_kv_heads + h) * hd;
+            float dot = 0;
+            for (int d = 0; d < hd; ++d) dot += query[d] * key[d];
+            probabilities[j] = dot * scale;
+            max_logit = std::max(max_logit, probabilities[j]);
+          }
+          double sum = 0;
+          for (int j = 0; j <= t; ++j) sum += probabilities[j] = std::exp(probabilities[j] - max_logit);
+          std::sort(probabilities.begin(), probabilities.begin() + t + 1, std::greater<>());
+          double mass = 0;
+          int needed = 0;
+          while (needed <= t && mass < kCoverageMass * sum) mass += probabilities[needed++];
+          head_coverage += double(needed) / (t + 1);
+        }
+        coverage_sums_[layer][h] += head_coverage / group;
+      }
+      ++coverage_counts_[layer];
+    }
+  }
+
+  const ModelConfig& config_;
+  std::vector<float> inv_freq_;
+  int sequence_length_;
+  int64_t max_vectors_;
+  std::vector<std::vector<double>> kv_sums_;
+  std::vector<std::vector<float>> key_samples_, value_samples_;
+  std::vector<int64_t> seen_;
+  std::vector<std::vector<double>> coverage_sums_;
+  std::vector<int64_t> coverage_counts_;
+  std::vector<float> hidden_;
+  std::mt19937_64 generator_;
+};
+
+// Captures the final hidden states of a candidate model.
+class HiddenObserver : public ForwardObserver {
+ public:
+  void OnLayerKv(int, int, const float*, const float*, const float*) override {}
+  void OnFinalHidden(int rows, const float* hidden) override { hidden_.insert(hidden_.end(), hidden, hidden + rows * dim_); }
+  explicit HiddenObserver(int dim) : dim_(dim) {}
+  std::vector<float> hidden_;
+
+ private:
+  int64_t dim_;
+};
+
+double MeanCosine(const std::vector<float>& a, const std::vector<float>& b, int dim) {
+  double total = 0;
+  const int64_t rows = int64_t(a.size()) / dim;
+  for (int64_t r = 0; r < rows; ++r) {
+    double dot = 0, na = 0, nb = 0;
+    for (int d = 0; d < dim; ++d) {
+      const double x = a[r * dim + d], y = b[r * dim + d];
+      dot += x * y;
+      na += x * x;
+      nb += y * y;
+    }
+    total += dot / std::sqrt(std::max(na * nb, 1e-30));
+  }
+  return total / std::max<int64_t>(rows, 1);
+}
+
+absl::Status RunSequences(Model& model, const std::vector<std::vector<int32_t>>& sequences) {
+  for (const auto& sequence : sequences) {
+    model.Reset();
+    absl::StatusOr<std::vector<float>> logits = model.Forward(SequenceRows(sequence, 0, 0), LogitRows::kLastPerSequence);
+    if (!logits.ok()) return logits.status();
+  }
+  return absl::OkStatus();
+}
+
+// KVSharer: try layer pairs most dissimilar first; keep a share while the model's last hidden state stays close.
+absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options, const ModelConfig& config,
+                                                 const WeightSource& weights, const plan::ModelFingerprint& fingerprint,
+                                                 const std::vector<std::vector<int32_t>>& sequences,
+                                                 const StatisticsObserver& statistics, int64_t tokens,
+                                                 const CalibrationProgress& progress) {
+  const int layers = config.num_layers;
+  const int limit = options.max_shared_layers >= 0 ? options.max_shared_layers : layers / 3;
+  std::vector<std::vector<float>> means(layers);
+  for (int l = 0; l < layers; ++l) means[l] = statistics.LayerMean(l, tokens);
+  struct Pair {
+    int donor, layer;
+    float distance;
+  };
+  std::vector<Pair> pairs;
+  for (int i = 0; i < layers; ++i)
+    for (int j = i + 1; j < layers; ++j) {
+      double distance = 0;
+      for (size_t d = 0; d < means[i].size(); ++d) distance += double(means[i][d] - means[j][d]) * (means[i][d] - means[j][d]);
+      pairs.push_back({i, j, float(std::sqrt(distance))});
+    }
+  std::stable_sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) { return a.distance > b.distance; });
+
+  plan::LayerSharing sharing;
+  sharing.set_cosine_threshold(options.share_cosine_threshold);
+  std::set<int> sharers, donors;
+  int tried = 0;
+  for (const Pair& pair : pairs) {
+    if (progress) progress("layer sharing search", ++tried, int64_t(pairs.size()));
+    if (int(sharers.size()) >= limit) break;
+    // A sharer stores nothing, so it cannot donate; a donor must keep its own cache.
+    if (sharers.contains(pair.layer) || sharers.contains(pair.donor) || donors.contains(pair.layer)) continue;
+    plan::Plan candidate;
+    *candidate.mutable_model() = fingerprint;
+    *candidate.mutable_sharing() = sharing;
+    auto* share = candidate.mutable_sharing()->add_shares();
+    share->set_layer(pair.layer);
+    share->set_donor(pair.donor);
+    HiddenObserver observer(config.hidden_size);
+    KVPLAN_ASSIGN_OR_RETURN(model, CreatePlannedCpuModel(config, weights, candidate,
+                                                         {.capacity = options.sequence_length, .observer = &observer}));
+    if (absl::Status status = RunSequences(*model, sequences); !status.ok()) return status;
+    const double cosine = MeanCosine(observer.hidden_, statistics.hidden(), config.hidden_size);
+    if (cosine < options.share_cosine_threshold) continue;
+    share->set_layer_distance(pair.distance);
+    share->set_hidden_cosine(float(cosine));
+    sharing = candidate.sharing();
+    sharers.insert(pair.layer);
+    donors.insert(pair.donor);
+  }
+  return sharing;
+}
+
+// Dictionary learning: FAISS k-means initialisation, then alternating matching-pursuit coding and a
+// per-atom preconditioned gradient step on the reconstruction error (each atom moves toward the residual it
+// explains, scaled by its squared coefficients), renormalised to unit length.
+plan::Dictionary LearnDictionary(const std::vector<float>& samples, int dim, int atoms, int sparsity, int epochs) {
+  const int64_t total = int64_t(samples.size()) / dim;
+  const int64_t held_back = std::max<int64_t>(1, int64_t(total * kHeldBackFraction));
+  const int64_t n = total - held_back;
+  const float* train = samples.data();
+  const float* test = samples.data() + n * dim;
+  atoms = int(std::min<int64_t>(atoms, n));
+  std::vector<float> dictionary(int64_t(atoms) * dim);
+  faiss::kmeans_clustering(dim, n, atoms, train, dictionary.data());
+  auto normalise = [&]() {
+    for (int a = 0; a < atoms; ++a) {
+      float* atom = dictionary.data() + int64_t(a) * dim;
+      double norm = 0;
+      for (int d = 0; d < dim; ++d) norm += double(atom[d]) * atom[d];
+      const float inverse = norm > 1e-20 ? float(1.0 / std::sqrt(norm)) : 0.0f;
+      for (int d = 0; d < dim; ++d) atom[d] *= inverse;
+      if (inverse == 0.0f) atom[a % dim] = 1.0f;  // a dead atom becomes a basis vector
+    }
+  };
+  normalise();
+  std::vector<float> residual(n * dim), reconstruction(dim);
+  for (int epoch = 0; epoch < epochs; ++epoch) {
+    const SparseCodes codes = MatchingPursuit(dictionary.data(), atoms, dim, train, n, sparsity);
+    std::vector<double> step(int64_t(atoms) * dim, 0.0), weight(atoms, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      cpu::decode_sparse(dictionary.data(), dim, codes.indices.data() + i * sparsity,
+                         codes.coefficients.data() + i * sparsity, sparsity, reconstruction.data());
+      for (int s = 0; s < sparsity; ++s) {
+        const int a = codes.indices[i * sparsity + s];
+        const float c = codes.coefficients[i * sparsity + s];
+        weight[a] += double(c) * c;
+        for (int d = 0; d < dim; ++d) step[int64_t(a) * dim + d] += c * (train[i * dim + d] - reconstruction[d]);
+      }
+    }
+    for (int a = 0; a < atoms; ++a)
+      if (weight[a] > 0)
+        for (int d = 0; d < dim; ++d) dictionary[int64_t(a) * dim + d] += float(step[int64_t(a) * dim + d] / weight[a]);
+    normalise();
+  }
+  const SparseCodes codes = MatchingPursuit(dictionary.data(), atoms, dim, test, held_back, sparsity);
+  double error = 0, norm = 0;
+  for (int64_t i = 0; i < held_back; ++i) {
+    cpu::decode_sparse(dictionary.data(), dim, codes.indices.data() + i * sparsity,
+                       codes.coefficients.data() + i * sparsity, sparsity, reconstruction.data());
+    for (int d = 0; d < dim; ++d) {
+      error += double(test[i * dim + d] - reconstruction[d]) * (test[i * dim + d] - reconstruction[d]);
+      norm += double(test[i * dim + d]) * test[i * dim + d];
+    }
+  }
+  plan::Dictionary result;
+  result.set_atoms(atoms);
+  result.set_dim(dim);
+  result.mutable_values()->Assign(dictionary.begin(), dictionary.end());
+  result.set_relative_error(float(std::sqrt(error / std::max(norm, 1e-30))));
+  return result;
+}
+
+}  // namespace
+
+const std::set<std::string>& KnownMethods() {
+  static const std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
+  return methods;
+}
+
+absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress) {
+  for (const std::string& method : options.methods)
+    if (!KnownMethods().contains(method))
+      return absl::InvalidArgumentError(absl::StrCat("unknown method \"", method, "\" (known: ",
+                                                     absl::StrJoin(KnownMethods(), ", "), ")"));
+  if (!(options.target_memory_ratio > 0.0f && options.target_memory_ratio <= 1.0f))
+    return absl::InvalidArgumentError("--target-memory must be in (0, 1]: the plan's bytes over the full cache's");
+  KVPLAN_ASSIGN_OR_RETURN(loaded, OpenModelDirectory(options.model_dir));
+  const ModelConfig& config = loaded.config;
+  if (options.dictionary_atoms > 65536) return absl::InvalidArgumentError("at most 65536 atoms (16-bit indices)");
+  KVPLAN_ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
+  KVPLAN_ASSIGN_OR_RETURN(text, ReadTextFile(options.data_path));
+  const int64_t wanted = int64_t(options.sequences) * options.sequence_length;
+  const std::vector<int32_t> stream = TokenizeDocuments(*tokenizer, SplitDocuments(text), config.bos_token_id, wanted);
+  if (int64_t(stream.size()) < options.sequence_length)
+    return absl::InvalidArgumentError(absl::StrCat(options.data_path, " holds ", stream.size(),
+                                                   " tokens; calibration needs at least ", options.sequence_length));
+  std::vector<std::vector<int32_t>> sequences;
+  for (int64_t begin = 0; begin + options.sequence_length <= int64_t(stream.size()); begin += options.sequence_length)
+    sequences.emplace_back(stream.begin() + begin, stream.begin() + begin + options.sequence_length);
+  const int64_t tokens = int64_t(sequences.size()) * options.sequence_length;
+
+  StatisticsObserver statistics(config, options.max_training_vectors, options.sequence_length);
+  {
+    KVPLAN_ASSIGN_OR_RETURN(model, CreateCpuModel(config, *loaded.weights,
+                                                  {.capacity = options.sequence_length, .observer = &statistics}));
+    for (size_t i = 0; i < sequences.size(); ++i) {
+      model->Reset();
+      KVPLAN_ASSIGN_OR_RETURN(logits, model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
+      if (progress) progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
+    }
+  }
+
+  PlannerInputs inputs;
+  inputs.model = FingerprintModel(config, *loaded.weights);
+  inputs.calibration.set_data_path(options.data_path);
+  inputs.calibration.set_tokens(tokens);
+  inputs.calibration.set_sequences(int(sequences.size()));
+  inputs.calibration.set_sequence_length(options.sequence_length);
+  inputs.calibration.set_tool_version("kvplan 0.1");
+  inputs.target_memory_ratio = options.target_memory_ratio;
+  inputs.reference_context = int(std::min<int64_t>(config.max_position_embeddings, 2048));
+  inputs.budget_settings = options.budget_settings;
+  inputs.refresh_settings = options.refresh_settings;
+  inputs.refresh = options.methods.contains("refresh");
+
+  if (options.methods.contains("share")) {
+    KVPLAN_ASSIGN_OR_RETURN(sharing, SearchSharing(options, config, *loaded.weights, inputs.model, sequences,
+                                                   statistics, tokens, progress));
+    inputs.sharing = std::move(sharing);
+  }
+  std::set<int> sharers;
+  for (const auto& share : inputs.sharing.shares()) sharers.insert(share.layer());
+
+  if (options.methods.contains("dict")) {
+    plan::SparseCoding& coding = inputs.sparse_coding;
+    coding.set_key_sparsity(options.key_sparsity);
+    coding.set_value_sparsity(options.value_sparsity);
+    coding.set_recent_window(options.coding_recent_window);
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      if (progress) progress("dictionaries", layer + 1, config.num_layers);
+      if (sharers.contains(layer)) continue;
+      auto* entry = coding.add_layers();
+      entry->set_layer(layer);
+      *entry->mutable_keys() = LearnDictionary(statistics.key_samples(layer), config.head_dim, options.dictionary_atoms,
+                                               options.key_sparsity, options.dictionary_epochs);
+      *entry->mutable_values() = LearnDictionary(statistics.value_samples(layer), config.head_dim,
+                                                 options.dictionary_atoms, options.value_sparsity,
+                                                 options.dictionary_epochs);
+    }
+  }
+  if (options.methods.contains("budget")) inputs.attention_coverage = statistics.Coverage();
+  return CompilePlan(inputs);
+}
+
+}  // namespace kvplan

@@ -1,0 +1,44 @@
+// Offline calibration: runs the model on sample text, learns what each selected method needs (KVSharer layer
+// pairs, CSR dictionaries, attention coverage for token budgets, RefreshKV settings) and compiles a plan.
+#pragma once
+
+#include <functional>
+#include <set>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "planner/planner.h"
+#include "plans/kvplan.pb.h"
+
+namespace kvplan {
+
+struct CalibrateOptions {
+  std::string model_dir;
+  std::string data_path;
+  float target_memory_ratio = 0.2f;
+  std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
+  int sequences = 16;
+  int sequence_length = 512;
+  // KVSharer: accept a share while the last hidden state's cosine to the full model stays >= threshold.
+  float share_cosine_threshold = 0.95f;
+  int max_shared_layers = -1;  // -1: a third of the layers
+  // CSR dictionaries.
+  int dictionary_atoms = 1024;
+  int key_sparsity = 8;
+  int value_sparsity = 8;
+  int coding_recent_window = 64;
+  int dictionary_epochs = 6;
+  int max_training_vectors = 16384;  // per layer, for keys and for values
+  BudgetSettings budget_settings;
+  RefreshSettings refresh_settings;
+};
+
+// Called with (stage, done, total).
+using CalibrationProgress = std::function<void(const std::string&, int64_t, int64_t)>;
+
+// Methods accepted in CalibrateOptions::methods.
+const std::set<std::string>& KnownMethods();
+
+absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress = nullptr);
+
+}  // namespace kvplan

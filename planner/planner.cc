@@ -1,0 +1,260 @@
+#include "planner/planner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/util/json_util.h"
+#include "plans/plan_io.h"
+
+namespace kvplan {
+namespace {
+
+constexpr int kEstimateContexts[] = {512, 1024, 2048, 4096, 8192, 32768};
+
+const plan::TokenBudgets::LayerBudget* FindBudget(const plan::Plan& plan, int layer) {
+  for (const auto& budget : plan.budgets().layers())
+    if (budget.layer() == layer) return &budget;
+  return nullptr;
+}
+
+bool HasDictionary(const plan::Plan& plan, int layer) {
+  for (const auto& entry : plan.sparse_coding().layers())
+    if (entry.layer() == layer) return true;
+  return false;
+}
+
+std::set<int> Sharers(const plan::Plan& plan) {
+  std::set<int> sharers;
+  for (const auto& share : plan.sharing().shares()) sharers.insert(share.layer());
+  return sharers;
+}
+
+bool Refreshes(const plan::Plan& plan, int layer) {
+  const auto& layers = plan.refresh().layers();
+  return std::find(layers.begin(), layers.end(), layer) != layers.end();
+}
+
+// Bytes one KV head of one layer holds at `context`, mirroring runtime/compressed_cache.cc.
+int64_t HeadBytes(const plan::Plan& plan, int layer, int kv_head, int context) {
+  const int head_dim = plan.model().head_dim();
+  const int64_t dense_entry = 2 * int64_t(head_dim) * 2;
+  const plan::TokenBudgets::LayerBudget* budget = FindBudget(plan, layer);
+  const bool coded = HasDictionary(plan, layer);
+  int64_t kept = context;
+  if (budget != nullptr) {
+    const plan::TokenBudgets& budgets = plan.budgets();
+    const int64_t allowed = std::max<int64_t>(budgets.min_tokens(),
+                                              int64_t(std::ceil(budget->head_keep_fraction(kv_head) * context)));
+    kept = std::min<int64_t>(context, std::max<int64_t>(allowed, budgets.sink_tokens() + budgets.recent_window()));
+    if (budgets.merge_evicted() && kept < context) ++kept;
+  }
+  int64_t dense = kept, coded_entries = 0;
+  if (coded) {
+    dense = std::min<int64_t>(kept, plan.sparse_coding().recent_window());
+    coded_entries = kept - dense;
+  }
+  const int64_t coded_entry = int64_t(plan.sparse_coding().key_sparsity() + plan.sparse_coding().value_sparsity()) * 4;
+  int64_t bytes = dense * dense_entry + coded_entries * coded_entry;
+  if (budget != nullptr || coded) bytes += kept * 4;
+  if (Refreshes(plan, layer))
+    bytes += 4 * std::max<int64_t>(plan.refresh().min_small_cache_tokens(),
+                                   int64_t(std::ceil(plan.refresh().small_cache_fraction() * context)));
+  return bytes;
+}
+
+void RecordEstimates(plan::Plan& plan) {
+  plan.clear_memory();
+  for (int context : kEstimateContexts) {
+    plan::MemoryEstimate* estimate = plan.add_memory();
+    estimate->set_context(context);
+    estimate->set_full_cache_bytes(FullCacheBytes(plan.model(), context));
+    estimate->set_plan_cache_bytes(PlanCacheBytes(plan, context));
+  }
+}
+
+std::string Bytes(int64_t bytes) {
+  if (bytes >= (int64_t(1) << 30)) return absl::StrFormat("%.2f GiB", bytes / double(int64_t(1) << 30));
+  if (bytes >= (1 << 20)) return absl::StrFormat("%.2f MiB", bytes / double(1 << 20));
+  return absl::StrFormat("%.1f KiB", bytes / 1024.0);
+}
+
+}  // namespace
+
+int64_t FullCacheBytes(const plan::ModelFingerprint& model, int context) {
+  return int64_t(context) * model.num_layers() * model.num_kv_heads() * model.head_dim() * 2 * 2;
+}
+
+int64_t PlanCacheBytes(const plan::Plan& plan, int context) {
+  const std::set<int> sharers = Sharers(plan);
+  int64_t total = 0;
+  for (int layer = 0; layer < plan.model().num_layers(); ++layer) {
+    if (sharers.contains(layer)) continue;
+    for (int h = 0; h < plan.model().num_kv_heads(); ++h) total += HeadBytes(plan, layer, h, context);
+  }
+  return total;
+}
+
+absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
+  plan::Plan plan;
+  plan.set_format_version(kPlanFormatVersion);
+  *plan.mutable_model() = inputs.model;
+  *plan.mutable_calibration() = inputs.calibration;
+  plan.set_target_memory_ratio(inputs.target_memory_ratio);
+  *plan.mutable_sharing() = inputs.sharing;
+  *plan.mutable_sparse_coding() = inputs.sparse_coding;
+  const int layers = inputs.model.num_layers(), kv_heads = inputs.model.num_kv_heads();
+  const std::set<int> sharers = Sharers(plan);
+
+  if (inputs.refresh) {
+    const RefreshSettings& settings = inputs.refresh_settings;
+    plan::RefreshSchedule* refresh = plan.mutable_refresh();
+    refresh->set_small_cache_fraction(settings.small_cache_fraction);
+    refresh->set_min_small_cache_tokens(settings.min_small_cache_tokens);
+    refresh->set_refresh_stride(settings.refresh_stride);
+    refresh->set_query_similarity_threshold(settings.query_similarity_threshold);
+    refresh->set_pool_kernel(settings.pool_kernel);
+    for (int layer = 0; layer < layers; ++layer)
+      if (!sharers.contains(layer)) refresh->add_layers(layer);
+  }
+
+  if (!inputs.attention_coverage.empty()) {
+    if (int(inputs.attention_coverage.size()) != layers)
+      return absl::InvalidArgumentError("attention coverage must list every layer");
+    const BudgetSettings& settings = inputs.budget_settings;
+    plan::TokenBudgets* budgets = plan.mutable_budgets();
+    budgets->set_scoring(settings.scoring);
+    budgets->set_recent_window(settings.recent_window);
+    budgets->set_sink_tokens(settings.sink_tokens);
+    budgets->set_min_tokens(settings.min_tokens);
+    budgets->set_merge_evicted(settings.merge_evicted);
+    budgets->set_merge_compensation(settings.merge_compensation);
+    budgets->set_score_decay(settings.score_decay);
+    const std::set<int> exempt(settings.exempt_layers.begin(), settings.exempt_layers.end());
+    // Heads whose attention is spread over more of the context get proportionally larger budgets.
+    double mean_coverage = 0;
+    int counted = 0;
+    for (int layer = 0; layer < layers; ++layer) {
+      if (exempt.contains(layer) || sharers.contains(layer)) continue;
+      for (float coverage : inputs.attention_coverage[layer]) {
+        mean_coverage += coverage;
+        ++counted;
+      }
+    }
+    mean_coverage = counted ? std::max(mean_coverage / counted, 1e-3) : 1.0;
+    auto apply_scale = [&](double scale) {
+      budgets->clear_layers();
+      for (int layer = 0; layer < layers; ++layer) {
+        if (exempt.contains(layer) || sharers.contains(layer)) continue;
+        auto* layer_budget = budgets->add_layers();
+        layer_budget->set_layer(layer);
+        for (int h = 0; h < kv_heads; ++h) {
+          const double weight = inputs.attention_coverage[layer][h] / mean_coverage;
+          layer_budget->add_head_keep_fraction(float(std::clamp(scale * weight, 0.005, 1.0)));
+        }
+      }
+    };
+    const double target_bytes = inputs.target_memory_ratio * FullCacheBytes(inputs.model, inputs.reference_context);
+    double low = 0.0, high = 1.0;
+    apply_scale(high);
+    if (PlanCacheBytes(plan, inputs.reference_context) > target_bytes) {
+      for (int iteration = 0; iteration < 40; ++iteration) {
+        const double middle = (low + high) / 2;
+        apply_scale(middle);
+        (PlanCacheBytes(plan, inputs.reference_context) > target_bytes ? high : low) = middle;
+      }
+      apply_scale(std::max(low, 1e-4));
+    }
+  }
+  RecordEstimates(plan);
+  if (absl::Status status = ValidatePlanStructure(plan); !status.ok()) return status;
+  return plan;
+}
+
+std::string DescribePlan(const plan::Plan& plan) {
+  const plan::ModelFingerprint& model = plan.model();
+  std::string out = absl::StrFormat(
+      "kvplan plan (format %d)\nmodel: %s, %d layers, %d heads / %d KV heads, head_dim %d, vocab %d, weights %016x\n",
+      plan.format_version(), model.architecture(), model.num_layers(), model.num_heads(), model.num_kv_heads(),
+      model.head_dim(), model.vocab_size(), model.weights_hash());
+  const plan::CalibrationInfo& calibration = plan.calibration();
+  absl::StrAppendFormat(&out, "calibration: %s, %d sequences x %d tokens (%d tokens)\n", calibration.data_path(),
+                        calibration.sequences(), calibration.sequence_length(), calibration.tokens());
+  absl::StrAppendFormat(&out, "target memory: %.3f of the full cache\n\n", plan.target_memory_ratio());
+
+  out += "layer sharing (KVSharer):";
+  if (plan.sharing().shares_size() == 0) out += " none";
+  out += "\n";
+  for (const auto& share : plan.sharing().shares())
+    absl::StrAppendFormat(&out, "  layer %d reuses layer %d's cache (layer distance %.3f, hidden cosine %.4f >= %.2f)\n",
+                          share.layer(), share.donor(), share.layer_distance(), share.hidden_cosine(),
+                          plan.sharing().cosine_threshold());
+
+  const plan::SparseCoding& coding = plan.sparse_coding();
+  out += "sparse coding (CSR):";
+  if (coding.layers_size() == 0) out += " none\n";
+  else
+    absl::StrAppendFormat(&out, " keys %d atoms/vector, values %d, newest %d tokens uncoded (%.2f bits/channel)\n",
+                          coding.key_sparsity(), coding.value_sparsity(), coding.recent_window(),
+                          32.0 * (coding.key_sparsity() + coding.value_sparsity()) / (2.0 * model.head_dim()));
+  for (const auto& entry : coding.layers())
+    absl::StrAppendFormat(&out, "  layer %d: %d atoms; relative error keys %.3f values %.3f\n", entry.layer(),
+                          entry.keys().atoms(), entry.keys().relative_error(), entry.values().relative_error());
+
+  const plan::TokenBudgets& budgets = plan.budgets();
+  out += "token budgets:";
+  if (budgets.layers_size() == 0) out += " none\n";
+  else
+    absl::StrAppendFormat(&out, " %s scoring, %d sinks, %d recent, min %d tokens, %s\n",
+                          plan::TokenBudgets::Scoring_Name(budgets.scoring()), budgets.sink_tokens(),
+                          budgets.recent_window(), budgets.min_tokens(),
+                          budgets.merge_evicted()
+                              ? absl::StrFormat("evicted tokens merged (ZeroMerge, alpha %.2f)", budgets.merge_compensation())
+                              : std::string("evicted tokens dropped"));
+  for (const auto& layer : budgets.layers()) {
+    std::vector<std::string> fractions;
+    for (float fraction : layer.head_keep_fraction()) fractions.push_back(absl::StrFormat("%.3f", fraction));
+    absl::StrAppendFormat(&out, "  layer %d keeps per KV head: %s of the context\n", layer.layer(),
+                          absl::StrJoin(fractions, " "));
+  }
+
+  const plan::RefreshSchedule& refresh = plan.refresh();
+  out += "refresh (RefreshKV):";
+  if (refresh.layers_size() == 0) out += " none\n";
+  else
+    absl::StrAppendFormat(&out,
+                          " small cache %.3f of the context (min %d), full attention every %d steps or when query "
+                          "cosine < %.2f, pooling %d; layers %s\n",
+                          refresh.small_cache_fraction(), refresh.min_small_cache_tokens(), refresh.refresh_stride(),
+                          refresh.query_similarity_threshold(), refresh.pool_kernel(),
+                          absl::StrJoin(refresh.layers(), ","));
+
+  out += "\nKV memory (bf16 full cache vs plan):\n";
+  absl::StrAppendFormat(&out, "  %8s %14s %14s %8s\n", "context", "full", "plan", "ratio");
+  for (const auto& estimate : plan.memory())
+    absl::StrAppendFormat(&out, "  %8d %14s %14s %7.2fx\n", estimate.context(), Bytes(estimate.full_cache_bytes()),
+                          Bytes(estimate.plan_cache_bytes()),
+                          double(estimate.full_cache_bytes()) / std::max<int64_t>(1, estimate.plan_cache_bytes()));
+  return out;
+}
+
+absl::StatusOr<std::string> PlanToJson(const plan::Plan& plan, bool include_atoms) {
+  plan::Plan copy = plan;
+  if (!include_atoms)
+    for (auto& entry : *copy.mutable_sparse_coding()->mutable_layers()) {
+      entry.mutable_keys()->clear_values();
+      entry.mutable_values()->clear_values();
+    }
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.always_print_primitive_fields = true;
+  const auto status = google::protobuf::util::MessageToJsonString(copy, &json, options);
+  if (!status.ok()) return absl::InternalError(std::string(status.message()));
+  return json;
+}
+
+}  // namespace kvplan

@@ -1,0 +1,62 @@
+// The plan compiler: turns what calibration measured and learned into a plan that meets a memory target,
+// and explains plans (inspect). Pure functions over the plan schema; no model code.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "plans/kvplan.pb.h"
+
+namespace kvplan {
+
+struct BudgetSettings {
+  plan::TokenBudgets::Scoring scoring = plan::TokenBudgets::KEY_L2_NORM;
+  std::vector<int> exempt_layers = {0, 1};  // L2-norm eviction hurts the first layers (Devoto et al.)
+  int recent_window = 32;
+  int sink_tokens = 4;
+  int min_tokens = 16;
+  bool merge_evicted = true;
+  float merge_compensation = 1.0f;
+  float score_decay = 0.98f;
+};
+
+struct RefreshSettings {
+  float small_cache_fraction = 0.125f;  // K = L / 8 (RefreshKV)
+  int min_small_cache_tokens = 64;
+  int refresh_stride = 8;
+  float query_similarity_threshold = 0.85f;
+  int pool_kernel = 7;
+};
+
+struct PlannerInputs {
+  plan::ModelFingerprint model;
+  plan::CalibrationInfo calibration;
+  float target_memory_ratio = 0.2f;  // plan bytes / full-cache bytes at reference_context
+  int reference_context = 2048;
+  plan::LayerSharing sharing;        // accepted shares from the calibration search (may be empty)
+  plan::SparseCoding sparse_coding;  // learned dictionaries (may be empty)
+  // Per layer and KV head: the fraction of the context that held 90% of the attention mass on calibration
+  // data. Empty: no token budgets.
+  std::vector<std::vector<float>> attention_coverage;
+  BudgetSettings budget_settings;
+  bool refresh = false;
+  RefreshSettings refresh_settings;
+};
+
+// Assembles the plan; token budgets are scaled (keeping each head's share proportional to its attention
+// coverage) until the estimated cache at reference_context meets target_memory_ratio, or as close as the
+// floors allow. Memory estimates for 512 to 32K tokens are recorded in the plan.
+absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs);
+
+// Bytes of K/V at `context` tokens: the full cache in bf16, and what the plan keeps (codes, positions and
+// refresh selections included).
+int64_t FullCacheBytes(const plan::ModelFingerprint& model, int context);
+int64_t PlanCacheBytes(const plan::Plan& plan, int context);
+
+// inspect: every decision and the memory per context length, as text or as JSON (dictionary atoms are
+// summarised, not listed, unless include_atoms).
+std::string DescribePlan(const plan::Plan& plan);
+absl::StatusOr<std::string> PlanToJson(const plan::Plan& plan, bool include_atoms);
+
+}  // namespace kvplan
