@@ -145,6 +145,7 @@ void sparse_attention(const SparseAttentionParams& p, const float* q, const int3
     std::vector<float> keys(int64_t(entries) * hd), values(int64_t(entries) * hd);
     std::vector<int32_t> positions(entries);
     std::vector<float> bias(entries, 0.0f);
+#pragma omp parallel for
     for (int e = 0; e < head.coded_length; ++e) {
       float* key = keys.data() + int64_t(e) * hd;
       decode_sparse(p.key_dictionary, hd, head.key_atoms + int64_t(e) * p.key_sparsity,
@@ -165,9 +166,12 @@ void sparse_attention(const SparseAttentionParams& p, const float* q, const int3
     float* probabilities = last_row_probabilities ? last_row_probabilities + probability_offset : nullptr;
     if (probabilities != nullptr) std::fill(probabilities, probabilities + entries, 0.0f);
     probability_offset += entries;
-    std::vector<float> logits(entries);
+    // Last-row probabilities per group head, maxed after the parallel loop.
+    std::vector<float> group_probabilities(probabilities != nullptr ? int64_t(group) * entries : 0, 0.0f);
+#pragma omp parallel for collapse(2) schedule(dynamic)
     for (int t = 0; t < p.tokens; ++t) {
       for (int g = 0; g < group; ++g) {
+        std::vector<float> logits(entries);
         const int query_head = h * group + g;
         const float* query = q + (int64_t(t) * p.heads + query_head) * hd;
         float* result = out + (int64_t(t) * p.heads + query_head) * hd;
@@ -194,10 +198,33 @@ void sparse_attention(const SparseAttentionParams& p, const float* q, const int3
         for (int d = 0; d < hd; ++d) result[d] = float(result[d] / denominator);
         if (probabilities != nullptr && t + 1 == p.tokens)
           for (int e = 0; e < entries; ++e)
-            if (positions[e] <= query_positions[t])
-              probabilities[e] = std::max(probabilities[e], float(logits[e] / denominator));
+            if (positions[e] <= query_positions[t]) group_probabilities[int64_t(g) * entries + e] = float(logits[e] / denominator);
       }
     }
+    if (probabilities != nullptr)
+      for (int g = 0; g < group; ++g)
+        for (int e = 0; e < entries; ++e)
+          probabilities[e] = std::max(probabilities[e], group_probabilities[int64_t(g) * entries + e]);
+  }
+}
+
+void key_l2_norms(const float* keys, int64_t n, int head_dim, float* norms) {
+  for (int64_t i = 0; i < n; ++i) {
+    double sum = 0;
+    for (int d = 0; d < head_dim; ++d) sum += double(keys[i * head_dim + d]) * keys[i * head_dim + d];
+    norms[i] = float(std::sqrt(sum));
+  }
+}
+
+void merge_into_slot(const float* keys, const float* values, int count, int head_dim, float* slot_key,
+                     float* slot_value, float* slot_tokens) {
+  for (int i = 0; i < count; ++i) {
+    const float tokens = *slot_tokens + 1.0f;
+    for (int d = 0; d < head_dim; ++d) {
+      slot_key[d] += (keys[int64_t(i) * head_dim + d] - slot_key[d]) / tokens;
+      slot_value[d] += (values[int64_t(i) * head_dim + d] - slot_value[d]) / tokens;
+    }
+    *slot_tokens = tokens;
   }
 }
 

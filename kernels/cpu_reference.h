@@ -85,4 +85,12 @@ struct SparseAttentionParams {
 void sparse_attention(const SparseAttentionParams& params, const float* q, const int32_t* query_positions,
                       const CodedHeadView* kv, float* out, float* last_row_probabilities);
 
+// Eviction scoring: norms[i] = ||keys[i, :]||. L2-norm eviction keeps the lowest-norm keys.
+void key_l2_norms(const float* keys, int64_t n, int head_dim, float* norms);
+
+// ZeroMerge: folds `count` victims ([count, head_dim] keys and values, in order) into a residual slot holding the
+// running mean of `*slot_tokens` tokens; *slot_tokens grows by count.
+void merge_into_slot(const float* keys, const float* values, int count, int head_dim, float* slot_key,
+                     float* slot_value, float* slot_tokens);
+
 }  // namespace kvplan::cpu

@@ -91,11 +91,8 @@ class CompressedLayerCache : public LayerCache {
         head.dense_keys.insert(head.dense_keys.end(), k + source, k + source + hd);
         head.dense_values.insert(head.dense_values.end(), v + source, v + source + hd);
         float score = 0.0f;
-        if (policy_.budget != nullptr && policy_.budget->scoring == BudgetPolicy::Scoring::kKeyL2Norm) {
-          double norm = 0;
-          for (int d = 0; d < hd; ++d) norm += double(k_pre_rope[source + d]) * k_pre_rope[source + d];
-          score = float(std::sqrt(norm));
-        }
+        if (policy_.budget != nullptr && policy_.budget->scoring == BudgetPolicy::Scoring::kKeyL2Norm)
+          cpu::key_l2_norms(k_pre_rope + source, 1, hd, &score);
         head.dense_scores.push_back(score);
         head.dense_merged.push_back(0.0f);
         head.dense_bias.push_back(0.0f);
@@ -398,12 +395,7 @@ class CompressedLayerCache : public LayerCache {
         std::copy_n(head.dense_keys.data() + int64_t(victim.index) * hd, hd, key.data());
         std::copy_n(head.dense_values.data() + int64_t(victim.index) * hd, hd, value.data());
       }
-      const float count = head.dense_merged[slot] + 1.0f;
-      for (int d = 0; d < hd; ++d) {
-        slot_key[d] += (key[d] - slot_key[d]) / count;
-        slot_value[d] += (value[d] - slot_value[d]) / count;
-      }
-      head.dense_merged[slot] = count;
+      cpu::merge_into_slot(key.data(), value.data(), 1, hd, slot_key, slot_value, &head.dense_merged[slot]);
     }
     head.dense_bias[slot] = policy_.budget->merge_compensation * std::log(head.dense_merged[slot]);
   }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -49,5 +50,56 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
                       int heads, int kv_heads, int head_dim, int capacity, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context,
                       void* workspace, __nv_bfloat16* out, cudaStream_t stream);
+
+}  // namespace kvplan::cuda
+
+// --- Compressed caches (CPU oracles: cpu::sparse_attention, cpu::matching_pursuit, cpu::key_l2_norms,
+// cpu::merge_into_slot) ----------------------------------------------------------------------------------
+
+namespace kvplan::cuda {
+
+// One sequence's compressed cache, KV heads concatenated (CSR-style offsets). Coded entries hold keys before
+// RoPE and values as (atom, fp16 coefficient) pairs; dense entries hold keys after RoPE.
+struct CompressedCacheView {
+  const int32_t* coded_offsets = nullptr;  // [kv_heads + 1]
+  const uint16_t* key_atoms = nullptr;     // [coded, key_sparsity]
+  const __half* key_coefficients = nullptr;
+  const uint16_t* value_atoms = nullptr;   // [coded, value_sparsity]
+  const __half* value_coefficients = nullptr;
+  const int32_t* coded_positions = nullptr;
+  const int32_t* dense_offsets = nullptr;  // [kv_heads + 1]
+  const float* dense_keys = nullptr;       // [dense, head_dim]
+  const float* dense_values = nullptr;
+  const int32_t* dense_positions = nullptr;
+  const float* dense_bias = nullptr;       // [dense] or null
+};
+
+struct SparseAttentionShape {
+  int rows = 0, heads = 0, kv_heads = 0, head_dim = 0;  // head_dim: 64, 128 or 256
+  int key_sparsity = 0, value_sparsity = 0;
+  float scale = 1.0f;
+  float rope_attention_factor = 1.0f;
+};
+
+// Attention of rows ([rows, heads, head_dim] queries at query_positions) over a compressed cache, decoding
+// keys (with RoPE at their positions) and values from the dictionaries on the fly. With probabilities
+// non-null, also writes the last row's softmax probabilities over each KV head's [coded, dense] entries,
+// maxed over the group (needs logit_workspace of heads * total_entries floats).
+bool sparse_attention_supported(int heads, int kv_heads, int head_dim);
+cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
+                             const CompressedCacheView& cache, const float* key_dictionary,
+                             const float* value_dictionary, const float* inv_freq, float* out,
+                             float* probabilities, float* logit_workspace, cudaStream_t stream);
+
+// Codes n vectors ([n, dim]) by matching pursuit over unit-norm atoms; coefficients rounded to fp16.
+cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int n, int sparsity,
+                             uint16_t* indices, __half* coefficients, cudaStream_t stream);
+
+// norms[i] = ||keys[i, :]||.
+cudaError_t key_l2_norms(const float* keys, int n, int head_dim, float* norms, cudaStream_t stream);
+
+// Folds count victims into a residual slot's running mean (same order and arithmetic as the CPU oracle).
+cudaError_t merge_into_slot(const float* keys, const float* values, int count, int head_dim, float* slot_key,
+                            float* slot_value, float* slot_tokens, cudaStream_t stream);
 
 }  // namespace kvplan::cuda
