@@ -28,14 +28,14 @@ def correctness(model_dir, data_file):
     # Documents exactly as kvplan splits them: lines "<|doc|>" separate; each document keeps its trailing newline.
     text = open(data_file, encoding="utf-8").read()
     documents, current = [], []
-    for line in text.split("\n"):
+    for line in text.removesuffix("\n").split("\n"):
         if line == "<|doc|>":
             if current:
                 documents.append("".join(current))
             current = []
             continue
         current.append(line + "\n")
-    if current and "".join(current) != "\n":
+    if current:
         documents.append("".join(current))
     stream = []
     for d in documents:

@@ -104,6 +104,7 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
   *plan.mutable_model() = inputs.model;
   *plan.mutable_calibration() = inputs.calibration;
   plan.set_target_memory_ratio(inputs.target_memory_ratio);
+  plan.set_reference_context(inputs.reference_context);
   *plan.mutable_sharing() = inputs.sharing;
   *plan.mutable_sparse_coding() = inputs.sparse_coding;
   const int layers = inputs.model.num_layers(), kv_heads = inputs.model.num_kv_heads();
@@ -232,6 +233,15 @@ std::string DescribePlan(const plan::Plan& plan) {
                           refresh.query_similarity_threshold(), refresh.pool_kernel(),
                           absl::StrJoin(refresh.layers(), ","));
 
+  if (plan.target_memory_ratio() > 0 && plan.memory_size() > 0) {
+    const int reference = plan.reference_context() > 0 ? plan.reference_context() : 2048;
+    const double achieved = double(PlanCacheBytes(plan, reference)) / FullCacheBytes(plan.model(), reference);
+    absl::StrAppendFormat(&out, "\nat %d tokens the plan keeps %.3f of the full cache: target %.3f %s\n", reference,
+                          achieved, plan.target_memory_ratio(),
+                          achieved <= plan.target_memory_ratio() * 1.001
+                              ? "met"
+                              : "NOT met (the selected methods cannot compress further; budgets are at their floor)");
+  }
   out += "\nKV memory (bf16 full cache vs plan):\n";
   absl::StrAppendFormat(&out, "  %8s %14s %14s %8s\n", "context", "full", "plan", "ratio");
   for (const auto& estimate : plan.memory())

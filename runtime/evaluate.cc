@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace kvplan {
 namespace {
@@ -35,7 +36,9 @@ int64_t FirstInteger(const std::string& text) {
 std::vector<std::string> SplitDocuments(const std::string& text) {
   std::vector<std::string> documents;
   std::string current;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+  // A final newline ends the last line; it does not start an empty one.
+  const absl::string_view body = absl::StripSuffix(text, "\n");
+  for (absl::string_view line : absl::StrSplit(body, '\n')) {
     if (line == "<|doc|>") {
       if (!current.empty()) documents.push_back(std::move(current));
       current.clear();
@@ -44,7 +47,7 @@ std::vector<std::string> SplitDocuments(const std::string& text) {
     current.append(line.data(), line.size());
     current += '\n';
   }
-  if (!current.empty() && current != "\n") documents.push_back(std::move(current));
+  if (!current.empty()) documents.push_back(std::move(current));
   return documents;
 }
 

@@ -20,7 +20,6 @@ SparseCodes MatchingPursuit(const float* dictionary, int atoms, int dim, const f
     for (int s = 0; s < sparsity; ++s) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), atoms, dim, 1.0f, residual.data(), dim,
                   dictionary, dim, 0.0f, correlation.data(), atoms);
-#pragma omp parallel for if (rows > 64)
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = correlation.data() + r * atoms;
         int best = 0;

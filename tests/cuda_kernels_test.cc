@@ -233,5 +233,162 @@ TEST(CudaKernelsTest, AttentionRejectsUnsupportedShapes) {
   EXPECT_TRUE(cuda::attention_supported(32, 8, 128));
 }
 
+// --- Compressed caches: fp32 outputs from identical fp16 codes; tolerance 1e-3 relative (fast-math exp and
+// summation order), probabilities 1e-4 absolute.
+
+std::vector<__half> ToHalf(const std::vector<float>& values) {
+  std::vector<__half> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) out[i] = __float2half_rn(values[i]);
+  return out;
+}
+
+std::vector<float> UnitRows(int rows, int dim, uint32_t seed) {
+  std::vector<float> values = RandomVector(size_t(rows) * dim, seed);
+  for (int r = 0; r < rows; ++r) {
+    float norm = 0;
+    for (int d = 0; d < dim; ++d) norm += values[r * dim + d] * values[r * dim + d];
+    for (int d = 0; d < dim; ++d) values[r * dim + d] /= std::sqrt(norm);
+  }
+  return values;
+}
+
+struct SparseCase {
+  int heads, kv_heads, head_dim, rows, coded_per_head, dense_per_head, atoms, key_sparsity, value_sparsity;
+};
+
+void CheckSparseAttention(const SparseCase& c) {
+  std::mt19937 generator(c.heads * 131 + c.head_dim + c.rows);
+  const std::vector<float> key_dictionary = UnitRows(c.atoms, c.head_dim, 21);
+  const std::vector<float> value_dictionary = UnitRows(c.atoms, c.head_dim, 22);
+  std::vector<float> inv_freq(c.head_dim / 2);
+  for (int i = 0; i < c.head_dim / 2; ++i) inv_freq[i] = float(std::pow(10000.0, -2.0 * i / c.head_dim));
+  const int coded_total = c.coded_per_head * c.kv_heads, dense_total = c.dense_per_head * c.kv_heads;
+  std::vector<uint16_t> key_atoms(coded_total * c.key_sparsity), value_atoms(coded_total * c.value_sparsity);
+  for (uint16_t& atom : key_atoms) atom = uint16_t(generator() % c.atoms);
+  for (uint16_t& atom : value_atoms) atom = uint16_t(generator() % c.atoms);
+  std::vector<float> key_coefficients = RandomVector(key_atoms.size(), 23, 2.0f);
+  std::vector<float> value_coefficients = RandomVector(value_atoms.size(), 24);
+  for (float& value : key_coefficients) value = cpu::round_to_fp16(value);
+  for (float& value : value_coefficients) value = cpu::round_to_fp16(value);
+  const int context = c.coded_per_head + c.dense_per_head + 10;
+  std::vector<int32_t> coded_positions(coded_total), dense_positions(dense_total);
+  for (int32_t& position : coded_positions) position = int32_t(generator() % context);
+  for (int32_t& position : dense_positions) position = int32_t(generator() % context);
+  const std::vector<float> dense_keys = RandomVector(size_t(dense_total) * c.head_dim, 25);
+  const std::vector<float> dense_values = RandomVector(size_t(dense_total) * c.head_dim, 26);
+  std::vector<float> dense_bias = RandomVector(dense_total, 27, 0.5f);
+  std::vector<int32_t> coded_offsets(c.kv_heads + 1), dense_offsets(c.kv_heads + 1);
+  for (int h = 0; h <= c.kv_heads; ++h) {
+    coded_offsets[h] = h * c.coded_per_head;
+    dense_offsets[h] = h * c.dense_per_head;
+  }
+  const std::vector<float> q = RandomVector(size_t(c.rows) * c.heads * c.head_dim, 28);
+  std::vector<int32_t> query_positions(c.rows);
+  for (int r = 0; r < c.rows; ++r) query_positions[r] = context - 12 + 5 * r;  // some entries lie in the future
+
+  std::vector<cpu::CodedHeadView> views(c.kv_heads);
+  for (int h = 0; h < c.kv_heads; ++h) {
+    const int coded = coded_offsets[h], dense = dense_offsets[h];
+    views[h] = {key_atoms.data() + coded * c.key_sparsity, key_coefficients.data() + coded * c.key_sparsity,
+                value_atoms.data() + coded * c.value_sparsity, value_coefficients.data() + coded * c.value_sparsity,
+                coded_positions.data() + coded, c.coded_per_head,
+                cpu::KvHeadView{dense_keys.data() + int64_t(dense) * c.head_dim,
+                                dense_values.data() + int64_t(dense) * c.head_dim, dense_positions.data() + dense,
+                                dense_bias.data() + dense, c.dense_per_head}};
+  }
+  const float scale = 1.0f / std::sqrt(float(c.head_dim));
+  const cpu::SparseAttentionParams params{c.rows, c.heads, c.kv_heads, c.head_dim, c.key_sparsity, c.value_sparsity,
+                                          key_dictionary.data(), value_dictionary.data(), inv_freq.data(), 1.0f, scale};
+  std::vector<float> expected(q.size()), expected_probabilities(coded_total + dense_total);
+  cpu::sparse_attention(params, q.data(), query_positions.data(), views.data(), expected.data(),
+                        expected_probabilities.data());
+
+  Device<float> d_q(q), d_key_dictionary(key_dictionary), d_value_dictionary(value_dictionary), d_freq(inv_freq);
+  Device<int32_t> d_positions(query_positions), d_coded_offsets(coded_offsets), d_dense_offsets(dense_offsets);
+  Device<uint16_t> d_key_atoms(key_atoms), d_value_atoms(value_atoms);
+  Device<__half> d_key_coefficients(ToHalf(key_coefficients)), d_value_coefficients(ToHalf(value_coefficients));
+  Device<int32_t> d_coded_positions(coded_positions), d_dense_positions(dense_positions);
+  Device<float> d_dense_keys(dense_keys), d_dense_values(dense_values), d_dense_bias(dense_bias);
+  Device<float> out(q.size()), probabilities(expected_probabilities.size());
+  Device<float> workspace(size_t(c.heads) * (coded_total + dense_total));
+  const cuda::CompressedCacheView cache{d_coded_offsets.get(), d_key_atoms.get(), d_key_coefficients.get(),
+                                        d_value_atoms.get(), d_value_coefficients.get(), d_coded_positions.get(),
+                                        d_dense_offsets.get(), d_dense_keys.get(), d_dense_values.get(),
+                                        d_dense_positions.get(), d_dense_bias.get()};
+  const cuda::SparseAttentionShape shape{c.rows, c.heads, c.kv_heads, c.head_dim, c.key_sparsity, c.value_sparsity,
+                                         scale, 1.0f};
+  ASSERT_EQ(cuda::sparse_attention(shape, d_q.get(), d_positions.get(), cache, d_key_dictionary.get(),
+                                   d_value_dictionary.get(), d_freq.get(), out.get(), probabilities.get(),
+                                   workspace.get(), nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> actual = out.Read(), actual_probabilities = probabilities.Read();
+  EXPECT_LT(testing::RelativeError(actual.data(), expected.data(), expected.size()), 1e-3)
+      << c.heads << "/" << c.kv_heads << " hd " << c.head_dim << " rows " << c.rows;
+  for (size_t i = 0; i < expected_probabilities.size(); ++i)
+    ASSERT_NEAR(actual_probabilities[i], expected_probabilities[i], 1e-4) << i;
+}
+
+TEST(CudaCompressedKernelsTest, SparseAttentionMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const SparseCase cases[] = {{4, 2, 64, 1, 100, 7, 64, 8, 8},     {7, 7, 64, 3, 33, 0, 17, 4, 4},
+                              {32, 8, 128, 1, 513, 31, 1024, 8, 4}, {28, 4, 128, 2, 0, 40, 5, 2, 2},
+                              {8, 1, 256, 1, 77, 3, 300, 16, 16}};
+  for (const SparseCase& c : cases) CheckSparseAttention(c);
+}
+
+TEST(CudaCompressedKernelsTest, MatchingPursuitMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (auto [atoms, dim, vectors, sparsity] : {std::tuple{1024, 64, 257, 8}, {37, 128, 100, 4}, {5, 64, 9, 5}}) {
+    const std::vector<float> dictionary = UnitRows(atoms, dim, 31);
+    const std::vector<float> x = RandomVector(size_t(vectors) * dim, 32);
+    Device<float> d_dictionary(dictionary), d_x(x);
+    Device<uint16_t> indices(size_t(vectors) * sparsity);
+    Device<__half> coefficients(size_t(vectors) * sparsity);
+    ASSERT_EQ(cuda::matching_pursuit(d_dictionary.get(), atoms, dim, d_x.get(), vectors, sparsity, indices.get(),
+                                     coefficients.get(), nullptr),
+              cudaSuccess);
+    const std::vector<uint16_t> gpu_indices = indices.Read();
+    const std::vector<__half> gpu_coefficients = coefficients.Read();
+    int same = 0;
+    for (int v = 0; v < vectors; ++v) {
+      std::vector<uint16_t> cpu_indices(sparsity);
+      std::vector<float> cpu_coefficients(sparsity);
+      cpu::matching_pursuit(dictionary.data(), atoms, dim, x.data() + size_t(v) * dim, sparsity, cpu_indices.data(),
+                            cpu_coefficients.data());
+      const bool equal = std::equal(cpu_indices.begin(), cpu_indices.end(), gpu_indices.begin() + v * sparsity);
+      same += equal;
+      if (equal)
+        for (int s = 0; s < sparsity; ++s)
+          EXPECT_NEAR(__half2float(gpu_coefficients[v * sparsity + s]), cpu_coefficients[s],
+                      2e-3 * std::fabs(cpu_coefficients[s]) + 1e-6);
+    }
+    // Different summation orders can flip a near-tie between atoms: allow 2% of vectors.
+    EXPECT_GE(same, vectors * 98 / 100) << atoms << " atoms";
+  }
+}
+
+TEST(CudaCompressedKernelsTest, KeyNormsAndMergeMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const int n = 333, dim = 128;
+  const std::vector<float> keys = RandomVector(size_t(n) * dim, 41), values = RandomVector(size_t(n) * dim, 42);
+  std::vector<float> expected(n);
+  cpu::key_l2_norms(keys.data(), n, dim, expected.data());
+  Device<float> d_keys(keys), d_values(values), norms(n);
+  ASSERT_EQ(cuda::key_l2_norms(d_keys.get(), n, dim, norms.get(), nullptr), cudaSuccess);
+  EXPECT_LT(testing::RelativeError(norms.Read().data(), expected.data(), n), kFp32Tolerance);
+
+  std::vector<float> slot_key = RandomVector(dim, 43), slot_value = RandomVector(dim, 44);
+  float slot_tokens = 3.0f;
+  Device<float> d_slot_key(slot_key), d_slot_value(slot_value), d_tokens(std::vector<float>{slot_tokens});
+  cpu::merge_into_slot(keys.data(), values.data(), 17, dim, slot_key.data(), slot_value.data(), &slot_tokens);
+  ASSERT_EQ(cuda::merge_into_slot(d_keys.get(), d_values.get(), 17, dim, d_slot_key.get(), d_slot_value.get(),
+                                  d_tokens.get(), nullptr),
+            cudaSuccess);
+  EXPECT_LT(testing::RelativeError(d_slot_key.Read().data(), slot_key.data(), dim), kFp32Tolerance);
+  EXPECT_LT(testing::RelativeError(d_slot_value.Read().data(), slot_value.data(), dim), kFp32Tolerance);
+  EXPECT_EQ(d_tokens.Read()[0], 20.0f);
+}
+
 }  // namespace
 }  // namespace kvplan
