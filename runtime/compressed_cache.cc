@@ -306,7 +306,6 @@ class CompressedLayerCache : public LayerCache {
   // or folded into the head's merged slot.
   void Evict(SequenceState& state) {
     const BudgetPolicy& budget = *policy_.budget;
-    const int hd = config_.head_dim;
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       HeadStore& head = state.heads[h];
       const int allowed = std::max(budget.min_tokens, int(std::ceil(budget.head_keep_fraction[h] * state.length)));
@@ -343,13 +342,18 @@ class CompressedLayerCache : public LayerCache {
       std::sort(coded_victims.begin(), coded_victims.end());
       std::sort(dense_victims.begin(), dense_victims.end());
       RemoveCoded(head, coded_victims);
-      EraseIndices(head.dense_positions, dense_victims, 1);
-      EraseIndices(head.dense_keys, dense_victims, hd);
-      EraseIndices(head.dense_values, dense_victims, hd);
-      EraseIndices(head.dense_scores, dense_victims, 1);
-      EraseIndices(head.dense_merged, dense_victims, 1);
-      EraseIndices(head.dense_bias, dense_victims, 1);
+      RemoveDense(head, dense_victims);
     }
+  }
+
+  void RemoveDense(HeadStore& head, const std::vector<int>& victims) const {
+    const int hd = config_.head_dim;
+    EraseIndices(head.dense_positions, victims, 1);
+    EraseIndices(head.dense_keys, victims, hd);
+    EraseIndices(head.dense_values, victims, hd);
+    EraseIndices(head.dense_scores, victims, 1);
+    EraseIndices(head.dense_merged, victims, 1);
+    EraseIndices(head.dense_bias, victims, 1);
   }
 
   void RemoveCoded(HeadStore& head, const std::vector<int>& victims) {
@@ -437,12 +441,7 @@ class CompressedLayerCache : public LayerCache {
       head.value_atoms.insert(head.value_atoms.end(), value_codes.indices.begin(), value_codes.indices.end());
       head.value_coefficients.insert(head.value_coefficients.end(), value_codes.coefficients.begin(),
                                      value_codes.coefficients.end());
-      EraseIndices(head.dense_positions, moving, 1);
-      EraseIndices(head.dense_keys, moving, hd);
-      EraseIndices(head.dense_values, moving, hd);
-      EraseIndices(head.dense_scores, moving, 1);
-      EraseIndices(head.dense_merged, moving, 1);
-      EraseIndices(head.dense_bias, moving, 1);
+      RemoveDense(head, moving);
     }
   }
 

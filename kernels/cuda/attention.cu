@@ -1,6 +1,7 @@
 #include <cfloat>
 
 #include "kernels/cuda/kernels.h"
+#include "kernels/cuda/softmax_merge.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -133,19 +134,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   __syncthreads();
   for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
     const int g = index / kHeadDim, d = index % kHeadDim;
-    float block_max = -FLT_MAX;
-    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, shared_max[w][g]);
-    float block_sum = 0.0f, block_acc = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float factor = shared_sum[w][g] > 0.0f ? __expf(shared_max[w][g] - block_max) : 0.0f;
-      block_sum += shared_sum[w][g] * factor;
-      block_acc += shared_acc[w][g][d] * factor;
-    }
+    const SoftmaxState merged = merge_warp_states<kWarps, kGroup, kHeadDim>(shared_max, shared_sum, shared_acc, g, d);
     const int64_t slot = (int64_t(row) * heads + kv_head * group + g) * splits + split;
-    partial.acc[slot * kHeadDim + d] = block_acc;
+    partial.acc[slot * kHeadDim + d] = merged.acc;
     if (d == 0) {
-      partial.max[slot] = block_max;
-      partial.sum[slot] = block_sum;
+      partial.max[slot] = merged.max;
+      partial.sum[slot] = merged.sum;
     }
   }
 }

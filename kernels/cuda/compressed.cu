@@ -1,6 +1,7 @@
 #include <cfloat>
 
 #include "kernels/cuda/kernels.h"
+#include "kernels/cuda/softmax_merge.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -145,18 +146,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ float final_max[kGroup], final_sum[kGroup];
   for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
     const int g = index / kHeadDim, d = index % kHeadDim;
-    float block_max = -FLT_MAX;
-    for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, shared_max[w][g]);
-    float block_sum = 0.0f, block_acc = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float factor = shared_sum[w][g] > 0.0f ? __expf(shared_max[w][g] - block_max) : 0.0f;
-      block_sum += shared_sum[w][g] * factor;
-      block_acc += shared_acc[w][g][d] * factor;
-    }
-    out[(int64_t(row) * shape.heads + kv_head * group + g) * kHeadDim + d] = block_sum > 0.0f ? block_acc / block_sum : 0.0f;
+    const SoftmaxState merged = merge_warp_states<kWarps, kGroup, kHeadDim>(shared_max, shared_sum, shared_acc, g, d);
+    out[(int64_t(row) * shape.heads + kv_head * group + g) * kHeadDim + d] =
+        merged.sum > 0.0f ? merged.acc / merged.sum : 0.0f;
     if (d == 0) {
-      final_max[g] = block_max;
-      final_sum[g] = block_sum;
+      final_max[g] = merged.max;
+      final_sum[g] = merged.sum;
     }
   }
   if (!last_row || logit_workspace == nullptr) return;
