@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$(mktemp -d)
 mkdir -p $stage/bin $stage/lib $stage/plans $stage/shared/models $stage/shared/data
-cp build-cuda/cli/kvplan build-cuda/tests/cuda_kernels_test build-cuda/tests/cuda_model_test $stage/bin/
+cp build-cuda/cli/kvplan build-cuda/tests/cuda_kernels_test build-cuda/tests/cuda_model_test build-cuda/bench/kernel_bench $stage/bin/
 for binary in $stage/bin/*; do ldd $binary; done | awk '/=>/ {print $1, $3}' | sort -u |
   grep -vE '^(libc\.|libm\.|libpthread|libdl|librt|ld-linux|libcublas|libcuda\.)' | awk '{print $2}' |
   xargs -I{} cp -L {} $stage/lib/

@@ -109,10 +109,11 @@ absl::Status RunEval(const EvalCommand& command) {
   }
   // The cache as the last needle trial (or perplexity window) left it, against a full bf16 cache of the same
   // number of tokens.
-  const int64_t full_bytes = int64_t(capacity) * loaded.config.kv_bytes_per_token(2);
+  const int64_t full_bytes = model->cached_positions() * loaded.config.kv_bytes_per_token(2);
   const int64_t held_bytes = model->kv_cache_bytes();
-  std::printf("KV cache at ~%d tokens: %lld bytes (full cache %lld, %.2fx smaller)\n", capacity,
-              (long long)held_bytes, (long long)full_bytes, double(full_bytes) / std::max<int64_t>(1, held_bytes));
+  std::printf("KV cache at %lld tokens: %lld bytes (full bf16 cache %lld, %.2fx smaller)\n",
+              (long long)model->cached_positions(), (long long)held_bytes, (long long)full_bytes,
+              double(full_bytes) / std::max<int64_t>(1, held_bytes));
   json_fields.push_back(absl::StrFormat("\"kv_bytes\": %d, \"full_kv_bytes\": %d", held_bytes, full_bytes));
   if (!command.json_path.empty()) {
     std::ofstream out(command.json_path);

@@ -103,6 +103,10 @@ class CpuModel : public Model {
     return total;
   }
 
+  int64_t cached_positions() const override {
+    return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
+  }
+
   absl::Status FillCacheWithNoise(int context) override {
     if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
     for (auto& cache : caches_) cache->FillWithNoise(context);

@@ -140,6 +140,10 @@ class CudaModel : public Model {
 
   int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(__nv_bfloat16)); }
 
+  int64_t cached_positions() const override {
+    return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
+  }
+
   absl::Status FillCacheWithNoise(int context) override {
     if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
     std::vector<uint16_t> noise(LayerCacheElements());

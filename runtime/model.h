@@ -41,6 +41,8 @@ class Model {
   // Bytes the KV caches of all sequences hold now, counting K/V as bf16 (the GPU's storage) whatever the
   // runtime's working precision, and compressed entries at their packed size.
   virtual int64_t kv_cache_bytes() const = 0;
+  // Positions all sequences have processed: what a full cache would hold now.
+  virtual int64_t cached_positions() const = 0;
   // Bytes the weights occupy on the model's device.
   virtual int64_t weight_bytes() const = 0;
 };
