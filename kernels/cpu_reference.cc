@@ -135,7 +135,7 @@ void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, co
 }
 
 void sparse_attention(const SparseAttentionParams& p, const float* q, const int32_t* query_positions,
-                      const CodedHeadView* kv, float* out, float* last_row_probabilities) {
+                      const CodedHeadView* kv, float* out, float* max_probabilities) {
   const int hd = p.head_dim, group = p.heads / p.kv_heads;
   int64_t probability_offset = 0;
   for (int h = 0; h < p.kv_heads; ++h) {
@@ -163,11 +163,11 @@ void sparse_attention(const SparseAttentionParams& p, const float* q, const int3
       positions[target] = head.dense.positions[e];
       if (head.dense.logit_bias != nullptr) bias[target] = head.dense.logit_bias[e];
     }
-    float* probabilities = last_row_probabilities ? last_row_probabilities + probability_offset : nullptr;
+    float* probabilities = max_probabilities ? max_probabilities + probability_offset : nullptr;
     if (probabilities != nullptr) std::fill(probabilities, probabilities + entries, 0.0f);
     probability_offset += entries;
-    // Last-row probabilities per group head, maxed after the parallel loop.
-    std::vector<float> group_probabilities(probabilities != nullptr ? int64_t(group) * entries : 0, 0.0f);
+    // Probabilities per query row and group head, maxed after the parallel loop.
+    std::vector<float> row_probabilities(probabilities != nullptr ? int64_t(p.tokens) * group * entries : 0, 0.0f);
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (int t = 0; t < p.tokens; ++t) {
       for (int g = 0; g < group; ++g) {
@@ -196,15 +196,16 @@ void sparse_attention(const SparseAttentionParams& p, const float* q, const int3
           for (int d = 0; d < hd; ++d) result[d] += logits[e] * values[int64_t(e) * hd + d];
         } 
         for (int d = 0; d < hd; ++d) result[d] = float(result[d] / denominator);
-        if (probabilities != nullptr && t + 1 == p.tokens)
+        if (probabilities != nullptr)
           for (int e = 0; e < entries; ++e)
-            if (positions[e] <= query_positions[t]) group_probabilities[int64_t(g) * entries + e] = float(logits[e] / denominator);
+            if (positions[e] <= query_positions[t])
+              row_probabilities[(int64_t(t) * group + g) * entries + e] = float(logits[e] / denominator);
       }
     }
     if (probabilities != nullptr)
-      for (int g = 0; g < group; ++g)
+      for (int64_t row_group = 0; row_group < int64_t(p.tokens) * group; ++row_group)
         for (int e = 0; e < entries; ++e)
-          probabilities[e] = std::max(probabilities[e], group_probabilities[int64_t(g) * entries + e]);
+          probabilities[e] = std::max(probabilities[e], row_probabilities[row_group * entries + e]);
   }
 }
 

@@ -78,12 +78,13 @@ struct SparseAttentionParams {
 };
 
 // Causal attention over compressed heads; coded keys are decoded and rotated to their positions on the fly and
-// values are decoded from their atoms. When last_row_probabilities is not null, it receives for every KV head
-// the softmax probabilities of the last query row over [coded entries, dense entries], maxed over the query
-// heads of the group: the signal eviction and RefreshKV selection use. Layout: kv head h starts at
-// sum over earlier heads of (coded_length + dense.length).
+// values are decoded from their atoms. When max_probabilities is not null, it receives for every KV head the
+// softmax probability of each entry [coded entries, dense entries], maxed over every query row and every query
+// head of the group: the signal attention-score eviction and RefreshKV selection use (every row observes, so a
+// token the chunk itself refers back to, like a pass key repeated in its sentence, scores high before later
+// chunks arrive). Layout: kv head h starts at the sum over earlier heads of (coded_length + dense.length).
 void sparse_attention(const SparseAttentionParams& params, const float* q, const int32_t* query_positions,
-                      const CodedHeadView* kv, float* out, float* last_row_probabilities);
+                      const CodedHeadView* kv, float* out, float* max_probabilities);
 
 // Eviction scoring: norms[i] = ||keys[i, :]||. L2-norm eviction keeps the lowest-norm keys.
 void key_l2_norms(const float* keys, int64_t n, int head_dim, float* norms);

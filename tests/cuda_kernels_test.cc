@@ -310,7 +310,7 @@ void CheckSparseAttention(const SparseCase& c) {
   Device<int32_t> d_coded_positions(coded_positions), d_dense_positions(dense_positions);
   Device<float> d_dense_keys(dense_keys), d_dense_values(dense_values), d_dense_bias(dense_bias);
   Device<float> out(q.size()), probabilities(expected_probabilities.size());
-  Device<float> workspace(size_t(c.heads) * (coded_total + dense_total));
+  Device<float> workspace(size_t(c.rows) * c.heads * (coded_total + dense_total));
   const cuda::CompressedCacheView cache{d_coded_offsets.get(), d_key_atoms.get(), d_key_coefficients.get(),
                                         d_value_atoms.get(), d_value_coefficients.get(), d_coded_positions.get(),
                                         d_dense_offsets.get(), d_dense_keys.get(), d_dense_values.get(),

@@ -44,13 +44,13 @@ template <int kPairs, int kGroup>
 __global__ void __launch_bounds__(kWarps * 32)
     sparse_attention_kernel(SparseAttentionShape shape, const float* q, const int32_t* query_positions,
                             CompressedCacheView cache, const float* key_dictionary, const float* value_dictionary,
-                            const float* inv_freq, float* out, float* logit_workspace, int total_entries) {
+                            const float* inv_freq, float* out, float* probabilities, float* logit_workspace,
+                            int total_entries) {
   constexpr int kHalf = kPairs * 32, kHeadDim = 2 * kHalf;
   const int kv_head = blockIdx.x, row = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = shape.heads / shape.kv_heads;
   const int query_position = query_positions[row];
-  const bool last_row = row + 1 == shape.rows;
 
   LaneVector<kPairs> query[kGroup], acc[kGroup];
   float running_max[kGroup], running_sum[kGroup];
@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int i = 0; i < kPairs; ++i) dot += query[g].low[i] * key.low[i] + query[g].high[i] * key.high[i];
       const float logit = warp_sum(dot) + bias;
-      if (last_row && logit_workspace != nullptr && lane == 0)
-        logit_workspace[int64_t(kv_head * group + g) * total_entries + head_entry_offset + e] = logit;
+      if (logit_workspace != nullptr && lane == 0)
+        logit_workspace[(int64_t(row) * shape.heads + kv_head * group + g) * total_entries + head_entry_offset + e] = logit;
       const float new_max = fmaxf(running_max[g], logit);
       const float correction = __expf(running_max[g] - new_max), weight = __expf(logit - new_max);
       running_sum[g] = running_sum[g] * correction + weight;
@@ -154,49 +154,42 @@ __global__ void __launch_bounds__(kWarps * 32)
       final_sum[g] = merged.sum;
     }
   }
-  if (!last_row || logit_workspace == nullptr) return;
+  if (probabilities == nullptr) return;
   __syncthreads();
-  // Probabilities of the last row, maxed over the group; overwrite the first group head's logits with them.
+  // This row's probabilities, maxed over the group, folded into the output with an integer atomicMax (valid
+  // because probabilities are non-negative floats, whose bit patterns order like the values).
   for (int e = threadIdx.x; e < entries; e += blockDim.x) {
     const int position = e < coded ? cache.coded_positions[coded_begin + e] : cache.dense_positions[dense_begin + e - coded];
+    if (position > query_position) continue;
     float probability = 0.0f;
-    if (position <= query_position)
-      for (int g = 0; g < group; ++g)
-        if (final_sum[g] > 0.0f)
-          probability = fmaxf(probability, __expf(logit_workspace[int64_t(kv_head * group + g) * total_entries +
-                                                                  head_entry_offset + e] - final_max[g]) / final_sum[g]);
-    logit_workspace[int64_t(kv_head * group) * total_entries + head_entry_offset + e] = probability;
+    for (int g = 0; g < group; ++g)
+      if (final_sum[g] > 0.0f)
+        probability = fmaxf(probability, __expf(logit_workspace[(int64_t(row) * shape.heads + kv_head * group + g) *
+                                                                    total_entries + head_entry_offset + e] -
+                                                final_max[g]) / final_sum[g]);
+    atomicMax(reinterpret_cast<int*>(probabilities + head_entry_offset + e), __float_as_int(probability));
   }
-}
-
-__global__ void gather_probabilities_kernel(const float* logit_workspace, int group, int total_entries,
-                                            const int32_t* coded_offsets, const int32_t* dense_offsets, int kv_heads,
-                                            float* probabilities) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= total_entries) return;
-  int head = 0;
-  while (head + 1 < kv_heads && coded_offsets[head + 1] + dense_offsets[head + 1] <= e) ++head;
-  probabilities[e] = logit_workspace[int64_t(head * group) * total_entries + e];
 }
 
 template <int kPairs>
 void launch_sparse(dim3 grid, cudaStream_t stream, const SparseAttentionShape& shape, const float* q,
                    const int32_t* query_positions, const CompressedCacheView& cache, const float* key_dictionary,
-                   const float* value_dictionary, const float* inv_freq, float* out, float* workspace, int total) {
+                   const float* value_dictionary, const float* inv_freq, float* out, float* probabilities,
+                   float* workspace, int total) {
   const int group = shape.heads / shape.kv_heads;
   const int threads = kWarps * 32;
   if (group <= 1)
     sparse_attention_kernel<kPairs, 1><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, out, workspace, total);
+                                                                      value_dictionary, inv_freq, out, probabilities, workspace, total);
   else if (group <= 2)
     sparse_attention_kernel<kPairs, 2><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, out, workspace, total);
+                                                                      value_dictionary, inv_freq, out, probabilities, workspace, total);
   else if (group <= 4)
     sparse_attention_kernel<kPairs, 4><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, out, workspace, total);
+                                                                      value_dictionary, inv_freq, out, probabilities, workspace, total);
   else
     sparse_attention_kernel<kPairs, kMaxGroup><<<grid, threads, 0, stream>>>(
-        shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, workspace, total);
+        shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total);
 }
 
 // One block per vector: correlations with every atom, block argmax (lowest index on ties, as the CPU oracle's
@@ -303,16 +296,15 @@ cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, 
   if (error != cudaSuccess) return error;
   const int total = coded_total + dense_total;
   float* workspace = probabilities != nullptr ? logit_workspace : nullptr;
+  if (probabilities != nullptr &&
+      (error = cudaMemsetAsync(probabilities, 0, size_t(total) * sizeof(float), stream)) != cudaSuccess)
+    return error;
   const dim3 grid(shape.kv_heads, shape.rows);
   switch (shape.head_dim) {
-    case 64: launch_sparse<1>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, workspace, total); break;
-    case 128: launch_sparse<2>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, workspace, total); break;
-    default: launch_sparse<4>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, workspace, total);
+    case 64: launch_sparse<1>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total); break;
+    case 128: launch_sparse<2>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total); break;
+    default: launch_sparse<4>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total);
   }
-  if ((error = cudaGetLastError()) != cudaSuccess || probabilities == nullptr || total == 0) return error;
-  gather_probabilities_kernel<<<(total + 255) / 256, 256, 0, stream>>>(
-      logit_workspace, shape.heads / shape.kv_heads, total, cache.coded_offsets, cache.dense_offsets, shape.kv_heads,
-      probabilities);
   return cudaGetLastError();
 }
 

@@ -83,8 +83,8 @@ struct SparseAttentionShape {
 
 // Attention of rows ([rows, heads, head_dim] queries at query_positions) over a compressed cache, decoding
 // keys (with RoPE at their positions) and values from the dictionaries on the fly. With probabilities
-// non-null, also writes the last row's softmax probabilities over each KV head's [coded, dense] entries,
-// maxed over the group (needs logit_workspace of heads * total_entries floats).
+// non-null, also writes each entry's softmax probability maxed over all rows and the group's heads, laid out
+// like cpu::sparse_attention's (needs logit_workspace of rows * heads * total_entries floats).
 bool sparse_attention_supported(int heads, int kv_heads, int head_dim);
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
                              const CompressedCacheView& cache, const float* key_dictionary,
