@@ -126,9 +126,11 @@ int main(int argc, char** argv) {
     float* sparse_out;
     CHECK(cudaMalloc(&sparse_out, kHeads * kHeadDim * 4));
     const cuda::SparseAttentionShape shape{1, kHeads, kKvHeads, kHeadDim, kKeySparsity, kValueSparsity, scale, 1.0f};
+    void* sparse_workspace;
+    CHECK(cudaMalloc(&sparse_workspace, cuda::sparse_attention_workspace_bytes(shape, context, int(coded), false)));
     const float sparse_us = MedianMicroseconds([&] {
       CHECK(cuda::sparse_attention(shape, q, positions, view, key_dictionary, value_dictionary, d_freq, sparse_out,
-                                   nullptr, nullptr, nullptr));
+                                   nullptr, sparse_workspace, nullptr));
     });
     const double dense_mb = 2.0 * cache * 2 / 1e6;
     const double sparse_mb = coded * ((kKeySparsity + kValueSparsity) * 4 + 4) / 1e6;

@@ -310,18 +310,29 @@ void CheckSparseAttention(const SparseCase& c) {
   Device<int32_t> d_coded_positions(coded_positions), d_dense_positions(dense_positions);
   Device<float> d_dense_keys(dense_keys), d_dense_values(dense_values), d_dense_bias(dense_bias);
   Device<float> out(q.size()), probabilities(expected_probabilities.size());
-  Device<float> workspace(size_t(c.rows) * c.heads * (coded_total + dense_total));
   const cuda::CompressedCacheView cache{d_coded_offsets.get(), d_key_atoms.get(), d_key_coefficients.get(),
                                         d_value_atoms.get(), d_value_coefficients.get(), d_coded_positions.get(),
                                         d_dense_offsets.get(), d_dense_keys.get(), d_dense_values.get(),
                                         d_dense_positions.get(), d_dense_bias.get()};
   const cuda::SparseAttentionShape shape{c.rows, c.heads, c.kv_heads, c.head_dim, c.key_sparsity, c.value_sparsity,
                                          scale, 1.0f};
+  const int entries_per_head = c.coded_per_head + c.dense_per_head;
+  // Once with probabilities (unsplit), once without (split-KV); both outputs must match the reference.
+  Device<char> probability_workspace(
+      cuda::sparse_attention_workspace_bytes(shape, entries_per_head, coded_total + dense_total, true));
+  Device<char> split_workspace(
+      cuda::sparse_attention_workspace_bytes(shape, entries_per_head, coded_total + dense_total, false));
+  Device<float> split_out(q.size());
   ASSERT_EQ(cuda::sparse_attention(shape, d_q.get(), d_positions.get(), cache, d_key_dictionary.get(),
                                    d_value_dictionary.get(), d_freq.get(), out.get(), probabilities.get(),
-                                   workspace.get(), nullptr),
+                                   probability_workspace.get(), nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::sparse_attention(shape, d_q.get(), d_positions.get(), cache, d_key_dictionary.get(),
+                                   d_value_dictionary.get(), d_freq.get(), split_out.get(), nullptr,
+                                   split_workspace.get(), nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_LT(testing::RelativeError(split_out.Read().data(), expected.data(), expected.size()), 1e-3) << "split";
   const std::vector<float> actual = out.Read(), actual_probabilities = probabilities.Read();
   EXPECT_LT(testing::RelativeError(actual.data(), expected.data(), expected.size()), 1e-3)
       << c.heads << "/" << c.kv_heads << " hd " << c.head_dim << " rows " << c.rows;

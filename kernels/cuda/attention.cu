@@ -2,14 +2,13 @@
 
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/softmax_merge.cuh"
+#include "kernels/cuda/split_kv.cuh"
 
 namespace kvplan::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kVector = 8;           // bf16 elements per 16-byte load
-constexpr int kMinChunk = 64;        // cache entries per split, at least
-constexpr int kTargetBlocks = 1024;  // enough blocks in flight to saturate HBM on an H100 (132 SMs)
+constexpr int kVector = 8;  // bf16 elements per 16-byte load
 constexpr int kMaxGroup = 8;
 
 // Everything one launch of the partial kernel reads; passed by value to keep the dispatch tables short.
@@ -22,13 +21,6 @@ struct PartialParams {
   const __nv_bfloat16* v_cache;
   float scale;
   int sliding_window, chunk, splits;
-};
-
-// Partial softmax state of one split: running max, running sum and unnormalised output per head.
-struct PartialView {
-  float* max;  // [rows, heads, splits]
-  float* sum;  // [rows, heads, splits]
-  float* acc;  // [rows, heads, splits, head_dim]
 };
 
 __device__ inline void load_bf16x8(const __nv_bfloat16* source, float* out) {
@@ -144,38 +136,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Grid (heads, rows), one thread per output dimension.
-__global__ void attention_combine_kernel(PartialView partial, int heads, int head_dim, int splits,
-                                         __nv_bfloat16* out) {
-  const int head = blockIdx.x, row = blockIdx.y;
-  const int64_t base = (int64_t(row) * heads + head) * splits;
-  float global_max = -FLT_MAX;
-  for (int s = 0; s < splits; ++s)
-    if (partial.sum[base + s] > 0.0f) global_max = fmaxf(global_max, partial.max[base + s]);
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float total_sum = 0.0f, total = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      if (partial.sum[base + s] <= 0.0f) continue;
-      const float factor = __expf(partial.max[base + s] - global_max);
-      total_sum += partial.sum[base + s] * factor;
-      total += partial.acc[(base + s) * head_dim + d] * factor;
-    }
-    out[(int64_t(row) * heads + head) * head_dim + d] = __float2bfloat16(total_sum > 0.0f ? total / total_sum : 0.0f);
-  }
-}
-
-int split_count(int rows, int kv_heads, int max_context) {
-  const int wanted = (kTargetBlocks + rows * kv_heads - 1) / (rows * kv_heads);
-  const int most = (max_context + kMinChunk - 1) / kMinChunk;
-  return max(1, min(wanted, most));
-}
-
-PartialView partial_view(void* workspace, int rows, int heads, int head_dim, int splits) {
-  float* base = static_cast<float*>(workspace);
-  const int64_t slots = int64_t(rows) * heads * splits;
-  return PartialView{base, base + slots, base + 2 * slots};
-}
-
 template <int kHeadDim>
 void launch_partial(dim3 grid, cudaStream_t stream, const PartialParams& params, const PartialView& partial) {
   const int group = params.heads / params.kv_heads;
@@ -198,8 +158,7 @@ bool attention_supported(int heads, int kv_heads, int head_dim) {
 }
 
 size_t attention_workspace_bytes(int rows, int heads, int head_dim, int max_context) {
-  const int64_t slots = int64_t(rows) * heads * ((max_context + kMinChunk - 1) / kMinChunk);
-  return size_t(slots) * (2 + head_dim) * sizeof(float);
+  return partial_workspace_bytes(rows, heads, head_dim, max_context);
 }
 
 cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t* row_position, int rows,
@@ -210,7 +169,7 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
   if (rows == 0) return cudaSuccess;
   const int splits = split_count(rows, kv_heads, max_context);
   const int chunk = (max_context + splits - 1) / splits;
-  const PartialView partial = partial_view(workspace, rows, heads, head_dim, splits);
+  const PartialView partial = partial_view(workspace, rows, heads, splits);
   const dim3 grid(splits, kv_heads, rows);
   const PartialParams params{q,     row_sequence,   row_position, heads, kv_heads, capacity, k_cache,
                              v_cache, scale, sliding_window, chunk, splits};
@@ -221,8 +180,7 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
     default: launch_partial<256>(grid, stream, params, partial);
   }
   if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
-  attention_combine_kernel<<<dim3(heads, rows), head_dim, 0, stream>>>(partial, heads, head_dim, splits, out);
-  return cudaGetLastError();
+  return combine_partials(partial, rows, heads, head_dim, splits, out, stream);
 }
 
 }  // namespace kvplan::cuda

@@ -1,7 +1,10 @@
+#include <algorithm>
 #include <cfloat>
+#include <vector>
 
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/softmax_merge.cuh"
+#include "kernels/cuda/split_kv.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -39,15 +42,28 @@ __device__ float warp_sum(float value) {
   return value;
 }
 
-// Grid (kv_heads, rows); kWarps warps walk the head's entries, each with its own online softmax per group head.
+// Where a launch's blocks write: the final output (one split) or partial states (several splits).
+struct SparseOutputs {
+  float* out;
+  float* probabilities;    // one split only
+  float* logit_workspace;  // [rows, heads, total_entries] when probabilities are wanted
+  PartialView partial;     // several splits
+  int splits, chunk, total_entries;
+};
+
+// Grid (splits, kv_heads, rows); kWarps warps walk the split's entries of the head, each with its own online
+// softmax per group head.
 template <int kPairs, int kGroup>
 __global__ void __launch_bounds__(kWarps * 32)
     sparse_attention_kernel(SparseAttentionShape shape, const float* q, const int32_t* query_positions,
                             CompressedCacheView cache, const float* key_dictionary, const float* value_dictionary,
-                            const float* inv_freq, float* out, float* probabilities, float* logit_workspace,
-                            int total_entries) {
+                            const float* inv_freq, SparseOutputs outputs) {
   constexpr int kHalf = kPairs * 32, kHeadDim = 2 * kHalf;
-  const int kv_head = blockIdx.x, row = blockIdx.y;
+  const int split = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
+  float* const out = outputs.out;
+  float* const probabilities = outputs.probabilities;
+  float* const logit_workspace = outputs.logit_workspace;
+  const int total_entries = outputs.total_entries;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = shape.heads / shape.kv_heads;
   const int query_position = query_positions[row];
@@ -72,7 +88,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Entries of this head start here in the probabilities / workspace layout.
   const int head_entry_offset = coded_begin + dense_begin;
 
-  for (int e = warp; e < entries; e += kWarps) {
+  const int split_end = min(entries, (split + 1) * outputs.chunk);
+  for (int e = split * outputs.chunk + warp; e < split_end; e += kWarps) {
     LaneVector<kPairs> key, value;
     int position;
     float bias = 0.0f;
@@ -84,10 +101,15 @@ __global__ void __launch_bounds__(kWarps * 32)
                            cache.key_coefficients + int64_t(entry) * shape.key_sparsity, shape.key_sparsity, lane, key);
 #pragma unroll
       for (int i = 0; i < kPairs; ++i) {
-        double sin_angle, cos_angle;
-        sincos(double(position) * inv_freq[lane + 32 * i], &sin_angle, &cos_angle);
-        const float c = float(cos_angle) * shape.rope_attention_factor;
-        const float s = float(sin_angle) * shape.rope_attention_factor;
+        // The angle is formed and reduced to [0, 2 pi) in double (fp32 would be ~1e-3 rad off at position 32K);
+        // the sine and cosine of the reduced angle are then cheap and exact enough in fp32.
+        constexpr double kTwoPi = 6.283185307179586;
+        double angle = double(position) * inv_freq[lane + 32 * i];
+        angle -= kTwoPi * floor(angle / kTwoPi);
+        float s, c;
+        sincosf(float(angle), &s, &c);
+        c *= shape.rope_attention_factor;
+        s *= shape.rope_attention_factor;
         const float a = key.low[i], b = key.high[i];
         key.low[i] = a * c - b * s;
         key.high[i] = b * c + a * s;
@@ -143,6 +165,19 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   __syncthreads();
+  if (outputs.splits > 1) {
+    for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
+      const int g = index / kHeadDim, d = index % kHeadDim;
+      const SoftmaxState merged = merge_warp_states<kWarps, kGroup, kHeadDim>(shared_max, shared_sum, shared_acc, g, d);
+      const int64_t slot = (int64_t(row) * shape.heads + kv_head * group + g) * outputs.splits + split;
+      outputs.partial.acc[slot * kHeadDim + d] = merged.acc;
+      if (d == 0) {
+        outputs.partial.max[slot] = merged.max;
+        outputs.partial.sum[slot] = merged.sum;
+      }
+    }
+    return;
+  }
   __shared__ float final_max[kGroup], final_sum[kGroup];
   for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
     const int g = index / kHeadDim, d = index % kHeadDim;
@@ -174,22 +209,21 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <int kPairs>
 void launch_sparse(dim3 grid, cudaStream_t stream, const SparseAttentionShape& shape, const float* q,
                    const int32_t* query_positions, const CompressedCacheView& cache, const float* key_dictionary,
-                   const float* value_dictionary, const float* inv_freq, float* out, float* probabilities,
-                   float* workspace, int total) {
+                   const float* value_dictionary, const float* inv_freq, const SparseOutputs& outputs) {
   const int group = shape.heads / shape.kv_heads;
   const int threads = kWarps * 32;
   if (group <= 1)
     sparse_attention_kernel<kPairs, 1><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, out, probabilities, workspace, total);
+                                                                      value_dictionary, inv_freq, outputs);
   else if (group <= 2)
     sparse_attention_kernel<kPairs, 2><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, out, probabilities, workspace, total);
+                                                                      value_dictionary, inv_freq, outputs);
   else if (group <= 4)
     sparse_attention_kernel<kPairs, 4><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, out, probabilities, workspace, total);
+                                                                      value_dictionary, inv_freq, outputs);
   else
     sparse_attention_kernel<kPairs, kMaxGroup><<<grid, threads, 0, stream>>>(
-        shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total);
+        shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs);
 }
 
 // One block per vector: correlations with every atom, block argmax (lowest index on ties, as the CPU oracle's
@@ -279,33 +313,49 @@ bool sparse_attention_supported(int heads, int kv_heads, int head_dim) {
          heads / kv_heads <= kMaxGroup;
 }
 
+size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head,
+                                        int total_entries, bool probabilities) {
+  if (probabilities) return size_t(shape.rows) * shape.heads * total_entries * sizeof(float);
+  return partial_workspace_bytes(shape.rows, shape.heads, shape.head_dim, max_entries_per_head);
+}
+
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
                              const CompressedCacheView& cache, const float* key_dictionary,
                              const float* value_dictionary, const float* inv_freq, float* out,
-                             float* probabilities, float* logit_workspace, cudaStream_t stream) {
+                             float* probabilities, void* workspace, cudaStream_t stream) {
   if (!sparse_attention_supported(shape.heads, shape.kv_heads, shape.head_dim)) return cudaErrorNotSupported;
-  if (probabilities != nullptr && logit_workspace == nullptr) return cudaErrorInvalidValue;
   if (shape.rows == 0) return cudaSuccess;
-  int coded_total = 0, dense_total = 0;
-  cudaError_t error = cudaMemcpyAsync(&coded_total, cache.coded_offsets + shape.kv_heads, sizeof(int),
+  // Entry counts decide the split; the offsets are tiny, so read them back.
+  std::vector<int32_t> coded(shape.kv_heads + 1), dense(shape.kv_heads + 1);
+  cudaError_t error = cudaMemcpyAsync(coded.data(), cache.coded_offsets, coded.size() * sizeof(int32_t),
                                       cudaMemcpyDeviceToHost, stream);
   if (error == cudaSuccess)
-    error = cudaMemcpyAsync(&dense_total, cache.dense_offsets + shape.kv_heads, sizeof(int), cudaMemcpyDeviceToHost,
+    error = cudaMemcpyAsync(dense.data(), cache.dense_offsets, dense.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
                             stream);
   if (error == cudaSuccess) error = cudaStreamSynchronize(stream);
   if (error != cudaSuccess) return error;
-  const int total = coded_total + dense_total;
-  float* workspace = probabilities != nullptr ? logit_workspace : nullptr;
-  if (probabilities != nullptr &&
-      (error = cudaMemsetAsync(probabilities, 0, size_t(total) * sizeof(float), stream)) != cudaSuccess)
-    return error;
-  const dim3 grid(shape.kv_heads, shape.rows);
-  switch (shape.head_dim) {
-    case 64: launch_sparse<1>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total); break;
-    case 128: launch_sparse<2>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total); break;
-    default: launch_sparse<4>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, out, probabilities, workspace, total);
+  int max_entries = 0;
+  for (int h = 0; h < shape.kv_heads; ++h)
+    max_entries = std::max(max_entries, coded[h + 1] - coded[h] + dense[h + 1] - dense[h]);
+  SparseOutputs outputs{out, probabilities, nullptr, {}, 1, std::max(max_entries, 1), coded.back() + dense.back()};
+  if (probabilities != nullptr) {
+    // Probabilities need each row's final softmax statistics in one block: no split.
+    outputs.logit_workspace = static_cast<float*>(workspace);
+    error = cudaMemsetAsync(probabilities, 0, size_t(outputs.total_entries) * sizeof(float), stream);
+    if (error != cudaSuccess) return error;
+  } else {
+    outputs.splits = split_count(shape.rows, shape.kv_heads, max_entries);
+    outputs.chunk = std::max(1, (max_entries + outputs.splits - 1) / outputs.splits);
+    outputs.partial = partial_view(workspace, shape.rows, shape.heads, outputs.splits);
   }
-  return cudaGetLastError();
+  const dim3 grid(outputs.splits, shape.kv_heads, shape.rows);
+  switch (shape.head_dim) {
+    case 64: launch_sparse<1>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs); break;
+    case 128: launch_sparse<2>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs); break;
+    default: launch_sparse<4>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs);
+  }
+  if ((error = cudaGetLastError()) != cudaSuccess || outputs.splits == 1) return error;
+  return combine_partials(outputs.partial, shape.rows, shape.heads, shape.head_dim, outputs.splits, out, stream);
 }
 
 cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int n, int sparsity,

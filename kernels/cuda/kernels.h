@@ -82,14 +82,17 @@ struct SparseAttentionShape {
 };
 
 // Attention of rows ([rows, heads, head_dim] queries at query_positions) over a compressed cache, decoding
-// keys (with RoPE at their positions) and values from the dictionaries on the fly. With probabilities
-// non-null, also writes each entry's softmax probability maxed over all rows and the group's heads, laid out
-// like cpu::sparse_attention's (needs logit_workspace of rows * heads * total_entries floats).
+// keys (with RoPE at their positions) and values from the dictionaries on the fly; split-KV like attention()
+// so a single decode row fills the GPU. With probabilities non-null, also writes each entry's softmax
+// probability maxed over all rows and the group's heads, laid out like cpu::sparse_attention's (that path
+// runs unsplit). workspace: sparse_attention_workspace_bytes(...).
 bool sparse_attention_supported(int heads, int kv_heads, int head_dim);
+size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head,
+                                        int total_entries, bool probabilities);
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
                              const CompressedCacheView& cache, const float* key_dictionary,
                              const float* value_dictionary, const float* inv_freq, float* out,
-                             float* probabilities, float* logit_workspace, cudaStream_t stream);
+                             float* probabilities, void* workspace, cudaStream_t stream);
 
 // Codes n vectors ([n, dim]) by matching pursuit over unit-norm atoms; coefficients rounded to fp16.
 cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int n, int sparsity,

@@ -1,0 +1,72 @@
+// Split-KV (flash-decoding) plumbing shared by the attention kernels: how many splits a launch uses, where the
+// per-split partial softmax states live in the workspace, and the pass that combines them.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+namespace kvplan::cuda {
+namespace {
+
+constexpr int kMinChunk = 64;        // cache entries per split, at least
+constexpr int kTargetBlocks = 1024;  // enough blocks in flight to saturate HBM on an H100 (132 SMs)
+
+// Partial softmax state of one split: running max, running sum and unnormalised output per head.
+struct PartialView {
+  float* max;  // [rows, heads, splits]
+  float* sum;  // [rows, heads, splits]
+  float* acc;  // [rows, heads, splits, head_dim]
+};
+
+inline int split_count(int rows, int kv_heads, int max_entries) {
+  const int wanted = (kTargetBlocks + rows * kv_heads - 1) / (rows * kv_heads);
+  const int most = (max_entries + kMinChunk - 1) / kMinChunk;
+  return wanted < most ? (wanted > 1 ? wanted : 1) : (most > 1 ? most : 1);
+}
+
+inline size_t partial_workspace_bytes(int rows, int heads, int head_dim, int max_entries) {
+  const int64_t slots = int64_t(rows) * heads * ((max_entries + kMinChunk - 1) / kMinChunk);
+  return size_t(slots) * (2 + head_dim) * sizeof(float);
+}
+
+inline PartialView partial_view(void* workspace, int rows, int heads, int splits) {
+  float* base = static_cast<float*>(workspace);
+  const int64_t slots = int64_t(rows) * heads * splits;
+  return PartialView{base, base + slots, base + 2 * slots};
+}
+
+__device__ inline void store_output(float value, float* out) { *out = value; }
+__device__ inline void store_output(float value, __nv_bfloat16* out) { *out = __float2bfloat16(value); }
+
+// Grid (heads, rows), one thread per output dimension.
+template <typename Out>
+__global__ void combine_partials_kernel(PartialView partial, int heads, int head_dim, int splits, Out* out) {
+  const int head = blockIdx.x, row = blockIdx.y;
+  const int64_t base = (int64_t(row) * heads + head) * splits;
+  float global_max = -FLT_MAX;
+  for (int s = 0; s < splits; ++s)
+    if (partial.sum[base + s] > 0.0f) global_max = fmaxf(global_max, partial.max[base + s]);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float total_sum = 0.0f, total = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      if (partial.sum[base + s] <= 0.0f) continue;
+      const float factor = __expf(partial.max[base + s] - global_max);
+      total_sum += partial.sum[base + s] * factor;
+      total += partial.acc[(base + s) * head_dim + d] * factor;
+    }
+    store_output(total_sum > 0.0f ? total / total_sum : 0.0f, out + (int64_t(row) * heads + head) * head_dim + d);
+  }
+}
+
+template <typename Out>
+cudaError_t combine_partials(const PartialView& partial, int rows, int heads, int head_dim, int splits, Out* out,
+                             cudaStream_t stream) {
+  combine_partials_kernel<Out><<<dim3(heads, rows), head_dim, 0, stream>>>(partial, heads, head_dim, splits, out);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace kvplan::cuda
