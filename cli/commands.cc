@@ -177,7 +177,7 @@ absl::Status RunInspect(const InspectCommand& command) {
     KVPLAN_ASSIGN_OR_RETURN(json, PlanToJson(plan, command.include_atoms));
     std::printf("%s\n", json.c_str());
   } else {
-    std::printf("%s", DescribePlan(plan).c_str());
+    std::printf("%s", DescribePlan(plan, command.contexts).c_str());
   }
   return absl::OkStatus();
 }

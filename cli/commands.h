@@ -56,6 +56,7 @@ absl::Status RunCalibrate(CalibrateCommand command);
 
 struct InspectCommand {
   std::string plan_path;
+  std::vector<int> contexts;  // memory rows; empty: the plan's recorded estimates
   bool json = false;
   bool include_atoms = false;
 };

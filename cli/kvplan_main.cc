@@ -77,6 +77,7 @@ int main(int argc, char** argv) {
   CLI::App* inspect_app = app.add_subcommand("inspect", "print a plan's decisions and memory per context length");
   inspect_app->add_option("plan", inspect.plan_path, "plan file")->required();
   inspect_app->add_flag("--json", inspect.json, "as JSON");
+  inspect_app->add_option("--context", inspect.contexts, "context lengths for the memory table")->delimiter(',');
   inspect_app->add_flag("--atoms", inspect.include_atoms, "with --json: include dictionary atoms");
 
   kvplan::ValidateCommand validate;

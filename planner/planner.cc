@@ -175,7 +175,7 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
   return plan;
 }
 
-std::string DescribePlan(const plan::Plan& plan) {
+std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& contexts) {
   const plan::ModelFingerprint& model = plan.model();
   std::string out = absl::StrFormat(
       "kvplan plan (format %d)\nmodel: %s, %d layers, %d heads / %d KV heads, head_dim %d, vocab %d, weights %016x\n",
@@ -244,10 +244,14 @@ std::string DescribePlan(const plan::Plan& plan) {
   }
   out += "\nKV memory (bf16 full cache vs plan):\n";
   absl::StrAppendFormat(&out, "  %8s %14s %14s %8s\n", "context", "full", "plan", "ratio");
-  for (const auto& estimate : plan.memory())
-    absl::StrAppendFormat(&out, "  %8d %14s %14s %7.2fx\n", estimate.context(), Bytes(estimate.full_cache_bytes()),
-                          Bytes(estimate.plan_cache_bytes()),
-                          double(estimate.full_cache_bytes()) / std::max<int64_t>(1, estimate.plan_cache_bytes()));
+  std::vector<int> rows = contexts;
+  if (rows.empty())
+    for (const auto& estimate : plan.memory()) rows.push_back(estimate.context());
+  for (int context : rows) {
+    const int64_t full = FullCacheBytes(plan.model(), context), planned = PlanCacheBytes(plan, context);
+    absl::StrAppendFormat(&out, "  %8d %14s %14s %7.2fx\n", context, Bytes(full), Bytes(planned),
+                          double(full) / std::max<int64_t>(1, planned));
+  }
   return out;
 }
 

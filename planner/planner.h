@@ -54,9 +54,9 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs);
 int64_t FullCacheBytes(const plan::ModelFingerprint& model, int context);
 int64_t PlanCacheBytes(const plan::Plan& plan, int context);
 
-// inspect: every decision and the memory per context length, as text or as JSON (dictionary atoms are
-// summarised, not listed, unless include_atoms).
-std::string DescribePlan(const plan::Plan& plan);
+// inspect: every decision and the memory per context length (the plan's recorded estimates, or the given
+// contexts), as text or as JSON (dictionary atoms are summarised, not listed, unless include_atoms).
+std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& contexts = {});
 absl::StatusOr<std::string> PlanToJson(const plan::Plan& plan, bool include_atoms);
 
 }  // namespace kvplan

@@ -171,6 +171,10 @@ TEST(PlannerTest, BudgetsMeetTheMemoryTarget) {
   EXPECT_NEAR(fractions[1] / fractions[0], 3.0f, 0.01f);
   const std::string text = DescribePlan(plan);
   EXPECT_NE(text.find("token budgets"), std::string::npos);
+  EXPECT_NE(text.find("32768"), std::string::npos);
+  const std::string custom = DescribePlan(plan, {3000});
+  EXPECT_NE(custom.find("    3000"), std::string::npos);
+  EXPECT_EQ(custom.find("32768"), std::string::npos);
   KVPLAN_ASSERT_OK_AND_ASSIGN(json, PlanToJson(plan, false));
   EXPECT_NE(json.find("headKeepFraction"), std::string::npos);
 }
