@@ -159,7 +159,13 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
       }
     };
     const double target_bytes = inputs.target_memory_ratio * FullCacheBytes(inputs.model, inputs.reference_context);
-    double low = 0.0, high = 1.0;
+    // The scale at which even the least-covered head keeps everything: no eviction beyond what the target needs.
+    double min_weight = 1.0;
+    for (int layer = 0; layer < layers; ++layer)
+      if (!exempt.contains(layer) && !sharers.contains(layer))
+        for (float coverage : inputs.attention_coverage[layer])
+          min_weight = std::min(min_weight, std::max(coverage / mean_coverage, 1e-3));
+    double low = 0.0, high = 1.0 / min_weight;
     apply_scale(high);
     if (PlanCacheBytes(plan, inputs.reference_context) > target_bytes) {
       for (int iteration = 0; iteration < 40; ++iteration) {
