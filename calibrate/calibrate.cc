@@ -36,7 +36,6 @@ class StatisticsObserver : public ForwardObserver {
  public:
   StatisticsObserver(const ModelConfig& config, int max_vectors, int sequence_length)
       : config_(config),
-        inv_freq_(RopeInverseFrequencies(config)),
         sequence_length_(sequence_length),
         max_vectors_(max_vectors),
         kv_sums_(config.num_layers, std::vector<double>(2 * config.kv_dim(), 0.0)),
@@ -47,7 +46,8 @@ class StatisticsObserver : public ForwardObserver {
         coverage_counts_(config.num_layers, 0),
         generator_(17) {}
 
-  void OnLayerKv(int layer, int rows, const float* q, const float* k_pre_rope, const float* v) override {
+  void OnLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
+                 const float* v) override {
     const int kv_dim = config_.kv_dim(), hd = config_.head_dim;
     for (int r = 0; r < rows; ++r)
       for (int i = 0; i < kv_dim; ++i) {
@@ -69,7 +69,7 @@ class StatisticsObserver : public ForwardObserver {
       store(key_samples_[layer], k_pre_rope);
       store(value_samples_[layer], v);
     }
-    AccumulateCoverage(layer, rows, q, k_pre_rope);
+    AccumulateCoverage(layer, rows, q, k);
   }
 
   void OnFinalHidden(int rows, const float* hidden) override {
@@ -95,14 +95,9 @@ class StatisticsObserver : public ForwardObserver {
  private:
   // For the last queries of a calibration sequence: the fraction of the context holding kCoverageMass of each
   // head's attention, averaged over the group's query heads.
-  void AccumulateCoverage(int layer, int rows, const float* q, const float* k_pre_rope) {
+  void AccumulateCoverage(int layer, int rows, const float* q, const float* keys) {
     if (rows != sequence_length_) return;  // only whole calibration sequences (positions 0..rows-1)
     const int hd = config_.head_dim, group = config_.num_heads / config_.num_kv_heads;
-    std::vector<float> keys(k_pre_rope, k_pre_rope + int64_t(rows) * config_.kv_dim());
-    std::vector<int32_t> positions(rows);
-    std::iota(positions.begin(), positions.end(), 0);
-    cpu::apply_rope(keys.data(), positions.data(), inv_freq_.data(), rows, config_.num_kv_heads, hd,
-                    float(config_.rope.attention_factor));
     const float scale = 1.0f / std::sqrt(float(hd));
     std::vector<float> probabilities(rows);
     for (int t = rows - kCoverageQueries; t < rows; ++t) {
@@ -112,7 +107,7 @@ class StatisticsObserver : public ForwardObserver {
           const float* query = q + (int64_t(t) * config_.num_heads + h * group + g) * hd;
           float max_logit = -1e30f;
           for (int j = 0; j <= t; ++j) {
-            const float* key = keys.data() + (int64_t(j) * config_.num_kv_heads + h) * hd;
+            const float* key = keys + (int64_t(j) * config_.num_kv_heads + h) * hd;
             float dot = 0;
             for (int d = 0; d < hd; ++d) dot += query[d] * key[d];
             probabilities[j] = dot * scale;
@@ -133,7 +128,6 @@ class StatisticsObserver : public ForwardObserver {
   }
 
   const ModelConfig& config_;
-  std::vector<float> inv_freq_;
   int sequence_length_;
   int64_t max_vectors_;
   std::vector<std::vector<double>> kv_sums_;
@@ -148,7 +142,7 @@ class StatisticsObserver : public ForwardObserver {
 // Captures the final hidden states of a candidate model.
 class HiddenObserver : public ForwardObserver {
  public:
-  void OnLayerKv(int, int, const float*, const float*, const float*) override {}
+  void OnLayerKv(int, int, const float*, const float*, const float*, const float*) override {}
   void OnFinalHidden(int rows, const float* hidden) override { hidden_.insert(hidden_.end(), hidden, hidden + rows * dim_); }
   explicit HiddenObserver(int dim) : dim_(dim) {}
   std::vector<float> hidden_;

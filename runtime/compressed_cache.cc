@@ -302,6 +302,14 @@ class CompressedLayerCache : public LayerCache {
     state.steps_since_refresh = 0;
   }
 
+  // An entry eviction may remove: its segment, index there, score and position.
+  struct Candidate {
+    bool coded;
+    int index;
+    float score;
+    int32_t position;
+  };
+
   // Enforces each head's budget: plain entries beyond the budget (never sinks or recent tokens) are dropped,
   // or folded into the head's merged slot.
   void Evict(SequenceState& state) {
@@ -309,12 +317,6 @@ class CompressedLayerCache : public LayerCache {
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       HeadStore& head = state.heads[h];
       const int allowed = std::max(budget.min_tokens, int(std::ceil(budget.head_keep_fraction[h] * state.length)));
-      struct Candidate {
-        bool coded;
-        int index;
-        float score;
-        int32_t position;
-      };
       std::vector<Candidate> candidates;
       int plain = head.coded();
       for (int e = 0; e < head.coded(); ++e) candidates.push_back({true, e, head.coded_scores[e], head.coded_positions[e]});
@@ -369,8 +371,7 @@ class CompressedLayerCache : public LayerCache {
 
   // ZeroMerge: the merged slot holds the mean key and value of every token folded into it; its logit gets
   // compensation * log(count) so it carries their combined attention mass.
-  template <typename Victims>
-  void Merge(HeadStore& head, const Victims& victims) {
+  void Merge(HeadStore& head, const std::vector<Candidate>& victims) {
     const int hd = config_.head_dim;
     int slot = -1;
     for (int e = 0; e < head.dense(); ++e)

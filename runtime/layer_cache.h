@@ -14,8 +14,9 @@ namespace kvplan {
 class ForwardObserver {
  public:
   virtual ~ForwardObserver() = default;
-  // [rows, kv_heads, head_dim] keys before RoPE and values; [rows, heads, head_dim] queries after RoPE.
-  virtual void OnLayerKv(int layer, int rows, const float* q, const float* k_pre_rope, const float* v) = 0;
+  // [rows, heads, head_dim] queries and [rows, kv_heads, head_dim] keys after RoPE; keys before RoPE; values.
+  virtual void OnLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
+                         const float* v) = 0;
   // [rows, hidden] after the final norm.
   virtual void OnFinalHidden(int rows, const float* hidden) = 0;
 };
