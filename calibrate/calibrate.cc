@@ -11,13 +11,14 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 #include "kernels/cpu_reference.h"
-#include "runtime/cpu_model.h"
-#include "runtime/evaluate.h"
-#include "runtime/plan_runtime.h"
-#include "runtime/sparse_coding.h"
-#include "runtime/tokenizer.h"
-#include "runtime/weights.h"
+#include "loader/documents.h"
+#include "loader/tokenizer.h"
+#include "loader/weights.h"
+#include "runtime/cache/plan_policies.h"
+#include "runtime/cache/sparse_coding.h"
+#include "runtime/cpu/cpu_model.h"
 
 namespace kvplan {
 namespace {
@@ -25,11 +26,6 @@ namespace {
 constexpr float kCoverageMass = 0.9f;     // attention mass a head's budget should cover
 constexpr int kCoverageQueries = 32;      // last rows of each calibration sequence used as queries
 constexpr float kHeldBackFraction = 0.1f;  // dictionary vectors kept out of training to measure error
-
-#define KVPLAN_ASSIGN_OR_RETURN(lhs, expr)        \
-  auto lhs##_or = (expr);                         \
-  if (!lhs##_or.ok()) return lhs##_or.status();   \
-  auto lhs = std::move(*lhs##_or)
 
 // Collects, from full-cache forward passes, what every method needs.
 class StatisticsObserver : public ForwardObserver {
@@ -215,7 +211,7 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     share->set_layer(pair.layer);
     share->set_donor(pair.donor);
     HiddenObserver observer(config.hidden_size);
-    KVPLAN_ASSIGN_OR_RETURN(model, CreatePlannedCpuModel(config, weights, candidate,
+    KVPLAN_ASSIGN_OR_RETURN(auto model, CreatePlannedCpuModel(config, weights, candidate,
                                                          {.capacity = options.sequence_length, .observer = &observer}));
     if (absl::Status status = RunSequences(*model, sequences); !status.ok()) return status;
     const double cosine = MeanCosine(observer.hidden_, statistics.hidden(), config.hidden_size);
@@ -303,11 +299,11 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
                                                      absl::StrJoin(KnownMethods(), ", "), ")"));
   if (!(options.target_memory_ratio > 0.0f && options.target_memory_ratio <= 1.0f))
     return absl::InvalidArgumentError("--target-memory must be in (0, 1]: the plan's bytes over the full cache's");
-  KVPLAN_ASSIGN_OR_RETURN(loaded, OpenModelDirectory(options.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(options.model_dir));
   const ModelConfig& config = loaded.config;
   if (options.dictionary_atoms > 65536) return absl::InvalidArgumentError("at most 65536 atoms (16-bit indices)");
-  KVPLAN_ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
-  KVPLAN_ASSIGN_OR_RETURN(text, ReadTextFile(options.data_path));
+  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
+  KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(options.data_path));
   const int64_t wanted = int64_t(options.sequences) * options.sequence_length;
   const std::vector<int32_t> stream = TokenizeDocuments(*tokenizer, SplitDocuments(text), config.bos_token_id, wanted);
   if (int64_t(stream.size()) < options.sequence_length)
@@ -320,11 +316,11 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
 
   StatisticsObserver statistics(config, options.max_training_vectors, options.sequence_length);
   {
-    KVPLAN_ASSIGN_OR_RETURN(model, CreateCpuModel(config, *loaded.weights,
+    KVPLAN_ASSIGN_OR_RETURN(auto model, CreateCpuModel(config, *loaded.weights,
                                                   {.capacity = options.sequence_length, .observer = &statistics}));
     for (size_t i = 0; i < sequences.size(); ++i) {
       model->Reset();
-      KVPLAN_ASSIGN_OR_RETURN(logits, model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
+      KVPLAN_ASSIGN_OR_RETURN(auto logits, model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
       if (progress) progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
     }
   }
@@ -344,7 +340,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   inputs.refresh = options.methods.contains("refresh");
 
   if (options.methods.contains("share")) {
-    KVPLAN_ASSIGN_OR_RETURN(sharing, SearchSharing(options, config, *loaded.weights, inputs.model, sequences,
+    KVPLAN_ASSIGN_OR_RETURN(auto sharing, SearchSharing(options, config, *loaded.weights, inputs.model, sequences,
                                                    statistics, tokens, progress));
     inputs.sharing = std::move(sharing);
   }

@@ -8,23 +8,20 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "cli/progress.h"
 #include "absl/strings/str_split.h"
+#include "base/status_macros.h"
+#include "cli/progress.h"
+#include "eval/bench.h"
+#include "eval/evaluate.h"
+#include "loader/documents.h"
+#include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "plans/plan_io.h"
 #include "runtime/backend.h"
-#include "runtime/plan_runtime.h"
-#include "runtime/bench.h"
-#include "runtime/evaluate.h"
-#include "runtime/tokenizer.h"
+#include "runtime/cache/plan_policies.h"
 
 namespace kvplan {
 namespace {
-
-#define KVPLAN_ASSIGN_OR_RETURN(lhs, expr) \
-  auto lhs##_or = (expr);                  \
-  if (!lhs##_or.ok()) return lhs##_or.status(); \
-  auto lhs = std::move(*lhs##_or)
 
 // The plan named on the command line, if any; its model check happens when the model is built.
 absl::StatusOr<std::optional<plan::Plan>> OptionalPlan(const std::string& path) {
@@ -39,43 +36,43 @@ const plan::Plan* PlanPointer(const std::optional<plan::Plan>& plan) { return pl
 }  // namespace
 
 absl::Status RunGenerate(const GenerateCommand& command) {
-  KVPLAN_ASSIGN_OR_RETURN(backend, ParseBackend(command.device));
-  KVPLAN_ASSIGN_OR_RETURN(loaded, OpenModelDirectory(command.model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
+  KVPLAN_ASSIGN_OR_RETURN(auto backend, ParseBackend(command.device));
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
   std::vector<int32_t> prompt;
   if (loaded.config.bos_token_id >= 0) prompt.push_back(loaded.config.bos_token_id);
   const std::vector<int32_t> body = tokenizer->Encode(command.prompt);
   prompt.insert(prompt.end(), body.begin(), body.end());
   const int capacity = int(prompt.size()) + command.max_new_tokens;
-  KVPLAN_ASSIGN_OR_RETURN(plan, OptionalPlan(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(model, CreateModel(loaded.config, *loaded.weights,
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
                                              {.backend = backend, .capacity = capacity, .max_rows = capacity,
                                               .plan = PlanPointer(plan)}));
-  KVPLAN_ASSIGN_OR_RETURN(generated,
+  KVPLAN_ASSIGN_OR_RETURN(auto generated,
                           GenerateGreedy(*model, prompt, command.max_new_tokens, loaded.config.eos_token_id));
   std::printf("%s%s\n", command.prompt.c_str(), tokenizer->Decode(generated).c_str());
   return absl::OkStatus();
 }
 
 absl::Status RunEval(const EvalCommand& command) {
-  KVPLAN_ASSIGN_OR_RETURN(backend, ParseBackend(command.device));
-  KVPLAN_ASSIGN_OR_RETURN(loaded, OpenModelDirectory(command.model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
+  KVPLAN_ASSIGN_OR_RETURN(auto backend, ParseBackend(command.device));
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
   int capacity = command.window;
   for (int length : command.needle_lengths) capacity = std::max(capacity, length);
-  KVPLAN_ASSIGN_OR_RETURN(plan, OptionalPlan(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(model, CreateModel(loaded.config, *loaded.weights,
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
                                              {.backend = backend, .capacity = capacity, .max_rows = capacity,
                                               .plan = PlanPointer(plan)}));
   std::vector<std::string> json_fields = {absl::StrFormat("\"device\": \"%s\"", model->device_name())};
   std::printf("model %s on %s\n", command.model_dir.c_str(), model->device_name().c_str());
   if (!command.skip_perplexity) {
-    KVPLAN_ASSIGN_OR_RETURN(text, ReadTextFile(command.data_path));
+    KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(command.data_path));
     const std::vector<int32_t> tokens =
         TokenizeDocuments(*tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
     ProgressBar bar("perplexity");
     KVPLAN_ASSIGN_OR_RETURN(
-        perplexity, EvaluatePerplexity(*model, tokens, {.window = command.window, .max_tokens = command.max_tokens},
+        auto perplexity, EvaluatePerplexity(*model, tokens, {.window = command.window, .max_tokens = command.max_tokens},
                                        [&](int64_t done, int64_t total) { bar.Update(done, total); }));
     std::printf("held-out perplexity %.4f over %lld tokens (%d windows of %d)\n", perplexity.perplexity,
                 (long long)perplexity.scored_tokens, perplexity.windows, command.window);
@@ -96,7 +93,7 @@ absl::Status RunEval(const EvalCommand& command) {
   if (!command.skip_needle) {
     ProgressBar bar("needle");
     KVPLAN_ASSIGN_OR_RETURN(
-        needles, EvaluateNeedle(*model, *tokenizer,
+        auto needles, EvaluateNeedle(*model, *tokenizer,
                                 {.context_lengths = command.needle_lengths, .trials = command.needle_trials},
                                 [&](int64_t done, int64_t total) { bar.Update(done, total); }));
     std::vector<std::string> needle_fields;
@@ -124,22 +121,22 @@ absl::Status RunEval(const EvalCommand& command) {
 }
 
 absl::Status RunBench(const BenchCommand& command) {
-  KVPLAN_ASSIGN_OR_RETURN(backend, ParseBackend(command.device));
+  KVPLAN_ASSIGN_OR_RETURN(auto backend, ParseBackend(command.device));
   if (command.model_dir.empty() == command.model_shape.empty())
     return absl::InvalidArgumentError("give exactly one of --model and --shape");
-  KVPLAN_ASSIGN_OR_RETURN(loaded, command.model_dir.empty() ? RandomModel(command.model_shape, 1)
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, command.model_dir.empty() ? RandomModel(command.model_shape, 1)
                                                             : OpenModelDirectory(command.model_dir));
   const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
   const int capacity = max_context + command.steps + 8;
-  KVPLAN_ASSIGN_OR_RETURN(plan, OptionalPlan(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(model, CreateModel(loaded.config, *loaded.weights,
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
                                              {.backend = backend, .num_sequences = command.batch,
                                               .capacity = capacity, .max_rows = command.batch,
                                               .plan = PlanPointer(plan)}));
   std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step",
               "KV bytes", "GB/s");
   for (int context : command.contexts) {
-    KVPLAN_ASSIGN_OR_RETURN(result, BenchDecode(*model, {.context = context, .steps = command.steps}));
+    KVPLAN_ASSIGN_OR_RETURN(auto result, BenchDecode(*model, {.context = context, .steps = command.steps}));
     std::printf("%-12s %8d %6d %12.1f %10.3f %12lld %10.1f\n", result.device.substr(0, 12).c_str(), result.context,
                 result.batch, result.tokens_per_second, result.seconds_per_step * 1e3,
                 (long long)result.kv_cache_bytes, result.achieved_gb_per_second);
@@ -159,7 +156,7 @@ absl::Status RunCalibrate(CalibrateCommand command) {
   command.options.budget_settings.merge_evicted = !command.no_merge;
   std::string stage;
   std::unique_ptr<ProgressBar> bar;
-  KVPLAN_ASSIGN_OR_RETURN(plan, Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
                             if (name != stage) {
                               stage = name;
                               bar = std::make_unique<ProgressBar>(name);
@@ -172,9 +169,9 @@ absl::Status RunCalibrate(CalibrateCommand command) {
 }
 
 absl::Status RunInspect(const InspectCommand& command) {
-  KVPLAN_ASSIGN_OR_RETURN(plan, ReadPlanFile(command.plan_path));
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, ReadPlanFile(command.plan_path));
   if (command.json) {
-    KVPLAN_ASSIGN_OR_RETURN(json, PlanToJson(plan, command.include_atoms));
+    KVPLAN_ASSIGN_OR_RETURN(auto json, PlanToJson(plan, command.include_atoms));
     std::printf("%s\n", json.c_str());
   } else {
     std::printf("%s", DescribePlan(plan, command.contexts).c_str());
@@ -183,9 +180,9 @@ absl::Status RunInspect(const InspectCommand& command) {
 }
 
 absl::Status RunValidate(const ValidateCommand& command) {
-  KVPLAN_ASSIGN_OR_RETURN(plan, ReadPlanFile(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(loaded, OpenModelDirectory(command.model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(factory, PlanCacheFactory(plan, loaded.config, *loaded.weights));
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, ReadPlanFile(command.plan_path));
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(auto factory, PlanCacheFactory(plan, loaded.config, *loaded.weights));
   std::printf("%s: valid for %s\n", command.plan_path.c_str(), command.model_dir.c_str());
   return absl::OkStatus();
 }

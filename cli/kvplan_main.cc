@@ -4,7 +4,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_join.h"
 #include "cli/commands.h"
-#include "runtime/model_config.h"
+#include "loader/model_config.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"kvplan: KV-cache compression plans for Llama-family models"};

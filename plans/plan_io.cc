@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "base/hash.h"
 
 namespace kvplan {
 namespace {
@@ -31,16 +32,6 @@ absl::Status PlanError(const std::string& message) {
 
 }  // namespace
 
-uint64_t Fnv1a64(const void* data, size_t size, uint64_t seed) {
-  const auto* bytes = static_cast<const uint8_t*>(data);
-  uint64_t hash = seed;
-  for (size_t i = 0; i < size; ++i) {
-    hash ^= bytes[i];
-    hash *= 0x100000001b3ull;
-  }
-  return hash;
-}
-
 std::string SerializePlanFile(const plan::Plan& plan) {
   plan::Plan versioned = plan;
   versioned.set_format_version(kPlanFormatVersion);
@@ -60,7 +51,7 @@ absl::StatusOr<plan::Plan> ParsePlanFile(std::string_view bytes) {
   if (version != kPlanFormatVersion)
     return absl::FailedPreconditionError(absl::StrCat("plan format version ", version,
                                                       " is not supported by this kvplan (reads version ",
-                                                      kPlanFormatVersion, ")"));
+                                                      kPlanFormatVersion, "); calibrate the plan again"));
   const uint64_t length = Load<uint64_t>(bytes.data() + 12);
   const uint64_t checksum = Load<uint64_t>(bytes.data() + 20);
   if (length != bytes.size() - kHeaderSize)

@@ -13,9 +13,8 @@
 
 namespace kvplan {
 
-inline constexpr uint32_t kPlanFormatVersion = 1;
-
-uint64_t Fnv1a64(const void* data, size_t size, uint64_t seed = 0xcbf29ce484222325ull);
+// 2: the payload checksum and the weights hash are base/hash.h's word-wise FNV-1a (1 hashed bytewise).
+inline constexpr uint32_t kPlanFormatVersion = 2;
 
 std::string SerializePlanFile(const plan::Plan& plan);
 absl::StatusOr<plan::Plan> ParsePlanFile(std::string_view bytes);

@@ -2,10 +2,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "runtime/cpu_model.h"
-#include "runtime/plan_runtime.h"
+#include "runtime/cache/plan_policies.h"
+#include "runtime/cpu/cpu_model.h"
 #ifdef KVPLAN_WITH_CUDA
-#include "runtime/cuda_model.h"
+#include "kernels/cuda/kernels.h"
+#include "runtime/cuda/cuda_model.h"
 #endif
 
 namespace kvplan {
@@ -28,7 +29,7 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
                                  {.num_sequences = options.num_sequences, .capacity = options.capacity});
   }
 #ifdef KVPLAN_WITH_CUDA
-  if (options.backend == Backend::kCuda || (options.backend == Backend::kAuto && CudaDeviceAvailable()))
+  if (options.backend == Backend::kCuda || (options.backend == Backend::kAuto && cuda::device_available()))
     return CreateCudaModel(config, weights,
                            {.num_sequences = options.num_sequences, .capacity = options.capacity,
                             .max_rows = options.max_rows});

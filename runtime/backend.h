@@ -4,9 +4,9 @@
 #include <memory>
 #include <string>
 
+#include "loader/weights.h"
 #include "plans/kvplan.pb.h"
 #include "runtime/model.h"
-#include "runtime/weights.h"
 
 namespace kvplan {
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "runtime/model_config.h"
+#include "loader/model_config.h"
 
 namespace kvplan {
 
@@ -22,6 +22,17 @@ struct StepRows {
 enum class LogitRows {
   kAll,              // [rows, vocab]
   kLastPerSequence,  // [distinct sequences in order of appearance, vocab]
+};
+
+// Sees a layer's tensors during a forward pass (calibration collects statistics through it).
+class ForwardObserver {
+ public:
+  virtual ~ForwardObserver() = default;
+  // [rows, heads, head_dim] queries and [rows, kv_heads, head_dim] keys after RoPE; keys before RoPE; values.
+  virtual void OnLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
+                         const float* v) = 0;
+  // [rows, hidden] after the final norm.
+  virtual void OnFinalHidden(int rows, const float* hidden) = 0;
 };
 
 class Model {

@@ -1,7 +1,7 @@
-"""Writes tests/data/tokenizer_expectations.json: ids that Hugging Face `tokenizers` produces for a fixed set of
+"""Writes tests/loader/data/tokenizer_expectations.json: ids that Hugging Face `tokenizers` produces for a fixed set of
 texts, for the fixture's byte-level BPE tokenizer and for two SentencePiece-style byte-fallback tokenizers that
-this script trains on the calibration sample (written to tests/data/ too). Run where `tokenizers` is installed:
-    python3 tools/make_tokenizer_expectations.py SHARED_DIR tests/data
+this script trains on the calibration sample (written to tests/loader/data/ too). Run where `tokenizers` is installed:
+    python3 tools/make_tokenizer_expectations.py SHARED_DIR tests/loader/data
 """
 import json
 import sys

@@ -16,6 +16,9 @@
 
 namespace kvplan::cuda {
 
+// Whether a CUDA device can be used now: callers fall back to the CPU runtime and GPU tests skip without one.
+bool device_available();
+
 // out[r, :] = float(table[tokens[r], :]).
 cudaError_t embed_tokens(const __nv_bfloat16* table, const int32_t* tokens, int rows, int dim, float* out,
                          cudaStream_t stream);

@@ -1,0 +1,269 @@
+#include "loader/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "nlohmann/json.hpp"
+
+namespace kvplan {
+namespace {
+
+using nlohmann::json;
+
+absl::StatusOr<DType> ParseDType(const std::string& name) {
+  if (name == "F32") return DType::kF32;
+  if (name == "F16") return DType::kF16;
+  if (name == "BF16") return DType::kBF16;
+  if (name == "I32") return DType::kI32;
+  return absl::UnimplementedError(absl::StrCat("dtype ", name, " is not supported (supported: F32, F16, BF16, I32)"));
+}
+
+int ElementSize(DType dtype) { return dtype == DType::kF16 || dtype == DType::kBF16 ? 2 : 4; }
+
+std::string ShapeString(const std::vector<int64_t>& shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+
+}  // namespace
+
+const char* DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "F32";
+    case DType::kF16: return "F16";
+    case DType::kBF16: return "BF16";
+    case DType::kI32: return "I32";
+  }
+  return "?";
+}
+
+int64_t TensorInfo::element_count() const {
+  int64_t count = 1;
+  for (int64_t dim : shape) count *= dim;
+  return count;
+}
+
+float Bf16ToFloat(uint16_t bits) {
+  const uint32_t word = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+uint16_t FloatToBf16(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof(word));
+  if ((word & 0x7fffffff) > 0x7f800000) return uint16_t((word >> 16) | 0x40);  // keep NaN a NaN
+  return uint16_t((word + 0x7fff + ((word >> 16) & 1)) >> 16);
+}
+
+float Fp16ToFloat(uint16_t bits) {
+  const uint32_t sign = uint32_t(bits & 0x8000) << 16;
+  uint32_t exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff, word;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      word = sign;
+    } else {  // subnormal: renormalise
+      exponent = 127 - 15 + 1;
+      while (!(mantissa & 0x400)) {
+        mantissa <<= 1;
+        --exponent;
+      }
+      word = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+  } else if (exponent == 0x1f) {
+    word = sign | 0x7f800000 | (mantissa << 13);
+  } else {
+    word = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+void ConvertToFloat(DType dtype, const uint8_t* data, int64_t n, float* out) {
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(out, data, n * sizeof(float));
+      return;
+    case DType::kBF16:
+    case DType::kF16: {
+      const bool bf16 = dtype == DType::kBF16;
+#pragma omp parallel for if (n > (1 << 20))
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t bits;
+        std::memcpy(&bits, data + 2 * i, 2);
+        out[i] = bf16 ? Bf16ToFloat(bits) : Fp16ToFloat(bits);
+      }
+      return;
+    }
+    case DType::kI32:
+      for (int64_t i = 0; i < n; ++i) {
+        int32_t value;
+        std::memcpy(&value, data + 4 * i, 4);
+        out[i] = float(value);
+      }
+      return;
+  }
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+  struct stat info;
+  if (::fstat(fd, &info) != 0) {
+    ::close(fd);
+    return absl::InternalError(absl::StrCat("cannot stat ", path));
+  }
+  const size_t size = size_t(info.st_size);
+  if (size < 8) {
+    ::close(fd);
+    return absl::DataLossError(absl::StrCat(path, ": truncated safetensors file (", size, " bytes)"));
+  }
+  void* mapping = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (mapping == MAP_FAILED) return absl::InternalError(absl::StrCat("cannot mmap ", path));
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->mapping_ = mapping;
+  file->mapping_size_ = size;
+
+  const uint8_t* bytes = static_cast<const uint8_t*>(mapping);
+  uint64_t header_size;
+  std::memcpy(&header_size, bytes, 8);
+  if (header_size > size - 8)
+    return absl::DataLossError(absl::StrCat(path, ": header length ", header_size, " exceeds file size ", size));
+  const json header = json::parse(bytes + 8, bytes + 8 + header_size, nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded() || !header.is_object())
+    return absl::DataLossError(absl::StrCat(path, ": header is not a JSON object"));
+  const uint8_t* data_begin = bytes + 8 + header_size;
+  const uint64_t data_size = size - 8 - header_size;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    const std::string where = absl::StrCat("tensor \"", name, "\" in ", path);
+    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
+      return absl::DataLossError(absl::StrCat(where, ": malformed header entry"));
+    TensorInfo tensor;
+    try {
+      absl::StatusOr<DType> dtype = ParseDType(entry["dtype"].get<std::string>());
+      if (!dtype.ok()) return absl::Status(dtype.status().code(), absl::StrCat(where, ": ", dtype.status().message()));
+      tensor.dtype = *dtype;
+      tensor.shape = entry["shape"].get<std::vector<int64_t>>();
+      const auto offsets = entry["data_offsets"].get<std::vector<uint64_t>>();
+      if (offsets.size() != 2 || offsets[0] > offsets[1])
+        return absl::DataLossError(absl::StrCat(where, ": bad data_offsets"));
+      if (offsets[1] > data_size)
+        return absl::DataLossError(absl::StrCat(where, ": data ends at byte ", offsets[1], " but the file holds ",
+                                                data_size, " data bytes (truncated?)"));
+      tensor.data = data_begin + offsets[0];
+      tensor.bytes = int64_t(offsets[1] - offsets[0]);
+    } catch (const json::exception& e) {
+      return absl::DataLossError(absl::StrCat(where, ": malformed header entry: ", e.what()));
+    }
+    for (int64_t dim : tensor.shape)
+      if (dim < 0) return absl::DataLossError(absl::StrCat(where, ": negative dimension"));
+    if (tensor.element_count() * ElementSize(tensor.dtype) != tensor.bytes)
+      return absl::DataLossError(absl::StrCat(where, ": shape ", ShapeString(tensor.shape), " of ",
+                                              DTypeName(tensor.dtype), " needs ",
+                                              tensor.element_count() * ElementSize(tensor.dtype), " bytes, has ",
+                                              tensor.bytes));
+    tensor.file = path;
+    file->tensors_.emplace(name, std::move(tensor));
+  }
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
+}
+
+absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::OpenFile(const std::string& path) {
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(path);
+  if (!file.ok()) return file.status();
+  auto checkpoint = std::make_unique<Checkpoint>();
+  checkpoint->tensors_ = (*file)->tensors();
+  checkpoint->source_ = path;
+  checkpoint->files_.push_back(std::move(*file));
+  return checkpoint;
+}
+
+absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& model_dir) {
+  const std::string single = model_dir + "/model.safetensors";
+  const std::string index_path = model_dir + "/model.safetensors.index.json";
+  if (::access(single.c_str(), F_OK) == 0) return OpenFile(single);
+  std::ifstream index_file(index_path);
+  if (!index_file)
+    return absl::NotFoundError(absl::StrCat("no model.safetensors or model.safetensors.index.json in ", model_dir));
+  std::stringstream text;
+  text << index_file.rdbuf();
+  const json index = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (index.is_discarded() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    return absl::DataLossError(absl::StrCat(index_path, ": missing \"weight_map\""));
+
+  auto checkpoint = std::make_unique<Checkpoint>();
+  checkpoint->source_ = index_path;
+  std::map<std::string, const SafetensorsFile*> opened;
+  for (const auto& [name, shard_value] : index["weight_map"].items()) {
+    if (!shard_value.is_string()) return absl::DataLossError(absl::StrCat(index_path, ": bad entry for ", name));
+    const std::string shard = shard_value.get<std::string>();
+    if (shard.find('/') != std::string::npos)
+      return absl::DataLossError(absl::StrCat(index_path, ": shard name \"", shard, "\" must be a plain file name"));
+    if (!opened.contains(shard)) {
+      absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(model_dir + "/" + shard);
+      if (!file.ok()) return file.status();
+      opened[shard] = file->get();
+      checkpoint->files_.push_back(std::move(*file));
+    }
+    const auto& shard_tensors = opened[shard]->tensors();
+    const auto found = shard_tensors.find(name);
+    if (found == shard_tensors.end())
+      return absl::DataLossError(absl::StrCat("tensor \"", name, "\" is listed in ", index_path, " under ", shard,
+                                              " but that file does not hold it"));
+    checkpoint->tensors_.emplace(name, found->second);
+  }
+  return checkpoint;
+}
+
+absl::StatusOr<const TensorInfo*> Checkpoint::Find(const std::string& name) const {
+  const auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is missing from ", source_));
+  }
+  return &it->second;
+}
+
+absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name,
+                                                         const std::vector<int64_t>& expected_shape) const {
+  absl::StatusOr<const TensorInfo*> tensor = Find(name);
+  if (!tensor.ok()) return tensor.status();
+  const TensorInfo& info = **tensor;
+  if (info.shape != expected_shape)
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" in ", info.file, " has shape ",
+                                                   ShapeString(info.shape), ", expected ",
+                                                   ShapeString(expected_shape)));
+  if (info.dtype == DType::kI32)
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" in ", info.file, " is I32, expected float"));
+  std::vector<float> values(info.element_count());
+  ConvertToFloat(info.dtype, info.data, info.element_count(), values.data());
+  return values;
+}
+
+absl::StatusOr<std::vector<int32_t>> Checkpoint::ReadInt32(const std::string& name) const {
+  absl::StatusOr<const TensorInfo*> tensor = Find(name);
+  if (!tensor.ok()) return tensor.status();
+  const TensorInfo& info = **tensor;
+  if (info.dtype != DType::kI32)
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" in ", info.file, " is ",
+                                                   DTypeName(info.dtype), ", expected I32"));
+  std::vector<int32_t> values(info.element_count());
+  std::memcpy(values.data(), info.data, info.bytes);
+  return values;
+}
+
+}  // namespace kvplan

@@ -1,0 +1,74 @@
+// End to end on a small budget: calibrate every method from the calibration sample, write the plan, read it
+// back, validate it against the model and run it.
+#include "calibrate/calibrate.h"
+
+#include "eval/evaluate.h"
+#include "loader/documents.h"
+#include "loader/tokenizer.h"
+#include "plans/plan_io.h"
+#include "runtime/cache/plan_policies.h"
+#include "tests/testing/test_util.h"
+
+namespace kvplan {
+namespace {
+
+CalibrateOptions SmallOptions() {
+  CalibrateOptions options;
+  options.model_dir = testing::FixtureModelDir();
+  options.data_path = testing::SharedDir() + "/data/calib-sample.txt";
+  options.sequences = 3;
+  options.sequence_length = 128;
+  options.dictionary_atoms = 64;
+  options.dictionary_epochs = 2;
+  options.max_training_vectors = 1024;
+  options.share_cosine_threshold = 0.5f;
+  options.max_shared_layers = 1;
+  options.target_memory_ratio = 0.25f;
+  return options;
+}
+
+TEST(CalibrateTest, EveryMethodEndToEnd) {
+  std::vector<std::string> stages;
+  KVPLAN_ASSERT_OK_AND_ASSIGN(plan, Calibrate(SmallOptions(), [&](const std::string& stage, int64_t, int64_t) {
+                                if (stages.empty() || stages.back() != stage) stages.push_back(stage);
+                              }));
+  EXPECT_EQ(stages, (std::vector<std::string>{"statistics", "layer sharing search", "dictionaries"}));
+  EXPECT_EQ(plan.sharing().shares_size(), 1);
+  EXPECT_GT(plan.sparse_coding().layers_size(), 0);
+  EXPECT_GT(plan.budgets().layers_size(), 0);
+  EXPECT_GT(plan.refresh().layers_size(), 0);
+  for (const auto& layer : plan.sparse_coding().layers()) {
+    EXPECT_GT(layer.keys().relative_error(), 0.0f);
+    EXPECT_LT(layer.keys().relative_error(), 1.0f);
+  }
+
+  const std::string path = ::testing::TempDir() + "/calibrate_test.kvplan";
+  ASSERT_TRUE(WritePlanFile(plan, path).ok());
+  KVPLAN_ASSERT_OK_AND_ASSIGN(read, ReadPlanFile(path));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreatePlannedCpuModel(loaded.config, *loaded.weights, read, {.capacity = 512}));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(text, ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt"));
+  const std::vector<int32_t> tokens = TokenizeDocuments(*tokenizer, SplitDocuments(text), 0, 512);
+  KVPLAN_ASSERT_OK_AND_ASSIGN(result, EvaluatePerplexity(*model, tokens, {.window = 512, .max_tokens = 512}));
+  EXPECT_TRUE(std::isfinite(result.perplexity));
+  EXPECT_LT(result.perplexity, 200.0);
+  EXPECT_LT(model->kv_cache_bytes(), 512 * loaded.config.kv_bytes_per_token(2));
+}
+
+TEST(CalibrateTest, BadOptionsAreRejected) {
+  CalibrateOptions options = SmallOptions();
+  options.methods = {"share", "quantize"};
+  const auto unknown = Calibrate(options);
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.status().message().find("quantize"), std::string::npos);
+  options = SmallOptions();
+  options.target_memory_ratio = 3.0f;
+  EXPECT_FALSE(Calibrate(options).ok());
+  options = SmallOptions();
+  options.data_path = "/nonexistent/calib.txt";
+  EXPECT_EQ(Calibrate(options).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace kvplan

@@ -1,0 +1,212 @@
+// Compressed caches: each method in its lossless limit matches the dense cache; eviction keeps the tokens its
+// scoring says; merging keeps the evicted mass; measured bytes agree with the planner's estimate.
+#include "runtime/cache/compressed_cache.h"
+
+#include <random>
+
+#include "kernels/cpu_reference.h"
+#include "loader/safetensors.h"
+#include "planner/planner.h"
+#include "runtime/cache/plan_policies.h"
+#include "runtime/cache/sparse_coding.h"
+#include "runtime/cpu/cpu_model.h"
+#include "tests/testing/test_util.h"
+
+namespace kvplan {
+namespace {
+
+struct Fixture {
+  LoadedModel loaded;
+  std::vector<int32_t> tokens;
+};
+
+Fixture LoadFixture() {
+  Fixture fixture{*OpenModelDirectory(testing::FixtureModelDir()), {}};
+  auto reference = Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors");
+  fixture.tokens = *(*reference)->ReadInt32("input_ids");
+  return fixture;
+}
+
+plan::Plan EmptyPlan(const Fixture& fixture) {
+  plan::Plan plan;
+  *plan.mutable_model() = FingerprintModel(fixture.loaded.config, *fixture.loaded.weights);
+  return plan;
+}
+
+std::vector<float> Logits(const Fixture& fixture, const plan::Plan* plan, int64_t* kv_bytes = nullptr) {
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      plan ? CreatePlannedCpuModel(fixture.loaded.config, *fixture.loaded.weights, *plan, {.capacity = 512})
+           : CreateCpuModel(fixture.loaded.config, *fixture.loaded.weights, {.capacity = 512});
+  EXPECT_TRUE(model.ok()) << model.status();
+  auto logits = (*model)->Forward(SequenceRows(fixture.tokens, 0, 0), LogitRows::kAll);
+  EXPECT_TRUE(logits.ok()) << logits.status();
+  if (kv_bytes) *kv_bytes = (*model)->kv_cache_bytes();
+  return *logits;
+}
+
+void AddIdentityDictionaries(plan::Plan& plan, int layers, int head_dim, int recent_window) {
+  plan::SparseCoding* coding = plan.mutable_sparse_coding();
+  coding->set_key_sparsity(head_dim);
+  coding->set_value_sparsity(head_dim);
+  coding->set_recent_window(recent_window);
+  for (int layer = 0; layer < layers; ++layer) {
+    auto* entry = coding->add_layers();
+    entry->set_layer(layer);
+    for (plan::Dictionary* dictionary : {entry->mutable_keys(), entry->mutable_values()}) {
+      dictionary->set_atoms(head_dim);
+      dictionary->set_dim(head_dim);
+      for (int i = 0; i < head_dim * head_dim; ++i) dictionary->add_values(i / head_dim == i % head_dim ? 1.0f : 0.0f);
+    }
+  }
+}
+
+TEST(CompressedCacheTest, LosslessLimitsMatchTheDenseCache) {
+  const Fixture fixture = LoadFixture();
+  const ModelConfig& config = fixture.loaded.config;
+  const std::vector<float> dense = Logits(fixture, nullptr);
+
+  plan::Plan keep_all = EmptyPlan(fixture);
+  keep_all.mutable_budgets()->set_scoring(plan::TokenBudgets::KEY_L2_NORM);
+  for (int layer = 0; layer < config.num_layers; ++layer) {
+    auto* budget = keep_all.mutable_budgets()->add_layers();
+    budget->set_layer(layer);
+    for (int h = 0; h < config.num_kv_heads; ++h) budget->add_head_keep_fraction(1.0f);
+  }
+  plan::RefreshSchedule* refresh = keep_all.mutable_refresh();
+  refresh->set_small_cache_fraction(1.0f);
+  refresh->set_refresh_stride(4);
+  for (int layer = 0; layer < config.num_layers; ++layer) refresh->add_layers(layer);
+  EXPECT_LT(testing::RelativeError(Logits(fixture, &keep_all).data(), dense.data(), dense.size()), 1e-5);
+
+  // A basis dictionary with one atom per dimension codes exactly but for fp16 coefficients.
+  plan::Plan basis = EmptyPlan(fixture);
+  AddIdentityDictionaries(basis, config.num_layers, config.head_dim, 16);
+  EXPECT_LT(testing::RelativeError(Logits(fixture, &basis).data(), dense.data(), dense.size()), 5e-3);
+}
+
+TEST(CompressedCacheTest, SharedLayersStoreNothing) {
+  const Fixture fixture = LoadFixture();
+  int64_t dense_bytes = 0, shared_bytes = 0;
+  const std::vector<float> dense = Logits(fixture, nullptr, &dense_bytes);
+  plan::Plan plan = EmptyPlan(fixture);
+  auto* share = plan.mutable_sharing()->add_shares();
+  share->set_layer(4);
+  share->set_donor(1);
+  const std::vector<float> shared = Logits(fixture, &plan, &shared_bytes);
+  EXPECT_EQ(shared_bytes * 6, dense_bytes * 5);
+  const double difference = testing::RelativeError(shared.data(), dense.data(), dense.size());
+  EXPECT_GT(difference, 1e-4);  // layer 4 really attends over layer 1's cache
+  EXPECT_LT(difference, 1.0);
+}
+
+TEST(CompressedCacheTest, MeasuredBytesMatchThePlannerEstimate) {
+  const Fixture fixture = LoadFixture();
+  PlannerInputs inputs;
+  inputs.model = FingerprintModel(fixture.loaded.config, *fixture.loaded.weights);
+  inputs.target_memory_ratio = 0.3f;
+  inputs.reference_context = 256;
+  inputs.attention_coverage = std::vector<std::vector<float>>(6, {0.3f, 0.5f});
+  inputs.budget_settings.min_tokens = 8;
+  inputs.budget_settings.recent_window = 16;
+  plan::Plan plan = *CompilePlan(inputs);
+  AddIdentityDictionaries(plan, 6, 64, 32);
+  plan.mutable_sparse_coding()->set_key_sparsity(8);
+  plan.mutable_sparse_coding()->set_value_sparsity(8);
+  int64_t measured = 0;
+  const std::vector<float> logits = Logits(fixture, &plan, &measured);
+  const int64_t estimated = PlanCacheBytes(plan, 256);
+  EXPECT_NEAR(double(measured) / estimated, 1.0, 0.1) << measured << " vs " << estimated;
+  for (float value : logits) ASSERT_TRUE(std::isfinite(value));
+}
+
+// A one-head cache with value e_t for token t and zero queries (uniform attention): the output is the mean of
+// the values of the entries kept, so it shows exactly which tokens survived.
+class EvictionTest : public ::testing::Test {
+ protected:
+  static constexpr int kDim = 16, kTokens = 12;
+  ModelConfig Config() const {
+    ModelConfig config;
+    config.architecture = "LlamaForCausalLM";
+    config.num_layers = 1;
+    config.num_heads = 1;
+    config.num_kv_heads = 1;
+    config.head_dim = kDim;
+    config.hidden_size = kDim;
+    config.rope.theta = 10000;
+    return config;
+  }
+  std::vector<float> Run(const BudgetPolicy& budget, std::vector<float>* output_after_eviction) {
+    std::unique_ptr<LayerCache> cache = CreateCompressedLayerCache(Config(), 1, {nullptr, &budget, nullptr});
+    std::vector<float> keys(kTokens * kDim, 0.0f), values(kTokens * kDim, 0.0f);
+    std::vector<int32_t> positions(kTokens);
+    for (int t = 0; t < kTokens; ++t) {
+      positions[t] = t;
+      keys[t * kDim] = float((t * 7) % kTokens + 1);  // key norms: a permutation of 1..12
+      values[t * kDim + t] = 1.0f;
+    }
+    cache->Append(0, positions.data(), kTokens, keys.data(), keys.data(), values.data());
+    std::vector<float> q(kTokens * kDim, 0.0f), out(kTokens * kDim);
+    cache->Attend(0, positions.data(), kTokens, q.data(), out.data());  // evicts afterwards
+    const int32_t next = kTokens;
+    std::vector<float> zero(kDim, 0.0f);
+    output_after_eviction->assign(kDim, 0.0f);
+    cache->Attend(0, &next, 1, zero.data(), output_after_eviction->data());
+    return keys;
+  }
+};
+
+TEST_F(EvictionTest, L2ScoringKeepsTheLowestNormKeys) {
+  BudgetPolicy budget;
+  budget.head_keep_fraction = {0.5f};  // 6 of 12 tokens
+  budget.recent_window = 2;            // tokens 10 and 11 always stay
+  std::vector<float> output;
+  const std::vector<float> keys = Run(budget, &output);
+  // Of tokens 0..9, the four with the lowest key norms stay.
+  std::vector<std::pair<float, int>> norms;
+  for (int t = 0; t < 10; ++t) norms.push_back({keys[t * kDim], t});
+  std::sort(norms.begin(), norms.end());
+  std::vector<bool> kept(kTokens, false);
+  kept[10] = kept[11] = true;
+  for (int i = 0; i < 4; ++i) kept[norms[i].second] = true;
+  for (int t = 0; t < kTokens; ++t) EXPECT_NEAR(output[t], kept[t] ? 1.0f / 6 : 0.0f, 1e-6) << t;
+}
+
+TEST_F(EvictionTest, MergingKeepsTheEvictedMass) {
+  BudgetPolicy budget;
+  budget.head_keep_fraction = {0.5f};
+  budget.recent_window = 2;
+  budget.merge_evicted = true;
+  budget.merge_compensation = 1.0f;
+  std::vector<float> output;
+  Run(budget, &output);
+  // Six tokens kept plus a slot standing for six with logit bias log 6: total weight 12, each token 1/12.
+  for (int t = 0; t < kTokens; ++t) EXPECT_NEAR(output[t], 1.0f / 12, 1e-5) << t;
+}
+
+TEST(MatchingPursuitTest, BatchedEncoderAgreesWithTheReference) {
+  constexpr int kAtoms = 200, kDim = 64, kVectors = 300, kSparsity = 6;
+  std::mt19937 generator(5);
+  std::normal_distribution<float> normal;
+  std::vector<float> dictionary(kAtoms * kDim), x(kVectors * kDim);
+  for (float& value : dictionary) value = normal(generator);
+  for (int a = 0; a < kAtoms; ++a) {
+    float norm = 0;
+    for (int d = 0; d < kDim; ++d) norm += dictionary[a * kDim + d] * dictionary[a * kDim + d];
+    for (int d = 0; d < kDim; ++d) dictionary[a * kDim + d] /= std::sqrt(norm);
+  }
+  for (float& value : x) value = normal(generator);
+  const SparseCodes batched = MatchingPursuit(dictionary.data(), kAtoms, kDim, x.data(), kVectors, kSparsity);
+  int same = 0;
+  for (int v = 0; v < kVectors; ++v) {
+    uint16_t indices[kSparsity];
+    float coefficients[kSparsity];
+    cpu::matching_pursuit(dictionary.data(), kAtoms, kDim, x.data() + v * kDim, kSparsity, indices, coefficients);
+    same += std::equal(indices, indices + kSparsity, batched.indices.begin() + v * kSparsity);
+    for (int s = 0; s < kSparsity; ++s) EXPECT_EQ(coefficients[s], cpu::round_to_fp16(coefficients[s]));
+  }
+  // GEMM and scalar dot products round differently, which can flip a near-tie: allow 2% of vectors.
+  EXPECT_GE(same, kVectors * 98 / 100);
+}
+
+}  // namespace
+}  // namespace kvplan
