@@ -336,7 +336,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   inputs.reference_context = int(std::min<int64_t>(config.max_position_embeddings, 2048));
   inputs.budget_settings = options.budget_settings;
   std::erase_if(inputs.budget_settings.exempt_layers, [](int layer) { return layer < 0; });
-  inputs.refresh_settings = options.refresh_settings;
+  inputs.refresh_policy = options.refresh_policy;
   inputs.refresh = options.methods.contains("refresh");
 
   if (options.methods.contains("share")) {

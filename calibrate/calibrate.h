@@ -30,7 +30,7 @@ struct CalibrateOptions {
   int dictionary_epochs = 6;
   int max_training_vectors = 16384;  // per layer, for keys and for values
   BudgetSettings budget_settings;
-  RefreshSettings refresh_settings;
+  RefreshPolicy refresh_policy;
 };
 
 // Called with (stage, done, total).

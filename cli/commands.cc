@@ -106,7 +106,8 @@ absl::Status RunEval(const EvalCommand& command) {
   }
   // The cache as the last needle trial (or perplexity window) left it, against a full bf16 cache of the same
   // number of tokens.
-  const int64_t full_bytes = model->cached_positions() * loaded.config.kv_bytes_per_token(2);
+  const int64_t full_bytes = FullCacheBytes(loaded.config.num_layers, loaded.config.num_kv_heads,
+                                            loaded.config.head_dim, model->cached_positions());
   const int64_t held_bytes = model->kv_cache_bytes();
   std::printf("KV cache at %lld tokens: %lld bytes (full bf16 cache %lld, %.2fx smaller)\n",
               (long long)model->cached_positions(), (long long)held_bytes, (long long)full_bytes,
@@ -149,11 +150,11 @@ absl::Status RunCalibrate(CalibrateCommand command) {
   for (absl::string_view method : absl::StrSplit(command.methods, ',', absl::SkipEmpty()))
     command.options.methods.insert(std::string(method));
   if (command.scoring == "attention") {
-    command.options.budget_settings.scoring = plan::TokenBudgets::ATTENTION_SCORE;
+    command.options.budget_settings.policy.scoring = plan::TokenBudgets::ATTENTION_SCORE;
   } else if (command.scoring != "l2") {
     return absl::InvalidArgumentError(absl::StrCat("unknown scoring \"", command.scoring, "\" (l2, attention)"));
   }
-  command.options.budget_settings.merge_evicted = !command.no_merge;
+  command.options.budget_settings.policy.merge_evicted = !command.no_merge;
   std::string stage;
   std::unique_ptr<ProgressBar> bar;
   KVPLAN_ASSIGN_OR_RETURN(auto plan, Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
@@ -182,7 +183,7 @@ absl::Status RunInspect(const InspectCommand& command) {
 absl::Status RunValidate(const ValidateCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(auto plan, ReadPlanFile(command.plan_path));
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(auto factory, PlanCacheFactory(plan, loaded.config, *loaded.weights));
+  KVPLAN_RETURN_IF_ERROR(PoliciesFromPlan(plan, loaded.config, *loaded.weights).status());
   std::printf("%s: valid for %s\n", command.plan_path.c_str(), command.model_dir.c_str());
   return absl::OkStatus();
 }

@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
   calibrate_app->add_option("--epochs", calibration.dictionary_epochs, "CSR: dictionary training epochs");
   calibrate_app->add_option("--scoring", calibrate.scoring, "budgets: l2 (key norm) | attention");
   calibrate_app->add_flag("--no-merge", calibrate.no_merge, "budgets: drop evicted tokens instead of merging them");
-  calibrate_app->add_option("--recent-window", calibration.budget_settings.recent_window,
+  calibrate_app->add_option("--recent-window", calibration.budget_settings.policy.recent_window,
                             "budgets: never-evicted recent tokens");
   calibrate_app->add_option("--exempt-layers", calibration.budget_settings.exempt_layers,
                             "budgets: layers that keep every token (default 0,1; pass -1 for none)")

@@ -15,55 +15,10 @@ namespace {
 
 constexpr int kEstimateContexts[] = {512, 1024, 2048, 4096, 8192, 32768};
 
-const plan::TokenBudgets::LayerBudget* FindBudget(const plan::Plan& plan, int layer) {
-  for (const auto& budget : plan.budgets().layers())
-    if (budget.layer() == layer) return &budget;
-  return nullptr;
-}
-
-bool HasDictionary(const plan::Plan& plan, int layer) {
-  for (const auto& entry : plan.sparse_coding().layers())
-    if (entry.layer() == layer) return true;
-  return false;
-}
-
 std::set<int> Sharers(const plan::Plan& plan) {
   std::set<int> sharers;
   for (const auto& share : plan.sharing().shares()) sharers.insert(share.layer());
   return sharers;
-}
-
-bool Refreshes(const plan::Plan& plan, int layer) {
-  const auto& layers = plan.refresh().layers();
-  return std::find(layers.begin(), layers.end(), layer) != layers.end();
-}
-
-// Bytes one KV head of one layer holds at `context`, mirroring runtime/compressed_cache.cc.
-int64_t HeadBytes(const plan::Plan& plan, int layer, int kv_head, int context) {
-  const int head_dim = plan.model().head_dim();
-  const int64_t dense_entry = 2 * int64_t(head_dim) * 2;
-  const plan::TokenBudgets::LayerBudget* budget = FindBudget(plan, layer);
-  const bool coded = HasDictionary(plan, layer);
-  int64_t kept = context;
-  if (budget != nullptr) {
-    const plan::TokenBudgets& budgets = plan.budgets();
-    const int64_t allowed = std::max<int64_t>(budgets.min_tokens(),
-                                              int64_t(std::ceil(budget->head_keep_fraction(kv_head) * context)));
-    kept = std::min<int64_t>(context, std::max<int64_t>(allowed, budgets.sink_tokens() + budgets.recent_window()));
-    if (budgets.merge_evicted() && kept < context) ++kept;
-  }
-  int64_t dense = kept, coded_entries = 0;
-  if (coded) {
-    dense = std::min<int64_t>(kept, plan.sparse_coding().recent_window());
-    coded_entries = kept - dense;
-  }
-  const int64_t coded_entry = int64_t(plan.sparse_coding().key_sparsity() + plan.sparse_coding().value_sparsity()) * 4;
-  int64_t bytes = dense * dense_entry + coded_entries * coded_entry;
-  if (budget != nullptr || coded) bytes += kept * 4;
-  if (Refreshes(plan, layer))
-    bytes += 4 * std::max<int64_t>(plan.refresh().min_small_cache_tokens(),
-                                   int64_t(std::ceil(plan.refresh().small_cache_fraction() * context)));
-  return bytes;
 }
 
 void RecordEstimates(plan::Plan& plan) {
@@ -84,18 +39,12 @@ std::string Bytes(int64_t bytes) {
 
 }  // namespace
 
-int64_t FullCacheBytes(const plan::ModelFingerprint& model, int context) {
-  return int64_t(context) * model.num_layers() * model.num_kv_heads() * model.head_dim() * 2 * 2;
+int64_t FullCacheBytes(const plan::ModelFingerprint& model, int64_t context) {
+  return FullCacheBytes(model.num_layers(), model.num_kv_heads(), model.head_dim(), context);
 }
 
-int64_t PlanCacheBytes(const plan::Plan& plan, int context) {
-  const std::set<int> sharers = Sharers(plan);
-  int64_t total = 0;
-  for (int layer = 0; layer < plan.model().num_layers(); ++layer) {
-    if (sharers.contains(layer)) continue;
-    for (int h = 0; h < plan.model().num_kv_heads(); ++h) total += HeadBytes(plan, layer, h, context);
-  }
-  return total;
+int64_t PlanCacheBytes(const plan::Plan& plan, int64_t context) {
+  return CacheBytes(CachePolicyFromPlan(plan), context);
 }
 
 absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
@@ -111,13 +60,8 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
   const std::set<int> sharers = Sharers(plan);
 
   if (inputs.refresh) {
-    const RefreshSettings& settings = inputs.refresh_settings;
     plan::RefreshSchedule* refresh = plan.mutable_refresh();
-    refresh->set_small_cache_fraction(settings.small_cache_fraction);
-    refresh->set_min_small_cache_tokens(settings.min_small_cache_tokens);
-    refresh->set_refresh_stride(settings.refresh_stride);
-    refresh->set_query_similarity_threshold(settings.query_similarity_threshold);
-    refresh->set_pool_kernel(settings.pool_kernel);
+    WriteRefreshPolicy(inputs.refresh_policy, refresh);
     for (int layer = 0; layer < layers; ++layer)
       if (!sharers.contains(layer)) refresh->add_layers(layer);
   }
@@ -127,13 +71,7 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
       return absl::InvalidArgumentError("attention coverage must list every layer");
     const BudgetSettings& settings = inputs.budget_settings;
     plan::TokenBudgets* budgets = plan.mutable_budgets();
-    budgets->set_scoring(settings.scoring);
-    budgets->set_recent_window(settings.recent_window);
-    budgets->set_sink_tokens(settings.sink_tokens);
-    budgets->set_min_tokens(settings.min_tokens);
-    budgets->set_merge_evicted(settings.merge_evicted);
-    budgets->set_merge_compensation(settings.merge_compensation);
-    budgets->set_score_decay(settings.score_decay);
+    WriteBudgetPolicy(settings.policy, budgets);
     const std::set<int> exempt(settings.exempt_layers.begin(), settings.exempt_layers.end());
     // Heads whose attention is spread over more of the context get proportionally larger budgets.
     double mean_coverage = 0;

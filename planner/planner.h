@@ -6,27 +6,14 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "plans/cache_policy.h"
 #include "plans/kvplan.pb.h"
 
 namespace kvplan {
 
 struct BudgetSettings {
-  plan::TokenBudgets::Scoring scoring = plan::TokenBudgets::KEY_L2_NORM;
+  BudgetPolicy policy;  // every budgeted layer's rule; the planner sets the per-head fractions
   std::vector<int> exempt_layers = {0, 1};  // L2-norm eviction hurts the first layers (Devoto et al.)
-  int recent_window = 32;
-  int sink_tokens = 4;
-  int min_tokens = 16;
-  bool merge_evicted = true;
-  float merge_compensation = 1.0f;
-  float score_decay = 0.98f;
-};
-
-struct RefreshSettings {
-  float small_cache_fraction = 0.125f;  // K = L / 8 (RefreshKV)
-  int min_small_cache_tokens = 64;
-  int refresh_stride = 8;
-  float query_similarity_threshold = 0.85f;
-  int pool_kernel = 7;
 };
 
 struct PlannerInputs {
@@ -41,7 +28,7 @@ struct PlannerInputs {
   std::vector<std::vector<float>> attention_coverage;
   BudgetSettings budget_settings;
   bool refresh = false;
-  RefreshSettings refresh_settings;
+  RefreshPolicy refresh_policy;
 };
 
 // Assembles the plan; token budgets are scaled (keeping each head's share proportional to its attention
@@ -49,10 +36,10 @@ struct PlannerInputs {
 // floors allow. Memory estimates for 512 to 32K tokens are recorded in the plan.
 absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs);
 
-// Bytes of K/V at `context` tokens: the full cache in bf16, and what the plan keeps (codes, positions and
-// refresh selections included).
-int64_t FullCacheBytes(const plan::ModelFingerprint& model, int context);
-int64_t PlanCacheBytes(const plan::Plan& plan, int context);
+// Bytes of K/V at `context` tokens (plans/cache_policy.h): the full cache in bf16, and what the plan keeps
+// (codes, positions and refresh selections included).
+int64_t FullCacheBytes(const plan::ModelFingerprint& model, int64_t context);
+int64_t PlanCacheBytes(const plan::Plan& plan, int64_t context);
 
 // inspect: every decision and the memory per context length (the plan's recorded estimates, or the given
 // contexts), as text or as JSON (dictionary atoms are summarised, not listed, unless include_atoms).

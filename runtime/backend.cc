@@ -2,7 +2,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "runtime/cache/plan_policies.h"
 #include "runtime/cpu/cpu_model.h"
 #ifdef KVPLAN_WITH_CUDA
 #include "kernels/cuda/kernels.h"

@@ -111,22 +111,18 @@ __global__ void __launch_bounds__(kWarps * 32)
       running_max[g] = new_max;
     }
   }
-  __shared__ float shared_max[kWarps][kGroup], shared_sum[kWarps][kGroup], shared_acc[kWarps][kGroup][kHeadDim];
+  __shared__ WarpSoftmaxStates<kWarps, kGroup, kHeadDim> states;
   if (lane < kLanesPerEntry) {
+    states.publish(warp, lane, running_max, running_sum);
 #pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      if (lane == 0) {
-        shared_max[warp][g] = running_max[g];
-        shared_sum[warp][g] = running_sum[g];
-      }
+    for (int g = 0; g < kGroup; ++g)
 #pragma unroll
-      for (int i = 0; i < kVector; ++i) shared_acc[warp][g][dim_base + i] = acc[g][i];
-    }
+      for (int i = 0; i < kVector; ++i) states.acc[warp][g][dim_base + i] = acc[g][i];
   }
   __syncthreads();
   for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
     const int g = index / kHeadDim, d = index % kHeadDim;
-    const SoftmaxState merged = merge_warp_states<kWarps, kGroup, kHeadDim>(shared_max, shared_sum, shared_acc, g, d);
+    const SoftmaxState merged = states.merge(g, d);
     const int64_t slot = (int64_t(row) * heads + kv_head * group + g) * splits + split;
     partial.acc[slot * kHeadDim + d] = merged.acc;
     if (d == 0) {

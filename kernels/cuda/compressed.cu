@@ -151,24 +151,20 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  __shared__ float shared_max[kWarps][kGroup], shared_sum[kWarps][kGroup], shared_acc[kWarps][kGroup][kHeadDim];
+  __shared__ WarpSoftmaxStates<kWarps, kGroup, kHeadDim> states;
+  states.publish(warp, lane, running_max, running_sum);
 #pragma unroll
-  for (int g = 0; g < kGroup; ++g) {
-    if (lane == 0) {
-      shared_max[warp][g] = running_max[g];
-      shared_sum[warp][g] = running_sum[g];
-    }
+  for (int g = 0; g < kGroup; ++g)
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
-      shared_acc[warp][g][lane + 32 * i] = acc[g].low[i];
-      shared_acc[warp][g][kHalf + lane + 32 * i] = acc[g].high[i];
+      states.acc[warp][g][lane + 32 * i] = acc[g].low[i];
+      states.acc[warp][g][kHalf + lane + 32 * i] = acc[g].high[i];
     }
-  }
   __syncthreads();
   if (outputs.splits > 1) {
     for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
       const int g = index / kHeadDim, d = index % kHeadDim;
-      const SoftmaxState merged = merge_warp_states<kWarps, kGroup, kHeadDim>(shared_max, shared_sum, shared_acc, g, d);
+      const SoftmaxState merged = states.merge(g, d);
       const int64_t slot = (int64_t(row) * shape.heads + kv_head * group + g) * outputs.splits + split;
       outputs.partial.acc[slot * kHeadDim + d] = merged.acc;
       if (d == 0) {
@@ -181,7 +177,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ float final_max[kGroup], final_sum[kGroup];
   for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
     const int g = index / kHeadDim, d = index % kHeadDim;
-    const SoftmaxState merged = merge_warp_states<kWarps, kGroup, kHeadDim>(shared_max, shared_sum, shared_acc, g, d);
+    const SoftmaxState merged = states.merge(g, d);
     out[(int64_t(row) * shape.heads + kv_head * group + g) * kHeadDim + d] =
         merged.sum > 0.0f ? merged.acc / merged.sum : 0.0f;
     if (d == 0) {

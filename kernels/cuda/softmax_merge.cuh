@@ -12,18 +12,35 @@ struct SoftmaxState {
   float acc;  // unnormalised output for one dimension
 };
 
-// Merges the kWarps states of query head g, dimension d (each rescaled to the common max).
+// The online-softmax states of a block's warps, in shared memory: each warp publishes its running max and sum
+// per query head of the group and writes its accumulators (in whatever dimension order its lanes own), then
+// merge() combines the warps for one (head, dimension).
 template <int kWarps, int kGroup, int kHeadDim>
-__device__ inline SoftmaxState merge_warp_states(const float (&max)[kWarps][kGroup], const float (&sum)[kWarps][kGroup],
-                                                 const float (&acc)[kWarps][kGroup][kHeadDim], int g, int d) {
-  SoftmaxState merged{-FLT_MAX, 0.0f, 0.0f};
-  for (int w = 0; w < kWarps; ++w) merged.max = fmaxf(merged.max, max[w][g]);
-  for (int w = 0; w < kWarps; ++w) {
-    const float factor = sum[w][g] > 0.0f ? __expf(max[w][g] - merged.max) : 0.0f;
-    merged.sum += sum[w][g] * factor;
-    merged.acc += acc[w][g][d] * factor;
+struct WarpSoftmaxStates {
+  float max[kWarps][kGroup];
+  float sum[kWarps][kGroup];
+  float acc[kWarps][kGroup][kHeadDim];
+
+  __device__ void publish(int warp, int lane, const float (&running_max)[kGroup], const float (&running_sum)[kGroup]) {
+    if (lane != 0) return;
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      max[warp][g] = running_max[g];
+      sum[warp][g] = running_sum[g];
+    }
   }
-  return merged;
-}
+
+  // Query head g of the group, dimension d; each warp's state rescaled to the common max.
+  __device__ SoftmaxState merge(int g, int d) const {
+    SoftmaxState merged{-FLT_MAX, 0.0f, 0.0f};
+    for (int w = 0; w < kWarps; ++w) merged.max = fmaxf(merged.max, max[w][g]);
+    for (int w = 0; w < kWarps; ++w) {
+      const float factor = sum[w][g] > 0.0f ? __expf(max[w][g] - merged.max) : 0.0f;
+      merged.sum += sum[w][g] * factor;
+      merged.acc += acc[w][g][d] * factor;
+    }
+    return merged;
+  }
+};
 
 }  // namespace kvplan::cuda

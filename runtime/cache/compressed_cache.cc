@@ -6,6 +6,7 @@
 #include <random>
 
 #include "kernels/cpu_reference.h"
+#include "runtime/cache/cache_decisions.h"
 #include "runtime/cache/sparse_coding.h"
 
 namespace kvplan {
@@ -32,11 +33,9 @@ struct HeadStore {
 struct SequenceState {
   std::vector<HeadStore> heads;
   int length = 0;
-  // RefreshKV: positions each head attends to between full steps, and what the last full step saw.
+  // RefreshKV: positions each head attends to between full steps.
   std::vector<std::vector<int32_t>> selected;
-  int refresh_position = 0;  // tokens at or after this were appended since the last full step
-  int steps_since_refresh = 0;
-  std::vector<float> refresh_query;
+  RefreshState refresh;
 };
 
 template <typename T>
@@ -54,20 +53,15 @@ void EraseIndices(std::vector<T>& values, const std::vector<int>& sorted_indices
   values.resize(write * width);
 }
 
-float Cosine(const std::vector<float>& a, const std::vector<float>& b) {
-  double dot = 0, na = 0, nb = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    dot += double(a[i]) * b[i];
-    na += double(a[i]) * a[i];
-    nb += double(b[i]) * b[i];
-  }
-  return float(dot / std::sqrt(std::max(na * nb, 1e-30)));
-}
-
 class CompressedLayerCache : public LayerCache {
  public:
-  CompressedLayerCache(const ModelConfig& config, int num_sequences, const LayerCachePolicy& policy)
-      : config_(config), policy_(policy), inv_freq_(RopeInverseFrequencies(config)), sequences_(num_sequences) {
+  CompressedLayerCache(const ModelConfig& config, int num_sequences, const LayerPolicy& policy,
+                       std::shared_ptr<const LayerDictionaries> dictionaries)
+      : config_(config),
+        policy_(policy),
+        dictionaries_(std::move(dictionaries)),
+        inv_freq_(RopeInverseFrequencies(config)),
+        sequences_(num_sequences) {
     Reset();
   }
 
@@ -91,7 +85,7 @@ class CompressedLayerCache : public LayerCache {
         head.dense_keys.insert(head.dense_keys.end(), k + source, k + source + hd);
         head.dense_values.insert(head.dense_values.end(), v + source, v + source + hd);
         float score = 0.0f;
-        if (policy_.budget != nullptr && policy_.budget->scoring == BudgetPolicy::Scoring::kKeyL2Norm)
+        if (policy_.budget && policy_.budget->scoring == plan::TokenBudgets::KEY_L2_NORM)
           cpu::key_l2_norms(k_pre_rope + source, 1, hd, &score);
         head.dense_scores.push_back(score);
         head.dense_merged.push_back(0.0f);
@@ -112,22 +106,23 @@ class CompressedLayerCache : public LayerCache {
   void AttendAndUpdate(int sequence, const int32_t* positions, int rows, const float* q, float* out, bool update) {
     SequenceState& state = sequences_[sequence];
     // A sharing layer sees what the owner saw this step: everything right after a refresh, else the subset.
-    const bool full_step = update ? NeedsFullStep(state, q, rows)
-                                  : policy_.refresh == nullptr || state.steps_since_refresh == 0;
+    const std::vector<float> mean_query = policy_.refresh && update ? MeanLastQuery(q, rows) : std::vector<float>();
+    const bool full_step = !policy_.refresh || (update ? NeedsFullStep(*policy_.refresh, state.refresh, mean_query)
+                                                       : state.refresh.steps_since_refresh == 0);
     std::vector<std::vector<int>> coded_keep(config_.num_kv_heads), dense_keep(config_.num_kv_heads);
     std::vector<cpu::CodedHeadView> views = BuildViews(state, full_step, coded_keep, dense_keep);
-    const bool want_probabilities = update &&
-        ((policy_.budget != nullptr && policy_.budget->scoring == BudgetPolicy::Scoring::kAttention) ||
-        (policy_.refresh != nullptr && full_step));
+    const bool want_probabilities =
+        update && ((policy_.budget && policy_.budget->scoring == plan::TokenBudgets::ATTENTION_SCORE) ||
+                   (policy_.refresh && full_step));
     int64_t total_entries = 0;
     for (const auto& view : views) total_entries += view.coded_length + view.dense.length;
     std::vector<float> probabilities(want_probabilities ? total_entries : 0);
     cpu::SparseAttentionParams params{
         .tokens = rows, .heads = config_.num_heads, .kv_heads = config_.num_kv_heads, .head_dim = config_.head_dim,
-        .key_sparsity = policy_.dictionary ? policy_.dictionary->key_sparsity : 0,
-        .value_sparsity = policy_.dictionary ? policy_.dictionary->value_sparsity : 0,
-        .key_dictionary = policy_.dictionary ? policy_.dictionary->key_atoms.data() : nullptr,
-        .value_dictionary = policy_.dictionary ? policy_.dictionary->value_atoms.data() : nullptr,
+        .key_sparsity = policy_.coding ? policy_.coding->key_sparsity : 0,
+        .value_sparsity = policy_.coding ? policy_.coding->value_sparsity : 0,
+        .key_dictionary = dictionaries_ ? dictionaries_->key_atoms.data() : nullptr,
+        .value_dictionary = dictionaries_ ? dictionaries_->value_atoms.data() : nullptr,
         .inv_freq = inv_freq_.data(), .rope_attention_factor = float(config_.rope.attention_factor),
         .scale = 1.0f / std::sqrt(float(config_.head_dim))};
     cpu::sparse_attention(params, q, positions, views.data(), out,
@@ -135,16 +130,15 @@ class CompressedLayerCache : public LayerCache {
 
     if (!update) return;
     if (want_probabilities) UpdateScores(state, coded_keep, dense_keep, probabilities);
-    if (policy_.refresh != nullptr) {
+    if (policy_.refresh) {
       if (full_step) {
         Reselect(state, coded_keep, dense_keep, probabilities);
-        state.refresh_query = MeanLastQuery(q, rows);
+        state.refresh = {.refresh_position = state.length, .steps_since_refresh = 0, .query = mean_query};
       } else {
-        ++state.steps_since_refresh;
+        ++state.refresh.steps_since_refresh;
       }
     }
-    if (policy_.budget != nullptr) Evict(state);
-    if (policy_.dictionary != nullptr) CodeOldEntries(state);
+    Compress(state);
   }
 
   void FillWithNoise(int context) override {
@@ -162,37 +156,28 @@ class CompressedLayerCache : public LayerCache {
         const int n = std::min(kChunk, context - begin);
         const int64_t offset = int64_t(begin) * config_.kv_dim();
         Append(s, positions.data() + begin, n, k.data() + offset, k.data() + offset, v.data() + offset);
-        if (policy_.budget != nullptr) Evict(sequences_[s]);
-        if (policy_.dictionary != nullptr) CodeOldEntries(sequences_[s]);
+        Compress(sequences_[s]);
       }
     }
   }
 
   int64_t bytes() const override {
-    const int64_t dense_entry = 2 * int64_t(config_.head_dim) * 2;  // bf16 K and V
-    const int64_t coded_entry =
-        policy_.dictionary ? int64_t(policy_.dictionary->key_sparsity + policy_.dictionary->value_sparsity) * 4 : 0;
-    // Evicting or coding breaks the position = index identity, so positions are stored (int32 each).
-    const bool stores_positions = policy_.budget != nullptr || policy_.dictionary != nullptr;
     int64_t total = 0;
-    for (const SequenceState& state : sequences_) {
+    for (const SequenceState& state : sequences_)
       for (const HeadStore& head : state.heads) {
-        total += head.dense() * dense_entry + head.coded() * coded_entry;
-        if (stores_positions) total += int64_t(head.dense() + head.coded()) * 4;
+        // The selection buffer is reserved at its full size, as a device layout must allocate it.
+        const int64_t selected = policy_.refresh ? SmallCacheTokens(*policy_.refresh, state.length) : 0;
+        total += HeadBytes(policy_, config_.head_dim, {.dense = head.dense(), .coded = head.coded(),
+                                                       .selected = selected});
       }
-      for (const auto& selected : state.selected) total += int64_t(selected.size()) * 4;
-    }
     return total;
   }
 
  private:
-  bool NeedsFullStep(const SequenceState& state, const float* q, int rows) const {
-    if (policy_.refresh == nullptr) return true;
-    if (state.refresh_query.empty() || state.steps_since_refresh + 1 >= policy_.refresh->refresh_stride) return true;
-    if (policy_.refresh->query_similarity_threshold > 0.0f &&
-        Cosine(MeanLastQuery(q, rows), state.refresh_query) < policy_.refresh->query_similarity_threshold)
-      return true;
-    return false;
+  // Applies the budget, then codes what left the recent window.
+  void Compress(SequenceState& state) {
+    if (policy_.budget) Evict(state);
+    if (policy_.coding) CodeOldEntries(state);
   }
 
   std::vector<float> MeanLastQuery(const float* q, int rows) const {
@@ -209,15 +194,15 @@ class CompressedLayerCache : public LayerCache {
                                              std::vector<std::vector<int>>& coded_keep,
                                              std::vector<std::vector<int>>& dense_keep) {
     const int hd = config_.head_dim;
-    const int sk = policy_.dictionary ? policy_.dictionary->key_sparsity : 0;
-    const int sv = policy_.dictionary ? policy_.dictionary->value_sparsity : 0;
+    const int sk = policy_.coding ? policy_.coding->key_sparsity : 0;
+    const int sv = policy_.coding ? policy_.coding->value_sparsity : 0;
     std::vector<cpu::CodedHeadView> views(config_.num_kv_heads);
     filtered_.assign(config_.num_kv_heads, HeadStore());
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       HeadStore& head = state.heads[h];
       auto in_view = [&](int32_t position) {
         if (full_step) return true;
-        return position >= state.refresh_position ||
+        return position >= state.refresh.refresh_position ||
                std::binary_search(state.selected[h].begin(), state.selected[h].end(), position);
       };
       for (int e = 0; e < head.coded(); ++e)
@@ -257,7 +242,7 @@ class CompressedLayerCache : public LayerCache {
 
   void UpdateScores(SequenceState& state, const std::vector<std::vector<int>>& coded_keep,
                     const std::vector<std::vector<int>>& dense_keep, const std::vector<float>& probabilities) {
-    if (policy_.budget == nullptr || policy_.budget->scoring != BudgetPolicy::Scoring::kAttention) return;
+    if (!policy_.budget || policy_.budget->scoring != plan::TokenBudgets::ATTENTION_SCORE) return;
     const float decay = policy_.budget->score_decay;
     int64_t offset = 0;
     for (int h = 0; h < config_.num_kv_heads; ++h) {
@@ -269,80 +254,51 @@ class CompressedLayerCache : public LayerCache {
     }
   }
 
-  // RefreshKV: keep the K positions the full step attended to most, after max-pooling over neighbours.
+  // RefreshKV: rebuild each head's selection from the full step's attention.
   void Reselect(SequenceState& state, const std::vector<std::vector<int>>& coded_keep,
                 const std::vector<std::vector<int>>& dense_keep, const std::vector<float>& probabilities) {
-    const RefreshPolicy& refresh = *policy_.refresh;
-    const int k = std::max(refresh.min_small_cache_tokens,
-                           int(std::ceil(refresh.small_cache_fraction * state.length)));
     int64_t offset = 0;
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       const HeadStore& head = state.heads[h];
       std::vector<std::pair<int32_t, float>> scored;
       for (int e : coded_keep[h]) scored.push_back({head.coded_positions[e], probabilities[offset++]});
       for (int e : dense_keep[h]) scored.push_back({head.dense_positions[e], probabilities[offset++]});
-      std::sort(scored.begin(), scored.end());
-      std::vector<float> pooled(scored.size());
-      const int radius = refresh.pool_kernel / 2;
-      for (int i = 0; i < int(scored.size()); ++i) {
-        pooled[i] = scored[i].second;
-        for (int j = std::max(0, i - radius); j <= std::min(int(scored.size()) - 1, i + radius); ++j)
-          pooled[i] = std::max(pooled[i], scored[j].second);
-      }
-      std::vector<int> order(scored.size());
-      std::iota(order.begin(), order.end(), 0);
-      const int keep = std::min<int>(k, int(order.size()));
-      std::partial_sort(order.begin(), order.begin() + keep, order.end(),
-                        [&](int a, int b) { return pooled[a] != pooled[b] ? pooled[a] > pooled[b] : a > b; });
-      state.selected[h].clear();
-      for (int i = 0; i < keep; ++i) state.selected[h].push_back(scored[order[i]].first);
-      std::sort(state.selected[h].begin(), state.selected[h].end());
+      state.selected[h] = SelectRefreshPositions(*policy_.refresh, state.length, std::move(scored));
     }
-    state.refresh_position = state.length;
-    state.steps_since_refresh = 0;
   }
 
-  // An entry eviction may remove: its segment, index there, score and position.
+  // An entry eviction may remove: its segment and index there.
   struct Candidate {
     bool coded;
     int index;
-    float score;
     int32_t position;
   };
 
-  // Enforces each head's budget: plain entries beyond the budget (never sinks or recent tokens) are dropped,
-  // or folded into the head's merged slot.
+  // Enforces each head's budget: the victims ChooseEvictions names are dropped, or folded into the head's
+  // merged slot.
   void Evict(SequenceState& state) {
-    const BudgetPolicy& budget = *policy_.budget;
     for (int h = 0; h < config_.num_kv_heads; ++h) {
       HeadStore& head = state.heads[h];
-      const int allowed = std::max(budget.min_tokens, int(std::ceil(budget.head_keep_fraction[h] * state.length)));
-      std::vector<Candidate> candidates;
-      int plain = head.coded();
-      for (int e = 0; e < head.coded(); ++e) candidates.push_back({true, e, head.coded_scores[e], head.coded_positions[e]});
+      std::vector<Candidate> plain;
+      std::vector<ScoredEntry> scored;
+      for (int e = 0; e < head.coded(); ++e) {
+        plain.push_back({true, e, head.coded_positions[e]});
+        scored.push_back({head.coded_positions[e], head.coded_scores[e]});
+      }
       for (int e = 0; e < head.dense(); ++e) {
         if (head.dense_merged[e] > 0) continue;
-        ++plain;
-        candidates.push_back({false, e, head.dense_scores[e], head.dense_positions[e]});
+        plain.push_back({false, e, head.dense_positions[e]});
+        scored.push_back({head.dense_positions[e], head.dense_scores[e]});
       }
-      std::erase_if(candidates, [&](const Candidate& c) {
-        return c.position < budget.sink_tokens || c.position >= state.length - budget.recent_window;
-      });
-      const int excess = std::min<int>(plain - allowed, int(candidates.size()));
-      if (excess <= 0) continue;
-      // Victims first: high key norm (L2 keeps the lowest norms) or low accumulated attention; older first on ties.
-      const bool by_norm = budget.scoring == BudgetPolicy::Scoring::kKeyL2Norm;
-      std::partial_sort(candidates.begin(), candidates.begin() + excess, candidates.end(),
-                        [&](const Candidate& a, const Candidate& b) {
-                          if (a.score != b.score) return by_norm ? a.score > b.score : a.score < b.score;
-                          return a.position < b.position;
-                        });
-      candidates.resize(excess);
-      if (budget.merge_evicted) Merge(head, candidates);
+      const std::vector<int> victims = ChooseEvictions(policy_, h, state.length, scored);
+      if (victims.empty()) continue;
+      std::vector<Candidate> chosen;
       std::vector<int> coded_victims, dense_victims;
-      for (const Candidate& c : candidates) (c.coded ? coded_victims : dense_victims).push_back(c.index);
-      std::sort(coded_victims.begin(), coded_victims.end());
-      std::sort(dense_victims.begin(), dense_victims.end());
+      for (int i : victims) {
+        chosen.push_back(plain[i]);
+        (plain[i].coded ? coded_victims : dense_victims).push_back(plain[i].index);
+      }
+      if (policy_.budget->merge_evicted) Merge(head, chosen);
       RemoveCoded(head, coded_victims);
       RemoveDense(head, dense_victims);
     }
@@ -360,7 +316,7 @@ class CompressedLayerCache : public LayerCache {
 
   void RemoveCoded(HeadStore& head, const std::vector<int>& victims) {
     if (victims.empty()) return;
-    const int sk = policy_.dictionary->key_sparsity, sv = policy_.dictionary->value_sparsity;
+    const int sk = policy_.coding->key_sparsity, sv = policy_.coding->value_sparsity;
     EraseIndices(head.coded_positions, victims, 1);
     EraseIndices(head.coded_scores, victims, 1);
     EraseIndices(head.key_atoms, victims, sk);
@@ -390,11 +346,11 @@ class CompressedLayerCache : public LayerCache {
     std::vector<float> key(hd), value(hd);
     for (const auto& victim : victims) {
       if (victim.coded) {
-        const int sk = policy_.dictionary->key_sparsity, sv = policy_.dictionary->value_sparsity;
-        cpu::decode_sparse(policy_.dictionary->key_atoms.data(), hd, head.key_atoms.data() + victim.index * sk,
+        const int sk = policy_.coding->key_sparsity, sv = policy_.coding->value_sparsity;
+        cpu::decode_sparse(dictionaries_->key_atoms.data(), hd, head.key_atoms.data() + victim.index * sk,
                            head.key_coefficients.data() + victim.index * sk, sk, key.data());
         cpu::apply_rope(key.data(), &victim.position, inv_freq_.data(), 1, 1, hd, float(config_.rope.attention_factor));
-        cpu::decode_sparse(policy_.dictionary->value_atoms.data(), hd, head.value_atoms.data() + victim.index * sv,
+        cpu::decode_sparse(dictionaries_->value_atoms.data(), hd, head.value_atoms.data() + victim.index * sv,
                            head.value_coefficients.data() + victim.index * sv, sv, value.data());
       } else {
         std::copy_n(head.dense_keys.data() + int64_t(victim.index) * hd, hd, key.data());
@@ -407,13 +363,14 @@ class CompressedLayerCache : public LayerCache {
 
   // CSR: plain dense entries older than the recent window are coded (keys un-rotated to pre-RoPE first).
   void CodeOldEntries(SequenceState& state) {
-    const DictionaryPolicy& dictionary = *policy_.dictionary;
+    const CodingPolicy& coding = *policy_.coding;
+    const LayerDictionaries& dictionaries = *dictionaries_;
     const int hd = config_.head_dim;
     const float rope_factor = float(config_.rope.attention_factor);
     for (HeadStore& head : state.heads) {
       std::vector<int> moving;
       for (int e = 0; e < head.dense(); ++e)
-        if (head.dense_merged[e] == 0 && head.dense_positions[e] < state.length - dictionary.recent_window)
+        if (head.dense_merged[e] == 0 && LeavesCodingWindow(coding, state.length, head.dense_positions[e]))
           moving.push_back(e);
       if (moving.empty()) continue;
       const int n = int(moving.size());
@@ -428,10 +385,10 @@ class CompressedLayerCache : public LayerCache {
       cpu::apply_rope(keys.data(), inverse_positions.data(), inv_freq_.data(), n, 1, hd, 1.0f);
       if (rope_factor != 1.0f)
         for (float& value : keys) value /= rope_factor;
-      const SparseCodes key_codes =
-          MatchingPursuit(dictionary.key_atoms.data(), dictionary.atoms, hd, keys.data(), n, dictionary.key_sparsity);
-      const SparseCodes value_codes = MatchingPursuit(dictionary.value_atoms.data(), dictionary.atoms, hd,
-                                                      values.data(), n, dictionary.value_sparsity);
+      const SparseCodes key_codes = MatchingPursuit(dictionaries.key_atoms.data(), dictionaries.atoms, hd, keys.data(),
+                                                    n, coding.key_sparsity);
+      const SparseCodes value_codes = MatchingPursuit(dictionaries.value_atoms.data(), dictionaries.atoms, hd,
+                                                      values.data(), n, coding.value_sparsity);
       for (int i = 0; i < n; ++i) {
         head.coded_positions.push_back(head.dense_positions[moving[i]]);
         head.coded_scores.push_back(head.dense_scores[moving[i]]);
@@ -447,7 +404,8 @@ class CompressedLayerCache : public LayerCache {
   }
 
   ModelConfig config_;
-  LayerCachePolicy policy_;
+  LayerPolicy policy_;
+  std::shared_ptr<const LayerDictionaries> dictionaries_;  // null unless the policy codes
   std::vector<float> inv_freq_;
   std::vector<SequenceState> sequences_;
   std::vector<HeadStore> filtered_;  // scratch: the refreshed subset of each head between full steps
@@ -472,8 +430,9 @@ class SharedLayerCache : public LayerCache {
 }  // namespace
 
 std::unique_ptr<LayerCache> CreateCompressedLayerCache(const ModelConfig& config, int num_sequences,
-                                                       const LayerCachePolicy& policy) {
-  return std::make_unique<CompressedLayerCache>(config, num_sequences, policy);
+                                                       const LayerPolicy& policy,
+                                                       std::shared_ptr<const LayerDictionaries> dictionaries) {
+  return std::make_unique<CompressedLayerCache>(config, num_sequences, policy, std::move(dictionaries));
 }
 
 std::unique_ptr<LayerCache> CreateSharedLayerCache(LayerCache* donor) {

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "kernels/cpu_reference.h"
+#include "plans/cache_policy.h"
 
 namespace kvplan {
 namespace {
@@ -55,7 +56,7 @@ class DenseLayerCache : public LayerCache {
 
   int64_t bytes() const override {
     const int64_t tokens = std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
-    return tokens * 2 * config_.kv_dim() * 2;
+    return config_.num_kv_heads * HeadBytes(LayerPolicy{}, config_.head_dim, {.dense = tokens});
   }
 
  private:

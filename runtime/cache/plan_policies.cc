@@ -1,68 +1,11 @@
 #include "runtime/cache/plan_policies.h"
 
-#include <map>
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "plans/plan_io.h"
-#include "runtime/cache/compressed_cache.h"
 
 namespace kvplan {
-namespace {
-
-// Everything the caches of one model point into; shared by the factory's copies.
-struct PlanPolicies {
-  std::map<int, int> donor_of;  // sharer layer -> donor layer
-  std::map<int, DictionaryPolicy> dictionaries;
-  std::map<int, BudgetPolicy> budgets;
-  std::map<int, RefreshPolicy> refreshes;
-};
-
-std::shared_ptr<PlanPolicies> PoliciesFromPlan(const plan::Plan& plan) {
-  auto policies = std::make_shared<PlanPolicies>();
-  for (const auto& share : plan.sharing().shares()) policies->donor_of[share.layer()] = share.donor();
-  const plan::SparseCoding& coding = plan.sparse_coding();
-  for (const auto& entry : coding.layers()) {
-    DictionaryPolicy& dictionary = policies->dictionaries[entry.layer()];
-    dictionary.key_atoms.assign(entry.keys().values().begin(), entry.keys().values().end());
-    dictionary.value_atoms.assign(entry.values().values().begin(), entry.values().values().end());
-    dictionary.atoms = entry.keys().atoms();
-    dictionary.key_sparsity = coding.key_sparsity();
-    dictionary.value_sparsity = coding.value_sparsity();
-    dictionary.recent_window = coding.recent_window();
-  }
-  const plan::TokenBudgets& budgets = plan.budgets();
-  for (const auto& layer : budgets.layers()) {
-    BudgetPolicy& budget = policies->budgets[layer.layer()];
-    budget.head_keep_fraction.assign(layer.head_keep_fraction().begin(), layer.head_keep_fraction().end());
-    budget.scoring = budgets.scoring() == plan::TokenBudgets::ATTENTION_SCORE ? BudgetPolicy::Scoring::kAttention
-                                                                              : BudgetPolicy::Scoring::kKeyL2Norm;
-    budget.recent_window = budgets.recent_window();
-    budget.sink_tokens = budgets.sink_tokens();
-    budget.min_tokens = budgets.min_tokens();
-    budget.merge_evicted = budgets.merge_evicted();
-    budget.merge_compensation = budgets.merge_compensation();
-    budget.score_decay = budgets.score_decay() > 0 ? budgets.score_decay() : 1.0f;
-  }
-  const plan::RefreshSchedule& refresh = plan.refresh();
-  for (int layer : refresh.layers()) {
-    RefreshPolicy& policy = policies->refreshes[layer];
-    policy.small_cache_fraction = refresh.small_cache_fraction();
-    policy.min_small_cache_tokens = refresh.min_small_cache_tokens();
-    policy.refresh_stride = refresh.refresh_stride();
-    policy.query_similarity_threshold = refresh.query_similarity_threshold();
-    policy.pool_kernel = std::max(1, refresh.pool_kernel());
-  }
-  return policies;
-}
-
-template <typename T>
-const T* Find(const std::map<int, T>& map, int layer) {
-  const auto it = map.find(layer);
-  return it == map.end() ? nullptr : &it->second;
-}
-
-}  // namespace
 
 plan::ModelFingerprint FingerprintModel(const ModelConfig& config, const WeightSource& weights) {
   plan::ModelFingerprint fingerprint;
@@ -77,41 +20,38 @@ plan::ModelFingerprint FingerprintModel(const ModelConfig& config, const WeightS
   return fingerprint;
 }
 
-absl::StatusOr<LayerCacheFactory> PlanCacheFactory(const plan::Plan& plan, const ModelConfig& config,
-                                                   const WeightSource& weights) {
-  if (absl::Status status = ValidatePlanStructure(plan); !status.ok()) return status;
-  if (absl::Status status = CheckPlanMatchesModel(plan, FingerprintModel(config, weights)); !status.ok())
-    return status;
+absl::StatusOr<PlanPolicies> PoliciesFromPlan(const plan::Plan& plan, const ModelConfig& config,
+                                              const WeightSource& weights) {
+  KVPLAN_RETURN_IF_ERROR(ValidatePlanStructure(plan));
+  KVPLAN_RETURN_IF_ERROR(CheckPlanMatchesModel(plan, FingerprintModel(config, weights)));
   if (config.sliding_window > 0)
-    return absl::UnimplementedError("compressed caches do not implement sliding-window attention (Mistral-style)");
-  std::shared_ptr<PlanPolicies> policies = PoliciesFromPlan(plan);
-  return LayerCacheFactory([policies](const ModelConfig& model, int num_sequences, int capacity) {
-    std::vector<std::unique_ptr<LayerCache>> caches;
-    for (int layer = 0; layer < model.num_layers; ++layer) {
-      if (const int* donor = Find(policies->donor_of, layer)) {
-        caches.push_back(CreateSharedLayerCache(caches[*donor].get()));
-        continue;
-      }
-      const LayerCachePolicy policy{Find(policies->dictionaries, layer), Find(policies->budgets, layer),
-                                    Find(policies->refreshes, layer)};
-      if (policy.dictionary == nullptr && policy.budget == nullptr && policy.refresh == nullptr) {
-        caches.push_back(CreateDenseLayerCache(model, num_sequences, capacity));
-      } else {
-        caches.push_back(CreateCompressedLayerCache(model, num_sequences, policy));
-      }
-    }
-    return caches;
-  });
+    return absl::UnimplementedError(absl::StrCat("compressed caches do not implement sliding-window attention (",
+                                                 config.architecture, " uses a window of ", config.sliding_window,
+                                                 " tokens)"));
+  PlanPolicies policies{.cache = CachePolicyFromPlan(plan), .dictionaries = {}};
+  policies.dictionaries.resize(config.num_layers);
+  for (const auto& entry : plan.sparse_coding().layers())
+    policies.dictionaries[entry.layer()] = std::make_shared<const LayerDictionaries>(LayerDictionaries{
+        .atoms = entry.keys().atoms(),
+        .key_atoms = {entry.keys().values().begin(), entry.keys().values().end()},
+        .value_atoms = {entry.values().values().begin(), entry.values().values().end()}});
+  return policies;
 }
 
-absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
-                                                             const plan::Plan& plan, CpuModelOptions options) {
-  absl::StatusOr<LayerCacheFactory> factory = PlanCacheFactory(plan, config, weights);
-  if (!factory.ok()) return factory.status();
-  options.cache_factory = std::move(*factory);
-  options.chunk_rows = kPlannedChunkRows;
-  options.device_label = "cpu+plan";
-  return CreateCpuModel(config, weights, options);
+LayerCacheFactory PlanCacheFactory(std::shared_ptr<const PlanPolicies> policies) {
+  return [policies](const ModelConfig& config, int num_sequences, int capacity) {
+    std::vector<std::unique_ptr<LayerCache>> caches;
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      const LayerPolicy& policy = policies->cache.layers[layer];
+      if (policy.shares())
+        caches.push_back(CreateSharedLayerCache(caches[policy.donor].get()));
+      else if (policy.keeps_full_cache())
+        caches.push_back(CreateDenseLayerCache(config, num_sequences, capacity));
+      else
+        caches.push_back(CreateCompressedLayerCache(config, num_sequences, policy, policies->dictionaries[layer]));
+    }
+    return caches;
+  };
 }
 
 }  // namespace kvplan

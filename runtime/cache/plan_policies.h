@@ -1,27 +1,33 @@
-// Executes a plan file on the CPU runtime: checks it belongs to the model, turns its decisions into layer-cache
-// policies and builds the per-layer caches. The only runtime code that reads the plan schema.
+// A plan, checked against the model it is to run on and turned into what caches execute: the cache policy of
+// every layer and the dictionaries coded layers need. The only runtime code that reads the plan schema.
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "loader/model_config.h"
 #include "loader/weights.h"
+#include "plans/cache_policy.h"
 #include "plans/kvplan.pb.h"
-#include "runtime/cpu/cpu_model.h"
+#include "runtime/cache/compressed_cache.h"
+#include "runtime/cache/layer_cache.h"
 
 namespace kvplan {
 
 plan::ModelFingerprint FingerprintModel(const ModelConfig& config, const WeightSource& weights);
 
-// Rows per prefill pass when a plan compresses the cache, so eviction keeps up with a long prompt.
-inline constexpr int kPlannedChunkRows = 128;
+struct PlanPolicies {
+  CachePolicy cache;
+  std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries;  // [num_layers], null where not coded
+};
 
-// Validates the plan against the model and returns a cache factory executing it (owns the policies).
-absl::StatusOr<LayerCacheFactory> PlanCacheFactory(const plan::Plan& plan, const ModelConfig& config,
-                                                   const WeightSource& weights);
+// Every check a plan must pass before it runs: its structure, that it was calibrated for exactly this model,
+// and that the caches implement what the model needs (no sliding-window attention).
+absl::StatusOr<PlanPolicies> PoliciesFromPlan(const plan::Plan& plan, const ModelConfig& config,
+                                              const WeightSource& weights);
 
-absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
-                                                             const plan::Plan& plan, CpuModelOptions options);
+// The CPU runtime's caches for every layer under `policies`.
+LayerCacheFactory PlanCacheFactory(std::shared_ptr<const PlanPolicies> policies);
 
 }  // namespace kvplan

@@ -7,7 +7,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "kernels/cpu_reference.h"
+#include "runtime/cache/plan_policies.h"
 
 namespace kvplan {
 namespace {
@@ -234,6 +236,15 @@ absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config,
   auto model = std::make_unique<CpuModel>(config, options);
   if (absl::Status status = model->Load(weights); !status.ok()) return status;
   return model;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
+                                                             const plan::Plan& plan, CpuModelOptions options) {
+  KVPLAN_ASSIGN_OR_RETURN(PlanPolicies policies, PoliciesFromPlan(plan, config, weights));
+  options.cache_factory = PlanCacheFactory(std::make_shared<const PlanPolicies>(std::move(policies)));
+  options.chunk_rows = kPlannedChunkRows;
+  options.device_label = "cpu+plan";
+  return CreateCpuModel(config, weights, options);
 }
 
 }  // namespace kvplan

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "loader/weights.h"
+#include "plans/kvplan.pb.h"
 #include "runtime/cache/layer_cache.h"
 #include "runtime/model.h"
 
@@ -27,5 +28,12 @@ struct CpuModelOptions {
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config, const WeightSource& weights,
                                                       const CpuModelOptions& options);
+
+// Rows per prefill pass when a plan compresses the cache, so eviction keeps up with a long prompt.
+inline constexpr int kPlannedChunkRows = 128;
+
+// The CPU runtime executing `plan` once PoliciesFromPlan (runtime/cache/plan_policies.h) accepts it.
+absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
+                                                             const plan::Plan& plan, CpuModelOptions options);
 
 }  // namespace kvplan

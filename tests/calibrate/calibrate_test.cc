@@ -5,8 +5,10 @@
 #include "eval/evaluate.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
+#include "planner/planner.h"
 #include "plans/plan_io.h"
 #include "runtime/cache/plan_policies.h"
+#include "runtime/cpu/cpu_model.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
@@ -53,7 +55,11 @@ TEST(CalibrateTest, EveryMethodEndToEnd) {
   KVPLAN_ASSERT_OK_AND_ASSIGN(result, EvaluatePerplexity(*model, tokens, {.window = 512, .max_tokens = 512}));
   EXPECT_TRUE(std::isfinite(result.perplexity));
   EXPECT_LT(result.perplexity, 200.0);
-  EXPECT_LT(model->kv_cache_bytes(), 512 * loaded.config.kv_bytes_per_token(2));
+  // The calibrated plan, every method at once: the runtime holds exactly the bytes the planner predicted.
+  EXPECT_EQ(model->cached_positions(), 512);
+  EXPECT_EQ(model->kv_cache_bytes(), PlanCacheBytes(read, 512));
+  EXPECT_LT(model->kv_cache_bytes(),
+            FullCacheBytes(loaded.config.num_layers, loaded.config.num_kv_heads, loaded.config.head_dim, 512));
 }
 
 TEST(CalibrateTest, BadOptionsAreRejected) {

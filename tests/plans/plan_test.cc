@@ -107,13 +107,13 @@ TEST(PlanFileTest, PlanForAnotherModelIsRefused) {
   KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
   plan::Plan plan;
   *plan.mutable_model() = FingerprintModel(loaded.config, *loaded.weights);
-  EXPECT_TRUE(PlanCacheFactory(plan, loaded.config, *loaded.weights).ok());
+  EXPECT_TRUE(PoliciesFromPlan(plan, loaded.config, *loaded.weights).ok());
   plan.mutable_model()->set_weights_hash(plan.model().weights_hash() + 1);
-  const auto fine_tune = PlanCacheFactory(plan, loaded.config, *loaded.weights);
+  const auto fine_tune = PoliciesFromPlan(plan, loaded.config, *loaded.weights);
   ASSERT_FALSE(fine_tune.ok());
   EXPECT_NE(fine_tune.status().message().find("weights hash"), std::string::npos);
   plan.mutable_model()->set_num_layers(32);
-  const auto other = PlanCacheFactory(plan, loaded.config, *loaded.weights);
+  const auto other = PoliciesFromPlan(plan, loaded.config, *loaded.weights);
   ASSERT_FALSE(other.ok());
   EXPECT_NE(other.status().message().find("another model"), std::string::npos);
 }

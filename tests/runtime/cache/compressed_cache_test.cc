@@ -99,24 +99,68 @@ TEST(CompressedCacheTest, SharedLayersStoreNothing) {
   EXPECT_LT(difference, 1.0);
 }
 
-TEST(CompressedCacheTest, MeasuredBytesMatchThePlannerEstimate) {
+// Budgets of every size (with and without merging, both scorings), coding with a window wider than the
+// budget's, refresh and sharing, alone and together: after a chunked prefill and after decode steps the runtime
+// holds exactly the bytes the planner predicts.
+TEST(CompressedCacheTest, MeasuredBytesEqualThePlannerEstimate) {
   const Fixture fixture = LoadFixture();
-  PlannerInputs inputs;
-  inputs.model = FingerprintModel(fixture.loaded.config, *fixture.loaded.weights);
-  inputs.target_memory_ratio = 0.3f;
-  inputs.reference_context = 256;
-  inputs.attention_coverage = std::vector<std::vector<float>>(6, {0.3f, 0.5f});
-  inputs.budget_settings.min_tokens = 8;
-  inputs.budget_settings.recent_window = 16;
-  plan::Plan plan = *CompilePlan(inputs);
-  AddIdentityDictionaries(plan, 6, 64, 32);
-  plan.mutable_sparse_coding()->set_key_sparsity(8);
-  plan.mutable_sparse_coding()->set_value_sparsity(8);
-  int64_t measured = 0;
-  const std::vector<float> logits = Logits(fixture, &plan, &measured);
-  const int64_t estimated = PlanCacheBytes(plan, 256);
-  EXPECT_NEAR(double(measured) / estimated, 1.0, 0.1) << measured << " vs " << estimated;
-  for (float value : logits) ASSERT_TRUE(std::isfinite(value));
+  const ModelConfig& config = fixture.loaded.config;
+  struct Case {
+    const char* name;
+    bool budgets, merge, attention, coding, refresh, share;
+  };
+  const Case cases[] = {
+      {"budgets", true, false, false, false, false, false},
+      {"budgets+merge", true, true, false, false, false, false},
+      {"attention budgets+merge", true, true, true, false, false, false},
+      {"coding", false, false, false, true, false, false},
+      {"refresh", false, false, false, false, true, false},
+      {"share", false, false, false, false, false, true},
+      {"budgets+coding", true, true, false, true, false, false},
+      {"everything", true, true, true, true, true, true},
+  };
+  for (const Case& c : cases) {
+    PlannerInputs inputs;
+    inputs.model = FingerprintModel(config, *fixture.loaded.weights);
+    inputs.target_memory_ratio = 0.3f;
+    inputs.reference_context = 256;
+    if (c.budgets) {
+      // Heads of very different coverage, so budgets range from the floor to most of the context.
+      inputs.attention_coverage = std::vector<std::vector<float>>(config.num_layers, {0.05f, 0.6f});
+      inputs.budget_settings.policy.min_tokens = 8;
+      inputs.budget_settings.policy.recent_window = 16;
+      inputs.budget_settings.policy.merge_evicted = c.merge;
+      if (c.attention) inputs.budget_settings.policy.scoring = plan::TokenBudgets::ATTENTION_SCORE;
+    }
+    if (c.share) {
+      auto* share = inputs.sharing.add_shares();
+      share->set_layer(4);
+      share->set_donor(2);
+    }
+    inputs.refresh = c.refresh;
+    inputs.refresh_policy.min_small_cache_tokens = 16;
+    KVPLAN_ASSERT_OK_AND_ASSIGN(plan, CompilePlan(inputs));
+    if (c.coding) {
+      AddIdentityDictionaries(plan, config.num_layers, config.head_dim, /*recent_window=*/32);
+      plan.mutable_sparse_coding()->set_key_sparsity(8);
+      plan.mutable_sparse_coding()->set_value_sparsity(8);
+    }
+    KVPLAN_ASSERT_OK_AND_ASSIGN(
+        model, CreatePlannedCpuModel(config, *fixture.loaded.weights, plan, {.capacity = 512}));
+    const int prompt = int(fixture.tokens.size()) - 8;
+    ASSERT_TRUE(model->Forward(SequenceRows({fixture.tokens.begin(), fixture.tokens.begin() + prompt}, 0, 0),
+                               LogitRows::kLastPerSequence).ok());
+    EXPECT_EQ(model->kv_cache_bytes(), PlanCacheBytes(plan, prompt)) << c.name << " after the prefill";
+    for (int position = prompt; position < int(fixture.tokens.size()); ++position) {
+      KVPLAN_ASSERT_OK_AND_ASSIGN(logits, model->Forward(SequenceRows({fixture.tokens[position]}, 0, position),
+                                                         LogitRows::kLastPerSequence));
+      for (float value : logits) ASSERT_TRUE(std::isfinite(value)) << c.name;
+      EXPECT_EQ(model->kv_cache_bytes(), PlanCacheBytes(plan, position + 1)) << c.name << " at " << position + 1;
+    }
+    // RefreshKV alone saves no memory: it adds its selection to the full cache.
+    if (c.budgets || c.coding || c.share)
+      EXPECT_LT(model->kv_cache_bytes(), FullCacheBytes(plan.model(), int64_t(fixture.tokens.size()))) << c.name;
+  }
 }
 
 // A one-head cache with value e_t for token t and zero queries (uniform attention): the output is the mean of
@@ -136,7 +180,7 @@ class EvictionTest : public ::testing::Test {
     return config;
   }
   std::vector<float> Run(const BudgetPolicy& budget, std::vector<float>* output_after_eviction) {
-    std::unique_ptr<LayerCache> cache = CreateCompressedLayerCache(Config(), 1, {nullptr, &budget, nullptr});
+    std::unique_ptr<LayerCache> cache = CreateCompressedLayerCache(Config(), 1, {.budget = budget}, nullptr);
     std::vector<float> keys(kTokens * kDim, 0.0f), values(kTokens * kDim, 0.0f);
     std::vector<int32_t> positions(kTokens);
     for (int t = 0; t < kTokens; ++t) {
@@ -156,9 +200,11 @@ class EvictionTest : public ::testing::Test {
 };
 
 TEST_F(EvictionTest, L2ScoringKeepsTheLowestNormKeys) {
-  BudgetPolicy budget;
-  budget.head_keep_fraction = {0.5f};  // 6 of 12 tokens
-  budget.recent_window = 2;            // tokens 10 and 11 always stay
+  BudgetPolicy budget{.head_keep_fraction = {0.5f},  // 6 of 12 tokens
+                      .recent_window = 2,              // tokens 10 and 11 always stay
+                      .sink_tokens = 0,
+                      .min_tokens = 0,
+                      .merge_evicted = false};
   std::vector<float> output;
   const std::vector<float> keys = Run(budget, &output);
   // Of tokens 0..9, the four with the lowest key norms stay.
@@ -172,11 +218,12 @@ TEST_F(EvictionTest, L2ScoringKeepsTheLowestNormKeys) {
 }
 
 TEST_F(EvictionTest, MergingKeepsTheEvictedMass) {
-  BudgetPolicy budget;
-  budget.head_keep_fraction = {0.5f};
-  budget.recent_window = 2;
-  budget.merge_evicted = true;
-  budget.merge_compensation = 1.0f;
+  BudgetPolicy budget{.head_keep_fraction = {0.5f},
+                      .recent_window = 2,
+                      .sink_tokens = 0,
+                      .min_tokens = 0,
+                      .merge_evicted = true,
+                      .merge_compensation = 1.0f};
   std::vector<float> output;
   Run(budget, &output);
   // Six tokens kept plus a slot standing for six with logit bias log 6: total weight 12, each token 1/12.
