@@ -1,0 +1,40 @@
+# Fails when a room includes a room it must not depend on. Run as: cmake -DSOURCE_DIR=... -P check_layering.cmake
+#   kernels  <- nothing of kvplan's but kernels; no .cu or .cuh includes abseil or protobuf
+#   base, plans, planner: never runtime, loader, kernels, eval or calibrate (planner and runtime meet only in plans)
+#   loader: never plans, runtime, eval, planner or calibrate;  runtime: never eval, planner or calibrate
+#   calibrate: never eval (it reads text through loader/)
+set(rules
+  "kernels:base/|plans/|loader/|runtime/|eval/|planner/|calibrate/|cli/"
+  "base:kernels/|plans/|loader/|runtime/|eval/|planner/|calibrate/|cli/"
+  "plans:kernels/|loader/|runtime/|eval/|planner/|calibrate/|cli/"
+  "planner:kernels/|loader/|runtime/|eval/|calibrate/|cli/"
+  "loader:kernels/|plans/|runtime/|eval/|planner/|calibrate/|cli/"
+  "runtime:eval/|planner/|calibrate/|cli/"
+  "eval:planner/|calibrate/|cli/"
+  "calibrate:eval/|cli/")
+set(violations "")
+foreach(rule IN LISTS rules)
+  string(REPLACE ":" ";" parts "${rule}")
+  list(GET parts 0 room)
+  list(GET parts 1 forbidden)
+  file(GLOB_RECURSE sources "${SOURCE_DIR}/${room}/*.h" "${SOURCE_DIR}/${room}/*.cc" "${SOURCE_DIR}/${room}/*.cu"
+       "${SOURCE_DIR}/${room}/*.cuh")
+  foreach(source IN LISTS sources)
+    file(STRINGS "${source}" includes REGEX "^#include \"(${forbidden})")
+    foreach(line IN LISTS includes)
+      list(APPEND violations "${source}: ${line}")
+    endforeach()
+  endforeach()
+endforeach()
+file(GLOB_RECURSE device_sources "${SOURCE_DIR}/kernels/*.cu" "${SOURCE_DIR}/kernels/*.cuh")
+foreach(source IN LISTS device_sources)
+  file(STRINGS "${source}" includes REGEX "^#include [\"<](absl/|google/protobuf)")
+  foreach(line IN LISTS includes)
+    list(APPEND violations "${source}: ${line}")
+  endforeach()
+endforeach()
+if(violations)
+  list(JOIN violations "\n" message)
+  message(FATAL_ERROR "layering violations:\n${message}")
+endif()
+message(STATUS "layering: every room includes only the rooms below it")
