@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cuda/kernels.h"
+#include "plans/cache_policy.h"
 
 namespace {
 
@@ -132,8 +133,10 @@ int main(int argc, char** argv) {
       CHECK(cuda::sparse_attention(shape, q, positions, view, key_dictionary, value_dictionary, d_freq, sparse_out,
                                    nullptr, sparse_workspace, nullptr));
     });
-    const double dense_mb = 2.0 * cache * 2 / 1e6;
-    const double sparse_mb = coded * ((kKeySparsity + kValueSparsity) * 4 + 4) / 1e6;
+    LayerPolicy coded_layer;
+    coded_layer.coding = CodingPolicy{.key_sparsity = kKeySparsity, .value_sparsity = kValueSparsity};
+    const double dense_mb = kKvHeads * HeadBytes(LayerPolicy{}, kHeadDim, {.dense = context}) / 1e6;
+    const double sparse_mb = kKvHeads * HeadBytes(coded_layer, kHeadDim, {.coded = context}) / 1e6;
     std::printf("%8d %14.1f %12.2f %14.1f %12.2f %10.0f\n", context, dense_us, dense_mb, sparse_us, sparse_mb,
                 dense_mb / dense_us * 1e3);
   }
