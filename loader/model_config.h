@@ -41,10 +41,6 @@ struct ModelConfig {
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
-  // Bytes of K and V for one token across all layers at the given element size.
-  int64_t kv_bytes_per_token(int bytes_per_element) const {
-    return int64_t(2) * num_layers * kv_dim() * bytes_per_element;
-  }
   int64_t parameter_count() const;
 };
 

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/kernels.h"
+#include "plans/cache_policy.h"
 
 namespace kvplan {
 namespace {
@@ -131,7 +132,7 @@ class CudaModel : public Model {
   void Reset() override { std::fill(lengths_.begin(), lengths_.end(), 0); }
   int64_t kv_cache_bytes() const override {
     const int64_t tokens = std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
-    return tokens * config_.kv_bytes_per_token(sizeof(__nv_bfloat16));
+    return FullCacheBytes(config_.num_layers, config_.num_kv_heads, config_.head_dim, tokens);
   }
 
   int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(__nv_bfloat16)); }
