@@ -166,8 +166,7 @@ double MeanCosine(const std::vector<float>& a, const std::vector<float>& b, int 
 absl::Status RunSequences(Model& model, const std::vector<std::vector<int32_t>>& sequences) {
   for (const auto& sequence : sequences) {
     model.Reset();
-    absl::StatusOr<std::vector<float>> logits = model.Forward(SequenceRows(sequence, 0, 0), LogitRows::kLastPerSequence);
-    if (!logits.ok()) return logits.status();
+    KVPLAN_RETURN_IF_ERROR(model.Forward(SequenceRows(sequence, 0, 0), LogitRows::kLastPerSequence).status());
   }
   return absl::OkStatus();
 }
@@ -213,7 +212,7 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     HiddenObserver observer(config.hidden_size);
     KVPLAN_ASSIGN_OR_RETURN(auto model, CreatePlannedCpuModel(config, weights, candidate,
                                                          {.capacity = options.sequence_length, .observer = &observer}));
-    if (absl::Status status = RunSequences(*model, sequences); !status.ok()) return status;
+    KVPLAN_RETURN_IF_ERROR(RunSequences(*model, sequences));
     const double cosine = MeanCosine(observer.hidden_, statistics.hidden(), config.hidden_size);
     if (cosine < options.share_cosine_threshold) continue;
     share->set_layer_distance(pair.distance);

@@ -26,9 +26,8 @@ namespace {
 // The plan named on the command line, if any; its model check happens when the model is built.
 absl::StatusOr<std::optional<plan::Plan>> OptionalPlan(const std::string& path) {
   if (path.empty()) return std::optional<plan::Plan>();
-  absl::StatusOr<plan::Plan> plan = ReadPlanFile(path);
-  if (!plan.ok()) return plan.status();
-  return std::optional<plan::Plan>(std::move(*plan));
+  KVPLAN_ASSIGN_OR_RETURN(plan::Plan plan, ReadPlanFile(path));
+  return std::optional<plan::Plan>(std::move(plan));
 }
 
 const plan::Plan* PlanPointer(const std::optional<plan::Plan>& plan) { return plan ? &*plan : nullptr; }
@@ -164,7 +163,7 @@ absl::Status RunCalibrate(CalibrateCommand command) {
                             }
                             bar->Update(done, total);
                           }));
-  if (absl::Status status = WritePlanFile(plan, command.output_path); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(WritePlanFile(plan, command.output_path));
   std::printf("%s\nwrote %s\n", DescribePlan(plan).c_str(), command.output_path.c_str());
   return absl::OkStatus();
 }

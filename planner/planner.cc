@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 #include "google/protobuf/util/json_util.h"
 #include "plans/plan_io.h"
 
@@ -115,7 +116,7 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
     }
   }
   RecordEstimates(plan);
-  if (absl::Status status = ValidatePlanStructure(plan); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(ValidatePlanStructure(plan));
   return plan;
 }
 

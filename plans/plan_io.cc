@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/hash.h"
+#include "base/status_macros.h"
 
 namespace kvplan {
 namespace {
@@ -65,12 +66,12 @@ absl::StatusOr<plan::Plan> ParsePlanFile(std::string_view bytes) {
     return absl::DataLossError("plan payload does not parse as kvplan.plan.Plan");
   if (plan.format_version() != version)
     return absl::DataLossError("plan payload and header disagree on the format version");
-  if (absl::Status status = ValidatePlanStructure(plan); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(ValidatePlanStructure(plan));
   return plan;
 }
 
 absl::Status WritePlanFile(const plan::Plan& plan, const std::string& path) {
-  if (absl::Status status = ValidatePlanStructure(plan); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(ValidatePlanStructure(plan));
   std::ofstream out(path, std::ios::binary);
   const std::string bytes = SerializePlanFile(plan);
   out.write(bytes.data(), std::streamsize(bytes.size()));

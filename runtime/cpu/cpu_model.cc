@@ -34,9 +34,8 @@ void MatMulTransposed(const float* x, const float* w, int rows, int in, int out,
 absl::StatusOr<std::vector<float>> ReadStacked(const WeightSource& weights, const std::vector<TensorSpec>& specs) {
   std::vector<float> stacked;
   for (const TensorSpec& spec : specs) {
-    absl::StatusOr<std::vector<float>> part = weights.Read(spec);
-    if (!part.ok()) return part.status();
-    stacked.insert(stacked.end(), part->begin(), part->end());
+    KVPLAN_ASSIGN_OR_RETURN(const std::vector<float> part, weights.Read(spec));
+    stacked.insert(stacked.end(), part.begin(), part.end());
   }
   return stacked;
 }
@@ -50,16 +49,10 @@ class CpuModel : public Model {
         inv_freq_(RopeInverseFrequencies(config)) {}
 
   absl::Status Load(const WeightSource& weights) {
-    absl::StatusOr<std::vector<float>> embed = weights.Read(EmbeddingSpec(config_));
-    if (!embed.ok()) return embed.status();
-    embed_ = std::move(*embed);
-    absl::StatusOr<std::vector<float>> norm = weights.Read(FinalNormSpec(config_));
-    if (!norm.ok()) return norm.status();
-    final_norm_ = std::move(*norm);
+    KVPLAN_ASSIGN_OR_RETURN(embed_, weights.Read(EmbeddingSpec(config_)));
+    KVPLAN_ASSIGN_OR_RETURN(final_norm_, weights.Read(FinalNormSpec(config_)));
     if (!config_.tie_word_embeddings) {
-      absl::StatusOr<std::vector<float>> head = weights.Read(LmHeadSpec(config_));
-      if (!head.ok()) return head.status();
-      lm_head_ = std::move(*head);
+      KVPLAN_ASSIGN_OR_RETURN(lm_head_, weights.Read(LmHeadSpec(config_)));
     }
     for (int l = 0; l < config_.num_layers; ++l) {
       const LayerSpecs specs = LayerTensorSpecs(config_, l);
@@ -70,9 +63,7 @@ class CpuModel : public Model {
           {&layer.down, {specs.down}}};
       if (config_.attention_bias) parts.push_back({&layer.qkv_bias, {specs.q_bias, specs.k_bias, specs.v_bias}});
       for (auto& [target, part_specs] : parts) {
-        absl::StatusOr<std::vector<float>> values = ReadStacked(weights, part_specs);
-        if (!values.ok()) return values.status();
-        *target = std::move(*values);
+        KVPLAN_ASSIGN_OR_RETURN(*target, ReadStacked(weights, part_specs));
       }
       layers_.push_back(std::move(layer));
     }
@@ -117,7 +108,7 @@ class CpuModel : public Model {
   }
 
   absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) override {
-    if (absl::Status status = ValidateStepRows(rows, config_, lengths_, capacity_); !status.ok()) return status;
+    KVPLAN_RETURN_IF_ERROR(ValidateStepRows(rows, config_, lengths_, capacity_));
     const int T = int(rows.tokens.size());
     std::vector<bool> wanted(T);
     for (int t = 0; t < T; ++t)
@@ -234,7 +225,7 @@ absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config,
   // made plan evaluations 1.75x slower on 2 cores, so BLAS runs single-threaded inside each OpenMP worker.
   openblas_set_num_threads(1);
   auto model = std::make_unique<CpuModel>(config, options);
-  if (absl::Status status = model->Load(weights); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(model->Load(weights));
   return model;
 }
 
