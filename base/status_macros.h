@@ -10,10 +10,9 @@
 #define KVPLAN_STATUS_CONCAT(a, b) KVPLAN_STATUS_CONCAT_INNER(a, b)
 
 // Returns the status of `expr` from the enclosing function unless it is OK.
-#define KVPLAN_RETURN_IF_ERROR(expr)                                   \
-  do {                                                                 \
-    if (::absl::Status kvplan_status = (expr); !kvplan_status.ok()) \
-      return kvplan_status;                                            \
+#define KVPLAN_RETURN_IF_ERROR(expr)                                                      \
+  do {                                                                                    \
+    if (::absl::Status kvplan_status = (expr); !kvplan_status.ok()) return kvplan_status; \
   } while (0)
 
 // `lhs = value of expr`, or returns its status from the enclosing function. lhs may declare a variable

@@ -16,13 +16,13 @@
 
 namespace {
 
-#define CHECK(call)                                                                             \
-  do {                                                                                          \
-    const cudaError_t error = (call);                                                           \
-    if (error != cudaSuccess) {                                                                 \
+#define CHECK(call)                                                                                  \
+  do {                                                                                               \
+    const cudaError_t error = (call);                                                                \
+    if (error != cudaSuccess) {                                                                      \
       std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(error)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
+      std::exit(1);                                                                                  \
+    }                                                                                                \
   } while (0)
 
 template <typename T>
@@ -116,7 +116,12 @@ int main(int argc, char** argv) {
                                    DeviceRandom<__half>(coded * kKeySparsity, generator, 0.5f),
                                    DeviceRandom<uint16_t>(coded * kValueSparsity, generator, 0, true, kAtoms),
                                    DeviceRandom<__half>(coded * kValueSparsity, generator, 0.5f),
-                                   d_positions, d_zeros, nullptr, nullptr, nullptr, nullptr};
+                                   d_positions,
+                                   d_zeros,
+                                   nullptr,
+                                   nullptr,
+                                   nullptr,
+                                   nullptr};
     float* key_dictionary = DeviceRandom<float>(size_t(kAtoms) * kHeadDim, generator, scale);
     float* value_dictionary = DeviceRandom<float>(size_t(kAtoms) * kHeadDim, generator, scale);
     std::vector<float> inv_freq(kHeadDim / 2);

@@ -23,8 +23,8 @@
 namespace kvplan {
 namespace {
 
-constexpr float kCoverageMass = 0.9f;     // attention mass a head's budget should cover
-constexpr int kCoverageQueries = 32;      // last rows of each calibration sequence used as queries
+constexpr float kCoverageMass = 0.9f;      // attention mass a head's budget should cover
+constexpr int kCoverageQueries = 32;       // last rows of each calibration sequence used as queries
 constexpr float kHeldBackFraction = 0.1f;  // dictionary vectors kept out of training to measure error
 
 // Collects, from full-cache forward passes, what every method needs.
@@ -139,7 +139,9 @@ class StatisticsObserver : public ForwardObserver {
 class HiddenObserver : public ForwardObserver {
  public:
   void OnLayerKv(int, int, const float*, const float*, const float*, const float*) override {}
-  void OnFinalHidden(int rows, const float* hidden) override { hidden_.insert(hidden_.end(), hidden, hidden + rows * dim_); }
+  void OnFinalHidden(int rows, const float* hidden) override {
+    hidden_.insert(hidden_.end(), hidden, hidden + rows * dim_);
+  }
   explicit HiddenObserver(int dim) : dim_(dim) {}
   std::vector<float> hidden_;
 
@@ -189,7 +191,8 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
   for (int i = 0; i < layers; ++i)
     for (int j = i + 1; j < layers; ++j) {
       double distance = 0;
-      for (size_t d = 0; d < means[i].size(); ++d) distance += double(means[i][d] - means[j][d]) * (means[i][d] - means[j][d]);
+      for (size_t d = 0; d < means[i].size(); ++d)
+        distance += double(means[i][d] - means[j][d]) * (means[i][d] - means[j][d]);
       pairs.push_back({i, j, float(std::sqrt(distance))});
     }
   std::stable_sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) { return a.distance > b.distance; });
@@ -210,8 +213,9 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     share->set_layer(pair.layer);
     share->set_donor(pair.donor);
     HiddenObserver observer(config.hidden_size);
-    KVPLAN_ASSIGN_OR_RETURN(auto model, CreatePlannedCpuModel(config, weights, candidate,
-                                                         {.capacity = options.sequence_length, .observer = &observer}));
+    KVPLAN_ASSIGN_OR_RETURN(auto model,
+                            CreatePlannedCpuModel(config, weights, candidate,
+                                                  {.capacity = options.sequence_length, .observer = &observer}));
     KVPLAN_RETURN_IF_ERROR(RunSequences(*model, sequences));
     const double cosine = MeanCosine(observer.hidden_, statistics.hidden(), config.hidden_size);
     if (cosine < options.share_cosine_threshold) continue;
@@ -294,8 +298,8 @@ const std::set<std::string>& KnownMethods() {
 absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress) {
   for (const std::string& method : options.methods)
     if (!KnownMethods().contains(method))
-      return absl::InvalidArgumentError(absl::StrCat("unknown method \"", method, "\" (known: ",
-                                                     absl::StrJoin(KnownMethods(), ", "), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown method \"", method, "\" (known: ", absl::StrJoin(KnownMethods(), ", "), ")"));
   if (!(options.target_memory_ratio > 0.0f && options.target_memory_ratio <= 1.0f))
     return absl::InvalidArgumentError("--target-memory must be in (0, 1]: the plan's bytes over the full cache's");
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(options.model_dir));
@@ -316,10 +320,11 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   StatisticsObserver statistics(config, options.max_training_vectors, options.sequence_length);
   {
     KVPLAN_ASSIGN_OR_RETURN(auto model, CreateCpuModel(config, *loaded.weights,
-                                                  {.capacity = options.sequence_length, .observer = &statistics}));
+                                                       {.capacity = options.sequence_length, .observer = &statistics}));
     for (size_t i = 0; i < sequences.size(); ++i) {
       model->Reset();
-      KVPLAN_ASSIGN_OR_RETURN(auto logits, model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
+      KVPLAN_ASSIGN_OR_RETURN(auto logits,
+                              model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
       if (progress) progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
     }
   }
@@ -340,7 +345,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
 
   if (options.methods.contains("share")) {
     KVPLAN_ASSIGN_OR_RETURN(auto sharing, SearchSharing(options, config, *loaded.weights, inputs.model, sequences,
-                                                   statistics, tokens, progress));
+                                                        statistics, tokens, progress));
     inputs.sharing = std::move(sharing);
   }
   std::set<int> sharers;
@@ -358,9 +363,9 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
       entry->set_layer(layer);
       *entry->mutable_keys() = LearnDictionary(statistics.key_samples(layer), config.head_dim, options.dictionary_atoms,
                                                options.key_sparsity, options.dictionary_epochs);
-      *entry->mutable_values() = LearnDictionary(statistics.value_samples(layer), config.head_dim,
-                                                 options.dictionary_atoms, options.value_sparsity,
-                                                 options.dictionary_epochs);
+      *entry->mutable_values() =
+          LearnDictionary(statistics.value_samples(layer), config.head_dim, options.dictionary_atoms,
+                          options.value_sparsity, options.dictionary_epochs);
     }
   }
   if (options.methods.contains("budget")) inputs.attention_coverage = statistics.Coverage();

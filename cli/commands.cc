@@ -44,9 +44,10 @@ absl::Status RunGenerate(const GenerateCommand& command) {
   prompt.insert(prompt.end(), body.begin(), body.end());
   const int capacity = int(prompt.size()) + command.max_new_tokens;
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
-                                             {.backend = backend, .capacity = capacity, .max_rows = capacity,
-                                              .plan = PlanPointer(plan)}));
+  KVPLAN_ASSIGN_OR_RETURN(
+      auto model,
+      CreateModel(loaded.config, *loaded.weights,
+                  {.backend = backend, .capacity = capacity, .max_rows = capacity, .plan = PlanPointer(plan)}));
   KVPLAN_ASSIGN_OR_RETURN(auto generated,
                           GenerateGreedy(*model, prompt, command.max_new_tokens, loaded.config.eos_token_id));
   std::printf("%s%s\n", command.prompt.c_str(), tokenizer->Decode(generated).c_str());
@@ -60,9 +61,10 @@ absl::Status RunEval(const EvalCommand& command) {
   int capacity = command.window;
   for (int length : command.needle_lengths) capacity = std::max(capacity, length);
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
-                                             {.backend = backend, .capacity = capacity, .max_rows = capacity,
-                                              .plan = PlanPointer(plan)}));
+  KVPLAN_ASSIGN_OR_RETURN(
+      auto model,
+      CreateModel(loaded.config, *loaded.weights,
+                  {.backend = backend, .capacity = capacity, .max_rows = capacity, .plan = PlanPointer(plan)}));
   std::vector<std::string> json_fields = {absl::StrFormat("\"device\": \"%s\"", model->device_name())};
   std::printf("model %s on %s\n", command.model_dir.c_str(), model->device_name().c_str());
   if (!command.skip_perplexity) {
@@ -71,8 +73,9 @@ absl::Status RunEval(const EvalCommand& command) {
         TokenizeDocuments(*tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
     ProgressBar bar("perplexity");
     KVPLAN_ASSIGN_OR_RETURN(
-        auto perplexity, EvaluatePerplexity(*model, tokens, {.window = command.window, .max_tokens = command.max_tokens},
-                                       [&](int64_t done, int64_t total) { bar.Update(done, total); }));
+        auto perplexity,
+        EvaluatePerplexity(*model, tokens, {.window = command.window, .max_tokens = command.max_tokens},
+                           [&](int64_t done, int64_t total) { bar.Update(done, total); }));
     std::printf("held-out perplexity %.4f over %lld tokens (%d windows of %d)\n", perplexity.perplexity,
                 (long long)perplexity.scored_tokens, perplexity.windows, command.window);
     json_fields.push_back(absl::StrFormat("\"perplexity\": %.6f, \"scored_tokens\": %d", perplexity.perplexity,
@@ -81,9 +84,9 @@ absl::Status RunEval(const EvalCommand& command) {
   if (!command.needle_prompts_path.empty()) {
     std::ofstream out(command.needle_prompts_path);
     std::vector<std::string> entries;
-    for (const NeedleTrial& trial : NeedleTrials(*tokenizer, loaded.config.bos_token_id,
-                                                 {.context_lengths = command.needle_lengths,
-                                                  .trials = command.needle_trials}))
+    for (const NeedleTrial& trial :
+         NeedleTrials(*tokenizer, loaded.config.bos_token_id,
+                      {.context_lengths = command.needle_lengths, .trials = command.needle_trials}))
       entries.push_back(absl::StrFormat("{\"length\": %d, \"key\": %d, \"ids\": [%s]}", trial.context_length,
                                         trial.pass_key, absl::StrJoin(trial.prompt, ",")));
     out << "[" << absl::StrJoin(entries, ",\n") << "]\n";
@@ -92,9 +95,9 @@ absl::Status RunEval(const EvalCommand& command) {
   if (!command.skip_needle) {
     ProgressBar bar("needle");
     KVPLAN_ASSIGN_OR_RETURN(
-        auto needles, EvaluateNeedle(*model, *tokenizer,
-                                {.context_lengths = command.needle_lengths, .trials = command.needle_trials},
-                                [&](int64_t done, int64_t total) { bar.Update(done, total); }));
+        auto needles,
+        EvaluateNeedle(*model, *tokenizer, {.context_lengths = command.needle_lengths, .trials = command.needle_trials},
+                       [&](int64_t done, int64_t total) { bar.Update(done, total); }));
     std::vector<std::string> needle_fields;
     for (const NeedleResult& result : needles) {
       std::printf("needle @%d: %d/%d = %.3f\n", result.context_length, result.correct, result.trials,
@@ -125,21 +128,23 @@ absl::Status RunBench(const BenchCommand& command) {
   if (command.model_dir.empty() == command.model_shape.empty())
     return absl::InvalidArgumentError("give exactly one of --model and --shape");
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, command.model_dir.empty() ? RandomModel(command.model_shape, 1)
-                                                            : OpenModelDirectory(command.model_dir));
+                                                                 : OpenModelDirectory(command.model_dir));
   const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
   const int capacity = max_context + command.steps + 8;
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
   KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
-                                             {.backend = backend, .num_sequences = command.batch,
-                                              .capacity = capacity, .max_rows = command.batch,
-                                              .plan = PlanPointer(plan)}));
-  std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step",
-              "KV bytes", "GB/s");
+                                                  {.backend = backend,
+                                                   .num_sequences = command.batch,
+                                                   .capacity = capacity,
+                                                   .max_rows = command.batch,
+                                                   .plan = PlanPointer(plan)}));
+  std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step", "KV bytes",
+              "GB/s");
   for (int context : command.contexts) {
     KVPLAN_ASSIGN_OR_RETURN(auto result, BenchDecode(*model, {.context = context, .steps = command.steps}));
     std::printf("%-12s %8d %6d %12.1f %10.3f %12lld %10.1f\n", result.device.substr(0, 12).c_str(), result.context,
-                result.batch, result.tokens_per_second, result.seconds_per_step * 1e3,
-                (long long)result.kv_cache_bytes, result.achieved_gb_per_second);
+                result.batch, result.tokens_per_second, result.seconds_per_step * 1e3, (long long)result.kv_cache_bytes,
+                result.achieved_gb_per_second);
   }
   return absl::OkStatus();
 }
@@ -156,7 +161,8 @@ absl::Status RunCalibrate(CalibrateCommand command) {
   command.options.budget_settings.policy.merge_evicted = !command.no_merge;
   std::string stage;
   std::unique_ptr<ProgressBar> bar;
-  KVPLAN_ASSIGN_OR_RETURN(auto plan, Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
+  KVPLAN_ASSIGN_OR_RETURN(auto plan,
+                          Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
                             if (name != stage) {
                               stage = name;
                               bar = std::make_unique<ProgressBar>(name);

@@ -29,7 +29,7 @@ struct EvalCommand {
   bool skip_perplexity = false;
   std::string device = "auto";
   std::string plan_path;
-  std::string json_path;  // also write the results here when set
+  std::string json_path;            // also write the results here when set
   std::string needle_prompts_path;  // write the needle trials (ids, pass key) as JSON, for cross-checking
 };
 absl::Status RunEval(const EvalCommand& command);

@@ -69,8 +69,9 @@ int main(int argc, char** argv) {
   calibrate_app->add_flag("--no-merge", calibrate.no_merge, "budgets: drop evicted tokens instead of merging them");
   calibrate_app->add_option("--recent-window", calibration.budget_settings.policy.recent_window,
                             "budgets: never-evicted recent tokens");
-  calibrate_app->add_option("--exempt-layers", calibration.budget_settings.exempt_layers,
-                            "budgets: layers that keep every token (default 0,1; pass -1 for none)")
+  calibrate_app
+      ->add_option("--exempt-layers", calibration.budget_settings.exempt_layers,
+                   "budgets: layers that keep every token (default 0,1; pass -1 for none)")
       ->delimiter(',');
 
   kvplan::InspectCommand inspect;

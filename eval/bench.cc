@@ -4,13 +4,14 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 
 namespace kvplan {
 
 absl::StatusOr<BenchResult> BenchDecode(Model& model, const BenchOptions& options) {
   if (options.context + options.warmup + options.steps > model.capacity())
     return absl::InvalidArgumentError(absl::StrCat("context + steps exceed the cache capacity ", model.capacity()));
-  if (absl::Status status = model.FillCacheWithNoise(options.context); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(model.FillCacheWithNoise(options.context));
   const int64_t kv_cache_bytes = model.kv_cache_bytes();
   const int batch = model.num_sequences();
   StepRows rows;
@@ -23,9 +24,9 @@ absl::StatusOr<BenchResult> BenchDecode(Model& model, const BenchOptions& option
   for (int step = 0; step < options.warmup + options.steps; ++step) {
     const auto start = std::chrono::steady_clock::now();
     // Forward returns after the logits reach the host, so wall time covers the whole step.
-    absl::StatusOr<std::vector<float>> logits = model.Forward(rows, LogitRows::kLastPerSequence);
-    if (!logits.ok()) return logits.status();
-    if (step >= options.warmup) seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    KVPLAN_ASSIGN_OR_RETURN(std::vector<float> logits, model.Forward(rows, LogitRows::kLastPerSequence));
+    if (step >= options.warmup)
+      seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     for (int32_t& position : rows.positions) ++position;
   }
   BenchResult result;

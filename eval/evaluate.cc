@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "base/status_macros.h"
 
 namespace kvplan {
 namespace {
@@ -38,8 +39,8 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const std::vec
                                                     const ProgressCallback& progress) {
   if (options.window < 2) return absl::InvalidArgumentError("perplexity window must be at least 2 tokens");
   if (options.window > model.capacity())
-    return absl::InvalidArgumentError(absl::StrCat("perplexity window ", options.window, " exceeds the cache capacity ",
-                                                   model.capacity()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("perplexity window ", options.window, " exceeds the cache capacity ", model.capacity()));
   const int64_t usable = std::min<int64_t>(tokens.size(), options.max_tokens);
   const int windows = int(usable / options.window);
   if (windows == 0)
@@ -51,10 +52,9 @@ absl::StatusOr<PerplexityResult> EvaluatePerplexity(Model& model, const std::vec
     model.Reset();
     const std::vector<int32_t> window(tokens.begin() + int64_t(w) * options.window,
                                       tokens.begin() + int64_t(w + 1) * options.window);
-    absl::StatusOr<std::vector<float>> logits = model.Forward(SequenceRows(window, 0, 0), LogitRows::kAll);
-    if (!logits.ok()) return logits.status();
+    KVPLAN_ASSIGN_OR_RETURN(std::vector<float> logits, model.Forward(SequenceRows(window, 0, 0), LogitRows::kAll));
     for (int t = 0; t + 1 < options.window; ++t) {
-      const float* row = logits->data() + int64_t(t) * vocab;
+      const float* row = logits.data() + int64_t(t) * vocab;
       const float max_logit = *std::max_element(row, row + vocab);
       double sum = 0;
       for (int i = 0; i < vocab; ++i) sum += std::exp(double(row[i] - max_logit));
@@ -102,8 +102,9 @@ std::vector<NeedleTrial> NeedleTrials(const Tokenizer& tokenizer, int bos_token_
     for (int trial = 0; trial < options.trials; ++trial) {
       const int pass_key = key_distribution(generator);
       const double depth = options.trials > 1 ? double(trial) / (options.trials - 1) : 0.5;
-      trials.push_back({context_length, pass_key,
-                        NeedlePrompt(tokenizer, bos_token_id, context_length - options.answer_tokens, pass_key, depth)});
+      trials.push_back(
+          {context_length, pass_key,
+           NeedlePrompt(tokenizer, bos_token_id, context_length - options.answer_tokens, pass_key, depth)});
     }
   }
   return trials;
@@ -114,8 +115,8 @@ absl::StatusOr<std::vector<NeedleResult>> EvaluateNeedle(Model& model, const Tok
                                                          const ProgressCallback& progress) {
   for (int context_length : options.context_lengths)
     if (context_length > model.capacity())
-      return absl::InvalidArgumentError(absl::StrCat("needle context ", context_length, " exceeds the cache capacity ",
-                                                     model.capacity()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("needle context ", context_length, " exceeds the cache capacity ", model.capacity()));
   const std::vector<NeedleTrial> trials = NeedleTrials(tokenizer, model.config().bos_token_id, options);
   std::vector<NeedleResult> results;
   for (size_t i = 0; i < trials.size(); ++i) {
@@ -123,9 +124,9 @@ absl::StatusOr<std::vector<NeedleResult>> EvaluateNeedle(Model& model, const Tok
     if (results.empty() || results.back().context_length != trial.context_length)
       results.push_back({.context_length = trial.context_length});
     model.Reset();
-    absl::StatusOr<std::vector<int32_t>> answer = GenerateGreedy(model, trial.prompt, options.answer_tokens, -1);
-    if (!answer.ok()) return answer.status();
-    results.back().correct += FirstInteger(tokenizer.Decode(*answer)) == trial.pass_key;
+    KVPLAN_ASSIGN_OR_RETURN(std::vector<int32_t> answer,
+                            GenerateGreedy(model, trial.prompt, options.answer_tokens, -1));
+    results.back().correct += FirstInteger(tokenizer.Decode(answer)) == trial.pass_key;
     ++results.back().trials;
     if (progress) progress(int64_t(i) + 1, int64_t(trials.size()));
   }

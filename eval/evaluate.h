@@ -16,8 +16,8 @@ namespace kvplan {
 using ProgressCallback = std::function<void(int64_t, int64_t)>;
 
 struct PerplexityOptions {
-  int window = 2048;            // tokens per independent window; the first token of each is not scored
-  int64_t max_tokens = 65536;   // taken from the start of the token stream
+  int window = 2048;           // tokens per independent window; the first token of each is not scored
+  int64_t max_tokens = 65536;  // taken from the start of the token stream
 };
 struct PerplexityResult {
   double perplexity = 0;

@@ -125,8 +125,8 @@ void matching_pursuit(const float* dictionary, int atoms, int dim, const float* 
   }
 }
 
-void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients,
-                   int sparsity, float* out) {
+void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients, int sparsity,
+                   float* out) {
   std::fill(out, out + dim, 0.0f);
   for (int s = 0; s < sparsity; ++s) {
     const float* atom = dictionary + int64_t(indices[s]) * dim;
@@ -194,7 +194,7 @@ void sparse_attention(const SparseAttentionParams& p, const float* q, const int3
           logits[e] = std::exp(logits[e] - max_logit);
           denominator += logits[e];
           for (int d = 0; d < hd; ++d) result[d] += logits[e] * values[int64_t(e) * hd + d];
-        } 
+        }
         for (int d = 0; d < hd; ++d) result[d] = float(result[d] / denominator);
         if (probabilities != nullptr)
           for (int e = 0; e < entries; ++e)

@@ -25,8 +25,8 @@ void swiglu(const float* gate, const float* up, int64_t n, float* out);
 // merge), so each carries its own position; logit_bias (nullable) is added to the entry's attention logit,
 // which is how merged entries stand for the several tokens they replaced.
 struct KvHeadView {
-  const float* keys = nullptr;    // [length, head_dim]
-  const float* values = nullptr;  // [length, head_dim]
+  const float* keys = nullptr;         // [length, head_dim]
+  const float* values = nullptr;       // [length, head_dim]
   const int32_t* positions = nullptr;  // [length]
   const float* logit_bias = nullptr;   // [length] or null
   int length = 0;
@@ -52,17 +52,17 @@ void matching_pursuit(const float* dictionary, int atoms, int dim, const float* 
                       float* coefficients);
 
 // out[dim] = sum_i coefficients[i] * dictionary[indices[i], :]
-void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients,
-                   int sparsity, float* out);
+void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients, int sparsity,
+                   float* out);
 
 // One KV head of a compressed cache: entries coded against dictionaries (keys before RoPE) plus dense entries
 // (recent tokens and merged slots, keys after RoPE, optional logit bias).
 struct CodedHeadView {
-  const uint16_t* key_atoms = nullptr;         // [coded_length, key_sparsity]
-  const float* key_coefficients = nullptr;     // [coded_length, key_sparsity]
-  const uint16_t* value_atoms = nullptr;       // [coded_length, value_sparsity]
-  const float* value_coefficients = nullptr;   // [coded_length, value_sparsity]
-  const int32_t* coded_positions = nullptr;    // [coded_length]
+  const uint16_t* key_atoms = nullptr;        // [coded_length, key_sparsity]
+  const float* key_coefficients = nullptr;    // [coded_length, key_sparsity]
+  const uint16_t* value_atoms = nullptr;      // [coded_length, value_sparsity]
+  const float* value_coefficients = nullptr;  // [coded_length, value_sparsity]
+  const int32_t* coded_positions = nullptr;   // [coded_length]
   int coded_length = 0;
   KvHeadView dense;
 };

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -72,8 +73,8 @@ absl::Status ParseRope(const json& config, ModelConfig& model) {
     const double default_factor = rope.factor <= 1.0 ? 1.0 : 0.1 * std::log(rope.factor) + 1.0;
     rope.attention_factor = Optional<double>(parameters, "attention_factor", default_factor);
   } else {
-    return ConfigError(absl::StrCat("rope type \"", rope.type,
-                                    "\" is not supported (supported: default, linear, llama3, yarn)"));
+    return ConfigError(
+        absl::StrCat("rope type \"", rope.type, "\" is not supported (supported: default, linear, llama3, yarn)"));
   }
   if (rope.theta <= 0 || rope.factor <= 0) return ConfigError("rope_theta and rope factor must be positive");
   return absl::OkStatus();
@@ -104,11 +105,11 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   const std::string activation = Optional<std::string>(config, "hidden_act", "silu");
   if (activation != "silu") return ConfigError(absl::StrCat("hidden_act \"", activation, "\" is not supported"));
 
-#define KVPLAN_ASSIGN_REQUIRED(field, key, type)          \
-  {                                                      \
+#define KVPLAN_ASSIGN_REQUIRED(field, key, type)              \
+  {                                                           \
     absl::StatusOr<type> value = Required<type>(config, key); \
-    if (!value.ok()) return value.status();              \
-    model.field = *value;                                \
+    if (!value.ok()) return value.status();                   \
+    model.field = *value;                                     \
   }
   KVPLAN_ASSIGN_REQUIRED(vocab_size, "vocab_size", int)
   KVPLAN_ASSIGN_REQUIRED(hidden_size, "hidden_size", int)
@@ -135,7 +136,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   model.sliding_window = sliding ? Optional<int>(config, "sliding_window", 0) : 0;
   model.bos_token_id = FirstTokenId(config, "bos_token_id");
   model.eos_token_id = FirstTokenId(config, "eos_token_id");
-  if (absl::Status status = ParseRope(config, model); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(ParseRope(config, model));
   return model;
 }
 

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -30,7 +31,9 @@ absl::StatusOr<DType> ParseDType(const std::string& name) {
 
 int ElementSize(DType dtype) { return dtype == DType::kF16 || dtype == DType::kBF16 ? 2 : 4; }
 
-std::string ShapeString(const std::vector<int64_t>& shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 }  // namespace
 
@@ -90,9 +93,7 @@ float Fp16ToFloat(uint16_t bits) {
 
 void ConvertToFloat(DType dtype, const uint8_t* data, int64_t n, float* out) {
   switch (dtype) {
-    case DType::kF32:
-      std::memcpy(out, data, n * sizeof(float));
-      return;
+    case DType::kF32: std::memcpy(out, data, n * sizeof(float)); return;
     case DType::kBF16:
     case DType::kF16: {
       const bool bf16 = dtype == DType::kBF16;
@@ -169,10 +170,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     for (int64_t dim : tensor.shape)
       if (dim < 0) return absl::DataLossError(absl::StrCat(where, ": negative dimension"));
     if (tensor.element_count() * ElementSize(tensor.dtype) != tensor.bytes)
-      return absl::DataLossError(absl::StrCat(where, ": shape ", ShapeString(tensor.shape), " of ",
-                                              DTypeName(tensor.dtype), " needs ",
-                                              tensor.element_count() * ElementSize(tensor.dtype), " bytes, has ",
-                                              tensor.bytes));
+      return absl::DataLossError(
+          absl::StrCat(where, ": shape ", ShapeString(tensor.shape), " of ", DTypeName(tensor.dtype), " needs ",
+                       tensor.element_count() * ElementSize(tensor.dtype), " bytes, has ", tensor.bytes));
     tensor.file = path;
     file->tensors_.emplace(name, std::move(tensor));
   }
@@ -184,12 +184,11 @@ SafetensorsFile::~SafetensorsFile() {
 }
 
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::OpenFile(const std::string& path) {
-  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(path);
-  if (!file.ok()) return file.status();
+  KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(path));
   auto checkpoint = std::make_unique<Checkpoint>();
-  checkpoint->tensors_ = (*file)->tensors();
+  checkpoint->tensors_ = file->tensors();
   checkpoint->source_ = path;
-  checkpoint->files_.push_back(std::move(*file));
+  checkpoint->files_.push_back(std::move(file));
   return checkpoint;
 }
 
@@ -215,10 +214,9 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     if (shard.find('/') != std::string::npos)
       return absl::DataLossError(absl::StrCat(index_path, ": shard name \"", shard, "\" must be a plain file name"));
     if (!opened.contains(shard)) {
-      absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(model_dir + "/" + shard);
-      if (!file.ok()) return file.status();
-      opened[shard] = file->get();
-      checkpoint->files_.push_back(std::move(*file));
+      KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(model_dir + "/" + shard));
+      opened[shard] = file.get();
+      checkpoint->files_.push_back(std::move(file));
     }
     const auto& shard_tensors = opened[shard]->tensors();
     const auto found = shard_tensors.find(name);
@@ -240,9 +238,8 @@ absl::StatusOr<const TensorInfo*> Checkpoint::Find(const std::string& name) cons
 
 absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name,
                                                          const std::vector<int64_t>& expected_shape) const {
-  absl::StatusOr<const TensorInfo*> tensor = Find(name);
-  if (!tensor.ok()) return tensor.status();
-  const TensorInfo& info = **tensor;
+  KVPLAN_ASSIGN_OR_RETURN(const TensorInfo* tensor, Find(name));
+  const TensorInfo& info = *tensor;
   if (info.shape != expected_shape)
     return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" in ", info.file, " has shape ",
                                                    ShapeString(info.shape), ", expected ",
@@ -255,12 +252,11 @@ absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat(const std::string& name
 }
 
 absl::StatusOr<std::vector<int32_t>> Checkpoint::ReadInt32(const std::string& name) const {
-  absl::StatusOr<const TensorInfo*> tensor = Find(name);
-  if (!tensor.ok()) return tensor.status();
-  const TensorInfo& info = **tensor;
+  KVPLAN_ASSIGN_OR_RETURN(const TensorInfo* tensor, Find(name));
+  const TensorInfo& info = *tensor;
   if (info.dtype != DType::kI32)
-    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" in ", info.file, " is ",
-                                                   DTypeName(info.dtype), ", expected I32"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor \"", name, "\" in ", info.file, " is ", DTypeName(info.dtype), ", expected I32"));
   std::vector<int32_t> values(info.element_count());
   std::memcpy(values.data(), info.data, info.bytes);
   return values;

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -21,8 +22,7 @@ using nlohmann::json;
 
 constexpr std::string_view kMetaspace = "\xe2\x96\x81";  // U+2581, SentencePiece's word-start marker
 // GPT-2's pre-tokenizer, used by a ByteLevel pre-tokenizer with use_regex=true.
-constexpr const char* kGpt2Pattern =
-    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+constexpr const char* kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 size_t Utf8Length(unsigned char lead) {
   if (lead < 0x80) return 1;
@@ -63,14 +63,14 @@ class Regex {
   static absl::StatusOr<std::unique_ptr<Regex>> Compile(const std::string& pattern) {
     int error_code;
     PCRE2_SIZE error_offset;
-    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(),
-                                     PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &error_code, &error_offset,
-                                     nullptr);
+    pcre2_code* code =
+        pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(),
+                      PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &error_code, &error_offset, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error_code, message, sizeof(message));
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: bad pre-tokenizer regex at offset ",
-                                                     error_offset, ": ", reinterpret_cast<char*>(message)));
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: bad pre-tokenizer regex at offset ", error_offset,
+                                                     ": ", reinterpret_cast<char*>(message)));
     }
     pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter if JIT is unavailable
     return std::unique_ptr<Regex>(new Regex(code));
@@ -82,8 +82,8 @@ class Regex {
     pcre2_match_data* match = pcre2_match_data_create_from_pattern(code_, nullptr);
     size_t previous = 0, offset = 0;
     while (offset < text.size()) {
-      const int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), offset, 0, match,
-                                 nullptr);
+      const int rc =
+          pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), offset, 0, match, nullptr);
       if (rc < 0) break;
       const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match);
       const size_t begin = ovector[0], end = ovector[1];
@@ -104,7 +104,7 @@ class Regex {
 // One step of HF's pre-tokenizer pipeline.
 struct PreTokenizerStep {
   enum class Kind { kSplit, kByteLevel, kMetaspace } kind;
-  std::unique_ptr<Regex> regex;  // kSplit, and kByteLevel with use_regex
+  std::unique_ptr<Regex> regex;   // kSplit, and kByteLevel with use_regex
   bool add_prefix_space = false;  // kByteLevel
   std::string prepend_scheme;     // kMetaspace: always | first | never
   bool split = false;             // kMetaspace
@@ -150,9 +150,7 @@ void Tokenizer::Impl::BytePairMerge(std::vector<int32_t>& symbols) const {
     int32_t rank;
     int left;
     int32_t left_id, right_id;
-    bool operator>(const Candidate& other) const {
-      return rank != other.rank ? rank > other.rank : left > other.left;
-    }
+    bool operator>(const Candidate& other) const { return rank != other.rank ? rank > other.rank : left > other.left; }
   };
   std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
   auto push = [&](int left) {
@@ -210,9 +208,7 @@ void Tokenizer::Impl::EncodeSegment(std::string segment, bool first_segment, std
     std::vector<std::string> next_pieces;
     for (std::string& piece : pieces) {
       switch (step.kind) {
-        case PreTokenizerStep::Kind::kSplit:
-          step.regex->SplitIsolated(piece, next_pieces);
-          break;
+        case PreTokenizerStep::Kind::kSplit: step.regex->SplitIsolated(piece, next_pieces); break;
         case PreTokenizerStep::Kind::kByteLevel: {
           if (step.add_prefix_space && !piece.starts_with(' ')) piece = " " + piece;
           std::vector<std::string> split;
@@ -328,7 +324,7 @@ absl::Status AddPreTokenizer(const json& node, std::vector<PreTokenizerStep>& st
   const std::string type = node.value("type", "");
   if (type == "Sequence") {
     for (const json& child : node.value("pretokenizers", json::array()))
-      if (absl::Status status = AddPreTokenizer(child, steps, byte_level); !status.ok()) return status;
+      KVPLAN_RETURN_IF_ERROR(AddPreTokenizer(child, steps, byte_level));
     return absl::OkStatus();
   }
   PreTokenizerStep step;
@@ -345,17 +341,15 @@ absl::Status AddPreTokenizer(const json& node, std::vector<PreTokenizerStep>& st
     } else {
       return TokenizerError("Split pre-tokenizer without a pattern");
     }
-    absl::StatusOr<std::unique_ptr<Regex>> compiled = Regex::Compile(regex);
-    if (!compiled.ok()) return compiled.status();
+    KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<Regex> compiled, Regex::Compile(regex));
     step.kind = PreTokenizerStep::Kind::kSplit;
-    step.regex = std::move(*compiled);
+    step.regex = std::move(compiled);
   } else if (type == "ByteLevel") {
     step.kind = PreTokenizerStep::Kind::kByteLevel;
     step.add_prefix_space = node.value("add_prefix_space", false);
     if (node.value("use_regex", true)) {
-      absl::StatusOr<std::unique_ptr<Regex>> compiled = Regex::Compile(kGpt2Pattern);
-      if (!compiled.ok()) return compiled.status();
-      step.regex = std::move(*compiled);
+      KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<Regex> compiled, Regex::Compile(kGpt2Pattern));
+      step.regex = std::move(compiled);
     }
     byte_level = true;
   } else if (type == "Metaspace") {
@@ -377,7 +371,7 @@ absl::Status ParseNormalizer(const json& node, Tokenizer::Impl& impl) {
   const std::string type = node.value("type", "");
   if (type == "Sequence") {
     for (const json& child : node.value("normalizers", json::array()))
-      if (absl::Status status = ParseNormalizer(child, impl); !status.ok()) return status;
+      KVPLAN_RETURN_IF_ERROR(ParseNormalizer(child, impl));
     return absl::OkStatus();
   }
   if (type == "Prepend") {
@@ -391,7 +385,8 @@ absl::Status ParseNormalizer(const json& node, Tokenizer::Impl& impl) {
       return absl::OkStatus();
     }
   }
-  return TokenizerError(absl::StrCat("normalizer \"", type, "\" is not supported (supported: Prepend, Replace(' ', U+2581))"));
+  return TokenizerError(
+      absl::StrCat("normalizer \"", type, "\" is not supported (supported: Prepend, Replace(' ', U+2581))"));
 }
 
 bool DecoderStripsLeadingSpace(const json& node) {
@@ -403,7 +398,8 @@ bool DecoderStripsLeadingSpace(const json& node) {
     return false;
   }
   if (type == "Strip") return node.value("start", 0) > 0;
-  if (type == "Metaspace") return node.value("prepend_scheme", "always") != "never" && node.value("add_prefix_space", true);
+  if (type == "Metaspace")
+    return node.value("prepend_scheme", "always") != "never" && node.value("add_prefix_space", true);
   return false;
 }
 
@@ -466,7 +462,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
   } catch (const json::exception& e) {
     return TokenizerError(absl::StrCat("malformed BPE model: ", e.what()));
   }
-  if (absl::Status status = ParseNormalizer(root.value("normalizer", json()), *impl); !status.ok()) return status;
+  KVPLAN_RETURN_IF_ERROR(ParseNormalizer(root.value("normalizer", json()), *impl));
   if (absl::Status status = AddPreTokenizer(root.value("pre_tokenizer", json()), impl->steps, impl->byte_level);
       !status.ok())
     return status;
@@ -477,7 +473,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
   for (int b = 0; b < 256; ++b) {
     char name[8];
     std::snprintf(name, sizeof(name), "<0x%02X>", b);
-    if (const auto it = impl->token_to_id.find(name); it != impl->token_to_id.end()) impl->byte_fallback_ids[b] = it->second;
+    if (const auto it = impl->token_to_id.find(name); it != impl->token_to_id.end())
+      impl->byte_fallback_ids[b] = it->second;
   }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }

@@ -5,6 +5,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "base/hash.h"
+#include "base/status_macros.h"
 
 namespace kvplan {
 
@@ -92,17 +93,14 @@ absl::StatusOr<std::vector<float>> RandomWeightSource::Read(const TensorSpec& sp
 }
 
 absl::StatusOr<LoadedModel> OpenModelDirectory(const std::string& model_dir) {
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir);
-  if (!config.ok()) return config.status();
-  absl::StatusOr<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::Open(model_dir);
-  if (!checkpoint.ok()) return checkpoint.status();
-  return LoadedModel{*config, std::make_unique<CheckpointWeightSource>(std::move(*checkpoint), model_dir)};
+  KVPLAN_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
+  return LoadedModel{config, std::make_unique<CheckpointWeightSource>(std::move(checkpoint), model_dir)};
 }
 
 absl::StatusOr<LoadedModel> RandomModel(const std::string& shape_name, uint64_t seed) {
-  absl::StatusOr<ModelConfig> config = NamedModelShape(shape_name);
-  if (!config.ok()) return config.status();
-  return LoadedModel{*config, std::make_unique<RandomWeightSource>(seed)};
+  KVPLAN_ASSIGN_OR_RETURN(ModelConfig config, NamedModelShape(shape_name));
+  return LoadedModel{config, std::make_unique<RandomWeightSource>(seed)};
 }
 
 }  // namespace kvplan

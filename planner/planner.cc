@@ -32,6 +32,14 @@ void RecordEstimates(plan::Plan& plan) {
   }
 }
 
+// Appends a method's heading, and " none" when the plan does not use it; true when the caller should append the
+// method's summary line.
+bool Heading(std::string& out, const char* title, bool used) {
+  out += title;
+  if (!used) out += " none\n";
+  return used;
+}
+
 std::string Bytes(int64_t bytes) {
   if (bytes >= (int64_t(1) << 30)) return absl::StrFormat("%.2f GiB", bytes / double(int64_t(1) << 30));
   if (bytes >= (1 << 20)) return absl::StrFormat("%.2f MiB", bytes / double(1 << 20));
@@ -74,11 +82,13 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
     plan::TokenBudgets* budgets = plan.mutable_budgets();
     WriteBudgetPolicy(settings.policy, budgets);
     const std::set<int> exempt(settings.exempt_layers.begin(), settings.exempt_layers.end());
+    std::vector<int> budgeted;
+    for (int layer = 0; layer < layers; ++layer)
+      if (!exempt.contains(layer) && !sharers.contains(layer)) budgeted.push_back(layer);
     // Heads whose attention is spread over more of the context get proportionally larger budgets.
     double mean_coverage = 0;
     int counted = 0;
-    for (int layer = 0; layer < layers; ++layer) {
-      if (exempt.contains(layer) || sharers.contains(layer)) continue;
+    for (int layer : budgeted) {
       for (float coverage : inputs.attention_coverage[layer]) {
         mean_coverage += coverage;
         ++counted;
@@ -87,8 +97,7 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
     mean_coverage = counted ? std::max(mean_coverage / counted, 1e-3) : 1.0;
     auto apply_scale = [&](double scale) {
       budgets->clear_layers();
-      for (int layer = 0; layer < layers; ++layer) {
-        if (exempt.contains(layer) || sharers.contains(layer)) continue;
+      for (int layer : budgeted) {
         auto* layer_budget = budgets->add_layers();
         layer_budget->set_layer(layer);
         for (int h = 0; h < kv_heads; ++h) {
@@ -100,10 +109,9 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
     const double target_bytes = inputs.target_memory_ratio * FullCacheBytes(inputs.model, inputs.reference_context);
     // The scale at which even the least-covered head keeps everything: no eviction beyond what the target needs.
     double min_weight = 1.0;
-    for (int layer = 0; layer < layers; ++layer)
-      if (!exempt.contains(layer) && !sharers.contains(layer))
-        for (float coverage : inputs.attention_coverage[layer])
-          min_weight = std::min(min_weight, std::max(coverage / mean_coverage, 1e-3));
+    for (int layer : budgeted)
+      for (float coverage : inputs.attention_coverage[layer])
+        min_weight = std::min(min_weight, std::max(coverage / mean_coverage, 1e-3));
     double low = 0.0, high = 1.0 / min_weight;
     apply_scale(high);
     if (PlanCacheBytes(plan, inputs.reference_context) > target_bytes) {
@@ -135,14 +143,12 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
   if (plan.sharing().shares_size() == 0) out += " none";
   out += "\n";
   for (const auto& share : plan.sharing().shares())
-    absl::StrAppendFormat(&out, "  layer %d reuses layer %d's cache (layer distance %.3f, hidden cosine %.4f >= %.2f)\n",
-                          share.layer(), share.donor(), share.layer_distance(), share.hidden_cosine(),
-                          plan.sharing().cosine_threshold());
+    absl::StrAppendFormat(
+        &out, "  layer %d reuses layer %d's cache (layer distance %.3f, hidden cosine %.4f >= %.2f)\n", share.layer(),
+        share.donor(), share.layer_distance(), share.hidden_cosine(), plan.sharing().cosine_threshold());
 
   const plan::SparseCoding& coding = plan.sparse_coding();
-  out += "sparse coding (CSR):";
-  if (coding.layers_size() == 0) out += " none\n";
-  else
+  if (Heading(out, "sparse coding (CSR):", coding.layers_size() > 0))
     absl::StrAppendFormat(&out, " keys %d atoms/vector, values %d, newest %d tokens uncoded (%.2f bits/channel)\n",
                           coding.key_sparsity(), coding.value_sparsity(), coding.recent_window(),
                           32.0 * (coding.key_sparsity() + coding.value_sparsity()) / (2.0 * model.head_dim()));
@@ -151,15 +157,13 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
                           entry.keys().atoms(), entry.keys().relative_error(), entry.values().relative_error());
 
   const plan::TokenBudgets& budgets = plan.budgets();
-  out += "token budgets:";
-  if (budgets.layers_size() == 0) out += " none\n";
-  else
+  if (Heading(out, "token budgets:", budgets.layers_size() > 0))
     absl::StrAppendFormat(&out, " %s scoring, %d sinks, %d recent, min %d tokens, %s\n",
                           plan::TokenBudgets::Scoring_Name(budgets.scoring()), budgets.sink_tokens(),
                           budgets.recent_window(), budgets.min_tokens(),
-                          budgets.merge_evicted()
-                              ? absl::StrFormat("evicted tokens merged (ZeroMerge, alpha %.2f)", budgets.merge_compensation())
-                              : std::string("evicted tokens dropped"));
+                          budgets.merge_evicted() ? absl::StrFormat("evicted tokens merged (ZeroMerge, alpha %.2f)",
+                                                                    budgets.merge_compensation())
+                                                  : std::string("evicted tokens dropped"));
   for (const auto& layer : budgets.layers()) {
     std::vector<std::string> fractions;
     for (float fraction : layer.head_keep_fraction()) fractions.push_back(absl::StrFormat("%.3f", fraction));
@@ -168,9 +172,7 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
   }
 
   const plan::RefreshSchedule& refresh = plan.refresh();
-  out += "refresh (RefreshKV):";
-  if (refresh.layers_size() == 0) out += " none\n";
-  else
+  if (Heading(out, "refresh (RefreshKV):", refresh.layers_size() > 0))
     absl::StrAppendFormat(&out,
                           " small cache %.3f of the context (min %d), full attention every %d steps or when query "
                           "cosine < %.2f, pooling %d; layers %s\n",

@@ -12,7 +12,7 @@
 namespace kvplan {
 
 struct BudgetSettings {
-  BudgetPolicy policy;  // every budgeted layer's rule; the planner sets the per-head fractions
+  BudgetPolicy policy;                      // every budgeted layer's rule; the planner sets the per-head fractions
   std::vector<int> exempt_layers = {0, 1};  // L2-norm eviction hurts the first layers (Devoto et al.)
 };
 

@@ -20,16 +20,16 @@ CachePolicy CachePolicyFromPlan(const plan::Plan& plan) {
 
   const plan::TokenBudgets& budgets = plan.budgets();
   for (const auto& layer : budgets.layers())
-    policy.layers[layer.layer()].budget = BudgetPolicy{
-        .head_keep_fraction = {layer.head_keep_fraction().begin(), layer.head_keep_fraction().end()},
-        .scoring = budgets.scoring(),
-        .recent_window = budgets.recent_window(),
-        .sink_tokens = budgets.sink_tokens(),
-        .min_tokens = budgets.min_tokens(),
-        .merge_evicted = budgets.merge_evicted(),
-        .merge_compensation = budgets.merge_compensation(),
-        // Plans before score_decay existed leave it 0: scores then accumulate undecayed.
-        .score_decay = budgets.score_decay() > 0 ? budgets.score_decay() : 1.0f};
+    policy.layers[layer.layer()].budget =
+        BudgetPolicy{.head_keep_fraction = {layer.head_keep_fraction().begin(), layer.head_keep_fraction().end()},
+                     .scoring = budgets.scoring(),
+                     .recent_window = budgets.recent_window(),
+                     .sink_tokens = budgets.sink_tokens(),
+                     .min_tokens = budgets.min_tokens(),
+                     .merge_evicted = budgets.merge_evicted(),
+                     .merge_compensation = budgets.merge_compensation(),
+                     // Plans before score_decay existed leave it 0: scores then accumulate undecayed.
+                     .score_decay = budgets.score_decay() > 0 ? budgets.score_decay() : 1.0f};
 
   const plan::RefreshSchedule& refresh = plan.refresh();
   for (int layer : refresh.layers())
@@ -84,8 +84,8 @@ HeadEntries ExpectedHeadEntries(const LayerPolicy& layer, int kv_head, int64_t l
   int64_t merged_slots = 0;
   if (layer.budget) {
     const BudgetPolicy& budget = *layer.budget;
-    plain = std::min(length, std::max(HeadTokenBudget(budget, kv_head, length),
-                                      budget.sink_tokens + ProtectedRecentTokens(layer)));
+    plain = std::min(
+        length, std::max(HeadTokenBudget(budget, kv_head, length), budget.sink_tokens + ProtectedRecentTokens(layer)));
     if (budget.merge_evicted && plain < length) merged_slots = 1;
   }
   // Every kept token older than the coding window is coded; the window itself is protected from eviction.

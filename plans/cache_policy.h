@@ -30,10 +30,10 @@ struct CodingPolicy {
 struct BudgetPolicy {
   std::vector<float> head_keep_fraction;  // per KV head: fraction of the context kept (1 = no eviction)
   plan::TokenBudgets::Scoring scoring = plan::TokenBudgets::KEY_L2_NORM;
-  int recent_window = 32;  // newest tokens never evicted
-  int sink_tokens = 4;     // first tokens never evicted
-  int min_tokens = 16;     // no head keeps fewer
-  bool merge_evicted = true;       // ZeroMerge: evicted tokens fold into one residual slot per head
+  int recent_window = 32;           // newest tokens never evicted
+  int sink_tokens = 4;              // first tokens never evicted
+  int min_tokens = 16;              // no head keeps fewer
+  bool merge_evicted = true;        // ZeroMerge: evicted tokens fold into one residual slot per head
   float merge_compensation = 1.0f;  // the slot's logit bias is this * log(tokens merged)
   float score_decay = 0.98f;        // per-step decay of accumulated attention scores
 };
@@ -42,9 +42,9 @@ struct BudgetPolicy {
 struct RefreshPolicy {
   float small_cache_fraction = 0.125f;  // K = L / 8, as in the paper
   int min_small_cache_tokens = 64;
-  int refresh_stride = 8;                   // a full step at least every this many steps
+  int refresh_stride = 8;                    // a full step at least every this many steps
   float query_similarity_threshold = 0.85f;  // or earlier, when the query's cosine to the last full step drops below
-  int pool_kernel = 7;                      // max-pool width over positions when selecting
+  int pool_kernel = 7;                       // max-pool width over positions when selecting
 };
 
 struct LayerPolicy {

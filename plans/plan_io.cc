@@ -98,8 +98,8 @@ absl::Status ValidatePlanStructure(const plan::Plan& plan) {
   std::set<int> sharers, donors;
   for (const auto& share : plan.sharing().shares()) {
     if (!layer_ok(share.layer()) || !layer_ok(share.donor()) || share.donor() >= share.layer())
-      return PlanError(absl::StrCat("sharing ", share.layer(), " <- ", share.donor(),
-                                    ": donor must be an earlier layer"));
+      return PlanError(
+          absl::StrCat("sharing ", share.layer(), " <- ", share.donor(), ": donor must be an earlier layer"));
     if (!sharers.insert(share.layer()).second) return PlanError(absl::StrCat("layer ", share.layer(), " shared twice"));
     donors.insert(share.donor());
   }

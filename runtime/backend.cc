@@ -29,9 +29,9 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
   }
 #ifdef KVPLAN_WITH_CUDA
   if (options.backend == Backend::kCuda || (options.backend == Backend::kAuto && cuda::device_available()))
-    return CreateCudaModel(config, weights,
-                           {.num_sequences = options.num_sequences, .capacity = options.capacity,
-                            .max_rows = options.max_rows});
+    return CreateCudaModel(
+        config, weights,
+        {.num_sequences = options.num_sequences, .capacity = options.capacity, .max_rows = options.max_rows});
 #else
   if (options.backend == Backend::kCuda)
     return absl::FailedPreconditionError("this kvplan was built without CUDA (configure with -DKVPLAN_CUDA=ON)");

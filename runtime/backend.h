@@ -16,8 +16,8 @@ absl::StatusOr<Backend> ParseBackend(const std::string& name);  // auto | cpu | 
 struct ModelOptions {
   Backend backend = Backend::kAuto;  // auto: CUDA when built with it and a device is present
   int num_sequences = 1;
-  int capacity = 0;     // 0: the model's max_position_embeddings
-  int max_rows = 2048;  // CUDA: most rows per Forward
+  int capacity = 0;                  // 0: the model's max_position_embeddings
+  int max_rows = 2048;               // CUDA: most rows per Forward
   const plan::Plan* plan = nullptr;  // execute this cache plan (CPU runtime)
 };
 absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,

@@ -60,14 +60,13 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int i = 0; i < kVector; ++i) {
       acc[g][i] = 0.0f;
-      query[g][i] = g < group ? p.q[(int64_t(row) * heads + kv_head * group + g) * kHeadDim + dim_base + i] * p.scale
-                              : 0.0f;
+      query[g][i] =
+          g < group ? p.q[(int64_t(row) * heads + kv_head * group + g) * kHeadDim + dim_base + i] * p.scale : 0.0f;
     }
   }
 
   const int64_t head_offset = (int64_t(p.row_sequence[row]) * p.kv_heads + kv_head) * p.capacity * kHeadDim;
-  for (int warp_begin = begin + warp * kEntriesPerWarp; warp_begin < end;
-       warp_begin += kWarps * kEntriesPerWarp) {
+  for (int warp_begin = begin + warp * kEntriesPerWarp; warp_begin < end; warp_begin += kWarps * kEntriesPerWarp) {
     const int entry = warp_begin + entry_slot;
     const bool valid = entry < end;
     float key[kVector], value[kVector];
@@ -157,18 +156,18 @@ size_t attention_workspace_bytes(int rows, int heads, int head_dim, int max_cont
   return partial_workspace_bytes(rows, heads, head_dim, max_context);
 }
 
-cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t* row_position, int rows,
-                      int heads, int kv_heads, int head_dim, int capacity, const __nv_bfloat16* k_cache,
-                      const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context,
-                      void* workspace, __nv_bfloat16* out, cudaStream_t stream) {
+cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t* row_position, int rows, int heads,
+                      int kv_heads, int head_dim, int capacity, const __nv_bfloat16* k_cache,
+                      const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context, void* workspace,
+                      __nv_bfloat16* out, cudaStream_t stream) {
   if (!attention_supported(heads, kv_heads, head_dim)) return cudaErrorNotSupported;
   if (rows == 0) return cudaSuccess;
   const int splits = split_count(rows, kv_heads, max_context);
   const int chunk = (max_context + splits - 1) / splits;
   const PartialView partial = partial_view(workspace, rows, heads, splits);
   const dim3 grid(splits, kv_heads, rows);
-  const PartialParams params{q,     row_sequence,   row_position, heads, kv_heads, capacity, k_cache,
-                             v_cache, scale, sliding_window, chunk, splits};
+  const PartialParams params{q,       row_sequence, row_position, heads,          kv_heads, capacity,
+                             k_cache, v_cache,      scale,        sliding_window, chunk,    splits};
   switch (head_dim) {
     case 32: launch_partial<32>(grid, stream, params, partial); break;
     case 64: launch_partial<64>(grid, stream, params, partial); break;

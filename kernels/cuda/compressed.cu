@@ -20,8 +20,8 @@ struct LaneVector {
 };
 
 template <int kPairs>
-__device__ void decode_atoms(const float* dictionary, const uint16_t* atoms, const __half* coefficients,
-                             int sparsity, int lane, LaneVector<kPairs>& out) {
+__device__ void decode_atoms(const float* dictionary, const uint16_t* atoms, const __half* coefficients, int sparsity,
+                             int lane, LaneVector<kPairs>& out) {
   constexpr int kHalf = kPairs * 32;
 #pragma unroll
   for (int i = 0; i < kPairs; ++i) out.low[i] = out.high[i] = 0.0f;
@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         key.high[i] = b * c + a * s;
       }
       decode_atoms<kPairs>(value_dictionary, cache.value_atoms + int64_t(entry) * shape.value_sparsity,
-                           cache.value_coefficients + int64_t(entry) * shape.value_sparsity, shape.value_sparsity,
-                           lane, value);
+                           cache.value_coefficients + int64_t(entry) * shape.value_sparsity, shape.value_sparsity, lane,
+                           value);
     } else {
       const int entry = dense_begin + e - coded;
       position = cache.dense_positions[entry];
@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int i = 0; i < kPairs; ++i) dot += query[g].low[i] * key.low[i] + query[g].high[i] * key.high[i];
       const float logit = warp_sum(dot) + bias;
       if (logit_workspace != nullptr && lane == 0)
-        logit_workspace[(int64_t(row) * shape.heads + kv_head * group + g) * total_entries + head_entry_offset + e] = logit;
+        logit_workspace[(int64_t(row) * shape.heads + kv_head * group + g) * total_entries + head_entry_offset + e] =
+            logit;
       const float new_max = fmaxf(running_max[g], logit);
       const float correction = __expf(running_max[g] - new_max), weight = __expf(logit - new_max);
       running_sum[g] = running_sum[g] * correction + weight;
@@ -190,14 +191,17 @@ __global__ void __launch_bounds__(kWarps * 32)
   // This row's probabilities, maxed over the group, folded into the output with an integer atomicMax (valid
   // because probabilities are non-negative floats, whose bit patterns order like the values).
   for (int e = threadIdx.x; e < entries; e += blockDim.x) {
-    const int position = e < coded ? cache.coded_positions[coded_begin + e] : cache.dense_positions[dense_begin + e - coded];
+    const int position =
+        e < coded ? cache.coded_positions[coded_begin + e] : cache.dense_positions[dense_begin + e - coded];
     if (position > query_position) continue;
     float probability = 0.0f;
     for (int g = 0; g < group; ++g)
       if (final_sum[g] > 0.0f)
-        probability = fmaxf(probability, __expf(logit_workspace[(int64_t(row) * shape.heads + kv_head * group + g) *
-                                                                    total_entries + head_entry_offset + e] -
-                                                final_max[g]) / final_sum[g]);
+        probability = fmaxf(probability,
+                            __expf(logit_workspace[(int64_t(row) * shape.heads + kv_head * group + g) * total_entries +
+                                                   head_entry_offset + e] -
+                                   final_max[g]) /
+                                final_sum[g]);
     atomicMax(reinterpret_cast<int*>(probabilities + head_entry_offset + e), __float_as_int(probability));
   }
 }
@@ -210,13 +214,13 @@ void launch_sparse(dim3 grid, cudaStream_t stream, const SparseAttentionShape& s
   const int threads = kWarps * 32;
   if (group <= 1)
     sparse_attention_kernel<kPairs, 1><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, outputs);
+                                                                     value_dictionary, inv_freq, outputs);
   else if (group <= 2)
     sparse_attention_kernel<kPairs, 2><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, outputs);
+                                                                     value_dictionary, inv_freq, outputs);
   else if (group <= 4)
     sparse_attention_kernel<kPairs, 4><<<grid, threads, 0, stream>>>(shape, q, query_positions, cache, key_dictionary,
-                                                                      value_dictionary, inv_freq, outputs);
+                                                                     value_dictionary, inv_freq, outputs);
   else
     sparse_attention_kernel<kPairs, kMaxGroup><<<grid, threads, 0, stream>>>(
         shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs);
@@ -281,13 +285,14 @@ __global__ void key_l2_norms_kernel(const float* keys, int n, int head_dim, floa
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
   if (warp >= n) return;
   float sum = 0.0f;
-  for (int d = lane; d < head_dim; d += 32) sum += keys[int64_t(warp) * head_dim + d] * keys[int64_t(warp) * head_dim + d];
+  for (int d = lane; d < head_dim; d += 32)
+    sum += keys[int64_t(warp) * head_dim + d] * keys[int64_t(warp) * head_dim + d];
   sum = warp_sum(sum);
   if (lane == 0) norms[warp] = sqrtf(sum);
 }
 
-__global__ void merge_into_slot_kernel(const float* keys, const float* values, int count, int head_dim,
-                                       float* slot_key, float* slot_value, const float* slot_tokens) {
+__global__ void merge_into_slot_kernel(const float* keys, const float* values, int count, int head_dim, float* slot_key,
+                                       float* slot_value, const float* slot_tokens) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x;
   if (d >= head_dim) return;
   float key = slot_key[d], value = slot_value[d], tokens = *slot_tokens;
@@ -309,16 +314,16 @@ bool sparse_attention_supported(int heads, int kv_heads, int head_dim) {
          heads / kv_heads <= kMaxGroup;
 }
 
-size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head,
-                                        int total_entries, bool probabilities) {
+size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head, int total_entries,
+                                        bool probabilities) {
   if (probabilities) return size_t(shape.rows) * shape.heads * total_entries * sizeof(float);
   return partial_workspace_bytes(shape.rows, shape.heads, shape.head_dim, max_entries_per_head);
 }
 
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
                              const CompressedCacheView& cache, const float* key_dictionary,
-                             const float* value_dictionary, const float* inv_freq, float* out,
-                             float* probabilities, void* workspace, cudaStream_t stream) {
+                             const float* value_dictionary, const float* inv_freq, float* out, float* probabilities,
+                             void* workspace, cudaStream_t stream) {
   if (!sparse_attention_supported(shape.heads, shape.kv_heads, shape.head_dim)) return cudaErrorNotSupported;
   if (shape.rows == 0) return cudaSuccess;
   // Entry counts decide the split; the offsets are tiny, so read them back.
@@ -346,9 +351,17 @@ cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, 
   }
   const dim3 grid(outputs.splits, shape.kv_heads, shape.rows);
   switch (shape.head_dim) {
-    case 64: launch_sparse<1>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs); break;
-    case 128: launch_sparse<2>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs); break;
-    default: launch_sparse<4>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq, outputs);
+    case 64:
+      launch_sparse<1>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq,
+                       outputs);
+      break;
+    case 128:
+      launch_sparse<2>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq,
+                       outputs);
+      break;
+    default:
+      launch_sparse<4>(grid, stream, shape, q, query_positions, cache, key_dictionary, value_dictionary, inv_freq,
+                       outputs);
   }
   if ((error = cudaGetLastError()) != cudaSuccess || outputs.splits == 1) return error;
   return combine_partials(outputs.partial, shape.rows, shape.heads, shape.head_dim, outputs.splits, out, stream);

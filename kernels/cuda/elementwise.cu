@@ -21,8 +21,7 @@ __device__ float block_sum(float value) {
   return value;
 }
 
-__global__ void rms_norm_kernel(const float* x, const __nv_bfloat16* weight, int dim, float eps,
-                                __nv_bfloat16* out) {
+__global__ void rms_norm_kernel(const float* x, const __nv_bfloat16* weight, int dim, float eps, __nv_bfloat16* out) {
   const float* row = x + int64_t(blockIdx.x) * dim;
   float sum_squares = 0.0f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) sum_squares += row[i] * row[i];
@@ -64,8 +63,7 @@ __global__ void append_kv_kernel(const float* k, const float* v, const int32_t* 
                                  __nv_bfloat16* k_cache, __nv_bfloat16* v_cache) {
   const int row = blockIdx.x, head = blockIdx.y;
   const int64_t source = (int64_t(row) * kv_heads + head) * head_dim;
-  const int64_t target =
-      ((int64_t(row_sequence[row]) * kv_heads + head) * capacity + row_position[row]) * head_dim;
+  const int64_t target = ((int64_t(row_sequence[row]) * kv_heads + head) * capacity + row_position[row]) * head_dim;
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     k_cache[target + d] = __float2bfloat16(k[source + d]);
     v_cache[target + d] = __float2bfloat16(v[source + d]);
@@ -83,19 +81,19 @@ cudaError_t embed_tokens(const __nv_bfloat16* table, const int32_t* tokens, int 
   return cudaGetLastError();
 }
 
-cudaError_t rms_norm(const float* x, const __nv_bfloat16* weight, int rows, int dim, float eps,
-                     __nv_bfloat16* out, cudaStream_t stream) {
+cudaError_t rms_norm(const float* x, const __nv_bfloat16* weight, int rows, int dim, float eps, __nv_bfloat16* out,
+                     cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   rms_norm_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, stream>>>(x, weight, dim, eps, out);
   return cudaGetLastError();
 }
 
-cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq, int rows, int heads,
-                       int head_dim, float attention_factor, cudaStream_t stream) {
+cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq, int rows, int heads, int head_dim,
+                       float attention_factor, cudaStream_t stream) {
   const int64_t pairs = int64_t(rows) * heads * (head_dim / 2);
   if (pairs == 0) return cudaSuccess;
   rope_kernel<<<blocks_for(pairs, 256), 256, 0, stream>>>(x, positions, inv_freq, rows, heads, head_dim,
-                                                           attention_factor);
+                                                          attention_factor);
   return cudaGetLastError();
 }
 
@@ -116,8 +114,8 @@ cudaError_t append_kv(const float* k, const float* v, const int32_t* row_sequenc
                       int rows, int kv_heads, int head_dim, int capacity, __nv_bfloat16* k_cache,
                       __nv_bfloat16* v_cache, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  append_kv_kernel<<<dim3(rows, kv_heads), 128, 0, stream>>>(k, v, row_sequence, row_position, kv_heads,
-                                                             head_dim, capacity, k_cache, v_cache);
+  append_kv_kernel<<<dim3(rows, kv_heads), 128, 0, stream>>>(k, v, row_sequence, row_position, kv_heads, head_dim,
+                                                             capacity, k_cache, v_cache);
   return cudaGetLastError();
 }
 

@@ -24,12 +24,12 @@ cudaError_t embed_tokens(const __nv_bfloat16* table, const int32_t* tokens, int 
                          cudaStream_t stream);
 
 // out = bf16(x / rms(x) * weight), one row per block.
-cudaError_t rms_norm(const float* x, const __nv_bfloat16* weight, int rows, int dim, float eps,
-                     __nv_bfloat16* out, cudaStream_t stream);
+cudaError_t rms_norm(const float* x, const __nv_bfloat16* weight, int rows, int dim, float eps, __nv_bfloat16* out,
+                     cudaStream_t stream);
 
 // Rotate-half RoPE in place; x: [rows, heads, head_dim], positions: [rows], inv_freq: [head_dim / 2].
-cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq, int rows, int heads,
-                       int head_dim, float attention_factor, cudaStream_t stream);
+cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq, int rows, int heads, int head_dim,
+                       float attention_factor, cudaStream_t stream);
 
 // x[r, :] += bias, for the q/k/v biases of Qwen2-style attention.
 cudaError_t add_row_bias(float* x, const float* bias, int rows, int dim, cudaStream_t stream);
@@ -49,10 +49,10 @@ cudaError_t append_kv(const float* k, const float* v, const int32_t* row_sequenc
 // workspace: attention_workspace_bytes(rows, heads, head_dim, max_context) bytes.
 bool attention_supported(int heads, int kv_heads, int head_dim);
 size_t attention_workspace_bytes(int rows, int heads, int head_dim, int max_context);
-cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t* row_position, int rows,
-                      int heads, int kv_heads, int head_dim, int capacity, const __nv_bfloat16* k_cache,
-                      const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context,
-                      void* workspace, __nv_bfloat16* out, cudaStream_t stream);
+cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t* row_position, int rows, int heads,
+                      int kv_heads, int head_dim, int capacity, const __nv_bfloat16* k_cache,
+                      const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context, void* workspace,
+                      __nv_bfloat16* out, cudaStream_t stream);
 
 }  // namespace kvplan::cuda
 
@@ -67,14 +67,14 @@ struct CompressedCacheView {
   const int32_t* coded_offsets = nullptr;  // [kv_heads + 1]
   const uint16_t* key_atoms = nullptr;     // [coded, key_sparsity]
   const __half* key_coefficients = nullptr;
-  const uint16_t* value_atoms = nullptr;   // [coded, value_sparsity]
+  const uint16_t* value_atoms = nullptr;  // [coded, value_sparsity]
   const __half* value_coefficients = nullptr;
   const int32_t* coded_positions = nullptr;
   const int32_t* dense_offsets = nullptr;  // [kv_heads + 1]
   const float* dense_keys = nullptr;       // [dense, head_dim]
   const float* dense_values = nullptr;
   const int32_t* dense_positions = nullptr;
-  const float* dense_bias = nullptr;       // [dense] or null
+  const float* dense_bias = nullptr;  // [dense] or null
 };
 
 struct SparseAttentionShape {
@@ -90,12 +90,12 @@ struct SparseAttentionShape {
 // probability maxed over all rows and the group's heads, laid out like cpu::sparse_attention's (that path
 // runs unsplit). workspace: sparse_attention_workspace_bytes(...).
 bool sparse_attention_supported(int heads, int kv_heads, int head_dim);
-size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head,
-                                        int total_entries, bool probabilities);
+size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head, int total_entries,
+                                        bool probabilities);
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
                              const CompressedCacheView& cache, const float* key_dictionary,
-                             const float* value_dictionary, const float* inv_freq, float* out,
-                             float* probabilities, void* workspace, cudaStream_t stream);
+                             const float* value_dictionary, const float* inv_freq, float* out, float* probabilities,
+                             void* workspace, cudaStream_t stream);
 
 // Codes n vectors ([n, dim]) by matching pursuit over unit-norm atoms; coefficients rounded to fp16.
 cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int n, int sparsity,

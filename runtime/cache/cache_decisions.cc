@@ -13,8 +13,8 @@ std::vector<int> ChooseEvictions(const LayerPolicy& layer, int kv_head, int64_t 
   std::vector<int> candidates;
   for (int i = 0; i < int(entries.size()); ++i)
     if (entries[i].position >= budget.sink_tokens && entries[i].position < protected_from) candidates.push_back(i);
-  const int64_t excess = std::min<int64_t>(int64_t(entries.size()) - HeadTokenBudget(budget, kv_head, length),
-                                           int64_t(candidates.size()));
+  const int64_t excess =
+      std::min<int64_t>(int64_t(entries.size()) - HeadTokenBudget(budget, kv_head, length), int64_t(candidates.size()));
   if (excess <= 0) return {};
   const bool by_norm = budget.scoring == plan::TokenBudgets::KEY_L2_NORM;
   std::partial_sort(candidates.begin(), candidates.begin() + excess, candidates.end(), [&](int a, int b) {

@@ -117,16 +117,18 @@ class CompressedLayerCache : public LayerCache {
     int64_t total_entries = 0;
     for (const auto& view : views) total_entries += view.coded_length + view.dense.length;
     std::vector<float> probabilities(want_probabilities ? total_entries : 0);
-    cpu::SparseAttentionParams params{
-        .tokens = rows, .heads = config_.num_heads, .kv_heads = config_.num_kv_heads, .head_dim = config_.head_dim,
-        .key_sparsity = policy_.coding ? policy_.coding->key_sparsity : 0,
-        .value_sparsity = policy_.coding ? policy_.coding->value_sparsity : 0,
-        .key_dictionary = dictionaries_ ? dictionaries_->key_atoms.data() : nullptr,
-        .value_dictionary = dictionaries_ ? dictionaries_->value_atoms.data() : nullptr,
-        .inv_freq = inv_freq_.data(), .rope_attention_factor = float(config_.rope.attention_factor),
-        .scale = 1.0f / std::sqrt(float(config_.head_dim))};
-    cpu::sparse_attention(params, q, positions, views.data(), out,
-                          want_probabilities ? probabilities.data() : nullptr);
+    cpu::SparseAttentionParams params{.tokens = rows,
+                                      .heads = config_.num_heads,
+                                      .kv_heads = config_.num_kv_heads,
+                                      .head_dim = config_.head_dim,
+                                      .key_sparsity = policy_.coding ? policy_.coding->key_sparsity : 0,
+                                      .value_sparsity = policy_.coding ? policy_.coding->value_sparsity : 0,
+                                      .key_dictionary = dictionaries_ ? dictionaries_->key_atoms.data() : nullptr,
+                                      .value_dictionary = dictionaries_ ? dictionaries_->value_atoms.data() : nullptr,
+                                      .inv_freq = inv_freq_.data(),
+                                      .rope_attention_factor = float(config_.rope.attention_factor),
+                                      .scale = 1.0f / std::sqrt(float(config_.head_dim))};
+    cpu::sparse_attention(params, q, positions, views.data(), out, want_probabilities ? probabilities.data() : nullptr);
 
     if (!update) return;
     if (want_probabilities) UpdateScores(state, coded_keep, dense_keep, probabilities);
@@ -167,8 +169,8 @@ class CompressedLayerCache : public LayerCache {
       for (const HeadStore& head : state.heads) {
         // The selection buffer is reserved at its full size, as a device layout must allocate it.
         const int64_t selected = policy_.refresh ? SmallCacheTokens(*policy_.refresh, state.length) : 0;
-        total += HeadBytes(policy_, config_.head_dim, {.dense = head.dense(), .coded = head.coded(),
-                                                       .selected = selected});
+        total +=
+            HeadBytes(policy_, config_.head_dim, {.dense = head.dense(), .coded = head.coded(), .selected = selected});
       }
     return total;
   }
@@ -214,7 +216,8 @@ class CompressedLayerCache : public LayerCache {
         HeadStore& subset = filtered_[h];
         for (int e : coded_keep[h]) {
           subset.coded_positions.push_back(head.coded_positions[e]);
-          subset.key_atoms.insert(subset.key_atoms.end(), head.key_atoms.begin() + e * sk, head.key_atoms.begin() + (e + 1) * sk);
+          subset.key_atoms.insert(subset.key_atoms.end(), head.key_atoms.begin() + e * sk,
+                                  head.key_atoms.begin() + (e + 1) * sk);
           subset.key_coefficients.insert(subset.key_coefficients.end(), head.key_coefficients.begin() + e * sk,
                                          head.key_coefficients.begin() + (e + 1) * sk);
           subset.value_atoms.insert(subset.value_atoms.end(), head.value_atoms.begin() + e * sv,
@@ -232,8 +235,12 @@ class CompressedLayerCache : public LayerCache {
         }
         source = &subset;
       }
-      views[h] = {source->key_atoms.data(), source->key_coefficients.data(), source->value_atoms.data(),
-                  source->value_coefficients.data(), source->coded_positions.data(), source->coded(),
+      views[h] = {source->key_atoms.data(),
+                  source->key_coefficients.data(),
+                  source->value_atoms.data(),
+                  source->value_coefficients.data(),
+                  source->coded_positions.data(),
+                  source->coded(),
                   cpu::KvHeadView{source->dense_keys.data(), source->dense_values.data(),
                                   source->dense_positions.data(), source->dense_bias.data(), source->dense()}};
     }
@@ -385,8 +392,8 @@ class CompressedLayerCache : public LayerCache {
       cpu::apply_rope(keys.data(), inverse_positions.data(), inv_freq_.data(), n, 1, hd, 1.0f);
       if (rope_factor != 1.0f)
         for (float& value : keys) value /= rope_factor;
-      const SparseCodes key_codes = MatchingPursuit(dictionaries.key_atoms.data(), dictionaries.atoms, hd, keys.data(),
-                                                    n, coding.key_sparsity);
+      const SparseCodes key_codes =
+          MatchingPursuit(dictionaries.key_atoms.data(), dictionaries.atoms, hd, keys.data(), n, coding.key_sparsity);
       const SparseCodes value_codes = MatchingPursuit(dictionaries.value_atoms.data(), dictionaries.atoms, hd,
                                                       values.data(), n, coding.value_sparsity);
       for (int i = 0; i < n; ++i) {

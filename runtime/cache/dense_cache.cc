@@ -22,8 +22,7 @@ class DenseLayerCache : public LayerCache {
     std::iota(entry_positions_.begin(), entry_positions_.end(), 0);
   }
 
-  void Append(int sequence, const int32_t* positions, int rows, const float*, const float* k,
-              const float* v) override {
+  void Append(int sequence, const int32_t* positions, int rows, const float*, const float* k, const float* v) override {
     const int hd = config_.head_dim;
     for (int r = 0; r < rows; ++r)
       for (int h = 0; h < config_.num_kv_heads; ++h) {

@@ -34,8 +34,8 @@ class LayerCache {
 };
 
 // Builds one LayerCache per layer of a model.
-using LayerCacheFactory = std::function<std::vector<std::unique_ptr<LayerCache>>(const ModelConfig& config,
-                                                                                 int num_sequences, int capacity)>;
+using LayerCacheFactory =
+    std::function<std::vector<std::unique_ptr<LayerCache>>(const ModelConfig& config, int num_sequences, int capacity)>;
 
 // The full cache: every position of every sequence, keys after RoPE.
 std::unique_ptr<LayerCache> CreateDenseLayerCache(const ModelConfig& config, int num_sequences, int capacity);

@@ -31,10 +31,10 @@ absl::StatusOr<PlanPolicies> PoliciesFromPlan(const plan::Plan& plan, const Mode
   PlanPolicies policies{.cache = CachePolicyFromPlan(plan), .dictionaries = {}};
   policies.dictionaries.resize(config.num_layers);
   for (const auto& entry : plan.sparse_coding().layers())
-    policies.dictionaries[entry.layer()] = std::make_shared<const LayerDictionaries>(LayerDictionaries{
-        .atoms = entry.keys().atoms(),
-        .key_atoms = {entry.keys().values().begin(), entry.keys().values().end()},
-        .value_atoms = {entry.values().values().begin(), entry.values().values().end()}});
+    policies.dictionaries[entry.layer()] = std::make_shared<const LayerDictionaries>(
+        LayerDictionaries{.atoms = entry.keys().atoms(),
+                          .key_atoms = {entry.keys().values().begin(), entry.keys().values().end()},
+                          .value_atoms = {entry.values().values().begin(), entry.values().values().end()}});
   return policies;
 }
 

@@ -9,8 +9,8 @@
 namespace kvplan {
 
 struct SparseCodes {
-  std::vector<uint16_t> indices;     // [n, sparsity]
-  std::vector<float> coefficients;   // [n, sparsity], fp16-representable
+  std::vector<uint16_t> indices;    // [n, sparsity]
+  std::vector<float> coefficients;  // [n, sparsity], fp16-representable
 };
 
 // x: [n, dim]; dictionary: [atoms, dim] with unit-norm rows.

@@ -21,14 +21,14 @@ struct CpuLayer {
   std::vector<float> qkv_bias;  // [q_dim + 2 kv_dim] or empty
   std::vector<float> o;         // [hidden, q_dim]
   std::vector<float> mlp_norm;
-  std::vector<float> gate_up;   // [2 ffn, hidden]: gate then up
-  std::vector<float> down;      // [hidden, ffn]
+  std::vector<float> gate_up;  // [2 ffn, hidden]: gate then up
+  std::vector<float> down;     // [hidden, ffn]
 };
 
 // y[rows, out] (+)= x[rows, in] * w[out, in]^T
 void MatMulTransposed(const float* x, const float* w, int rows, int in, int out, float* y, bool accumulate) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, accumulate ? 1.0f : 0.0f,
-              y, out);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out, in, 1.0f, x, in, w, in, accumulate ? 1.0f : 0.0f, y,
+              out);
 }
 
 absl::StatusOr<std::vector<float>> ReadStacked(const WeightSource& weights, const std::vector<TensorSpec>& specs) {
@@ -58,8 +58,11 @@ class CpuModel : public Model {
       const LayerSpecs specs = LayerTensorSpecs(config_, l);
       CpuLayer layer;
       std::vector<std::pair<std::vector<float>*, std::vector<TensorSpec>>> parts = {
-          {&layer.attention_norm, {specs.attention_norm}}, {&layer.qkv, {specs.q, specs.k, specs.v}},
-          {&layer.o, {specs.o}}, {&layer.mlp_norm, {specs.mlp_norm}}, {&layer.gate_up, {specs.gate, specs.up}},
+          {&layer.attention_norm, {specs.attention_norm}},
+          {&layer.qkv, {specs.q, specs.k, specs.v}},
+          {&layer.o, {specs.o}},
+          {&layer.mlp_norm, {specs.mlp_norm}},
+          {&layer.gate_up, {specs.gate, specs.up}},
           {&layer.down, {specs.down}}};
       if (config_.attention_bias) parts.push_back({&layer.qkv_bias, {specs.q_bias, specs.k_bias, specs.v_bias}});
       for (auto& [target, part_specs] : parts) {
@@ -67,9 +70,8 @@ class CpuModel : public Model {
       }
       layers_.push_back(std::move(layer));
     }
-    caches_ = options_.cache_factory
-                  ? options_.cache_factory(config_, options_.num_sequences, capacity_)
-                  : std::vector<std::unique_ptr<LayerCache>>();
+    caches_ = options_.cache_factory ? options_.cache_factory(config_, options_.num_sequences, capacity_)
+                                     : std::vector<std::unique_ptr<LayerCache>>();
     if (caches_.empty())
       for (int l = 0; l < config_.num_layers; ++l)
         caches_.push_back(CreateDenseLayerCache(config_, options_.num_sequences, capacity_));
@@ -96,9 +98,7 @@ class CpuModel : public Model {
     return total;
   }
 
-  int64_t cached_positions() const override {
-    return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
-  }
+  int64_t cached_positions() const override { return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0)); }
 
   absl::Status FillCacheWithNoise(int context) override {
     if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
@@ -160,7 +160,8 @@ class CpuModel : public Model {
       if (computes_kv) {
         k_pre_rope = k;
         cpu::apply_rope(k.data(), positions, inv_freq_.data(), T, c.num_kv_heads, c.head_dim, attention_factor);
-        if (options_.observer != nullptr) options_.observer->OnLayerKv(l, T, q.data(), k.data(), k_pre_rope.data(), v.data());
+        if (options_.observer != nullptr)
+          options_.observer->OnLayerKv(l, T, q.data(), k.data(), k_pre_rope.data(), v.data());
       }
       // Rows are grouped by sequence; each group appends, then attends.
       for (int group_begin = 0; group_begin < T;) {
@@ -202,8 +203,8 @@ class CpuModel : public Model {
     const size_t offset = logits.size();
     logits.resize(offset + logit_rows.size() * c.vocab_size);
     const std::vector<float>& head = c.tie_word_embeddings ? embed_ : lm_head_;
-    MatMulTransposed(selected.data(), head.data(), int(logit_rows.size()), hidden, c.vocab_size,
-                     logits.data() + offset, false);
+    MatMulTransposed(selected.data(), head.data(), int(logit_rows.size()), hidden, c.vocab_size, logits.data() + offset,
+                     false);
   }
 
   ModelConfig config_;

@@ -75,9 +75,10 @@ class CudaModel : public Model {
   absl::Status Load(const WeightSource& weights) {
     const ModelConfig& c = config_;
     if (!cuda::attention_supported(c.num_heads, c.num_kv_heads, c.head_dim))
-      return absl::UnimplementedError(absl::StrCat("CUDA attention supports head_dim 32/64/128/256 and at most 8 query "
-                                                   "heads per KV head; model has head_dim ",
-                                                   c.head_dim, ", ", c.num_heads / c.num_kv_heads, " per KV head"));
+      return absl::UnimplementedError(
+          absl::StrCat("CUDA attention supports head_dim 32/64/128/256 and at most 8 query "
+                       "heads per KV head; model has head_dim ",
+                       c.head_dim, ", ", c.num_heads / c.num_kv_heads, " per KV head"));
     KVPLAN_CUDA(cudaStreamCreate(&stream_));
     KVPLAN_RETURN_IF_ERROR(CublasStatus(cublasCreate(&cublas_), "cublasCreate"));
     KVPLAN_RETURN_IF_ERROR(CublasStatus(cublasSetStream(cublas_, stream_), "cublasSetStream"));
@@ -89,25 +90,37 @@ class CudaModel : public Model {
     for (int l = 0; l < c.num_layers; ++l) {
       const LayerSpecs specs = LayerTensorSpecs(c, l);
       CudaLayer& layer = layers_[l];
-      for (auto [spec, buffer] : {std::pair{&specs.attention_norm, &layer.attention_norm}, {&specs.q, &layer.q},
-                                  {&specs.k, &layer.k}, {&specs.v, &layer.v}, {&specs.o, &layer.o},
-                                  {&specs.mlp_norm, &layer.mlp_norm}, {&specs.gate, &layer.gate},
-                                  {&specs.up, &layer.up}, {&specs.down, &layer.down}})
+      for (auto [spec, buffer] : {std::pair{&specs.attention_norm, &layer.attention_norm},
+                                  {&specs.q, &layer.q},
+                                  {&specs.k, &layer.k},
+                                  {&specs.v, &layer.v},
+                                  {&specs.o, &layer.o},
+                                  {&specs.mlp_norm, &layer.mlp_norm},
+                                  {&specs.gate, &layer.gate},
+                                  {&specs.up, &layer.up},
+                                  {&specs.down, &layer.down}})
         KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, *spec, *buffer));
       if (c.attention_bias)
-        for (auto [spec, buffer] : {std::pair{&specs.q_bias, &layer.q_bias}, {&specs.k_bias, &layer.k_bias},
-                                    {&specs.v_bias, &layer.v_bias}})
+        for (auto [spec, buffer] :
+             {std::pair{&specs.q_bias, &layer.q_bias}, {&specs.k_bias, &layer.k_bias}, {&specs.v_bias, &layer.v_bias}})
           KVPLAN_RETURN_IF_ERROR(UploadFloat(weights, *spec, *buffer));
     }
     const std::vector<float> inv_freq = RopeInverseFrequencies(c);
     KVPLAN_RETURN_IF_ERROR(UploadHost(inv_freq.data(), inv_freq.size() * sizeof(float), inv_freq_));
 
     const size_t rows = max_rows_, hidden = c.hidden_size, ffn = c.intermediate_size;
-    for (auto [buffer, bytes] : {std::pair{&x_, rows * hidden * 4}, {&normed_, rows * hidden * 2},
-                                 {&q_, rows * c.q_dim() * 4}, {&k_, rows * c.kv_dim() * 4},
-                                 {&v_, rows * c.kv_dim() * 4}, {&attention_out_, rows * c.q_dim() * 2},
-                                 {&gate_, rows * ffn * 4}, {&up_, rows * ffn * 4}, {&activated_, rows * ffn * 2},
-                                 {&tokens_, rows * 4}, {&sequences_, rows * 4}, {&positions_, rows * 4}}) {
+    for (auto [buffer, bytes] : {std::pair{&x_, rows * hidden * 4},
+                                 {&normed_, rows * hidden * 2},
+                                 {&q_, rows * c.q_dim() * 4},
+                                 {&k_, rows * c.kv_dim() * 4},
+                                 {&v_, rows * c.kv_dim() * 4},
+                                 {&attention_out_, rows * c.q_dim() * 2},
+                                 {&gate_, rows * ffn * 4},
+                                 {&up_, rows * ffn * 4},
+                                 {&activated_, rows * ffn * 2},
+                                 {&tokens_, rows * 4},
+                                 {&sequences_, rows * 4},
+                                 {&positions_, rows * 4}}) {
       KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
     }
     KVPLAN_RETURN_IF_ERROR(
@@ -137,9 +150,7 @@ class CudaModel : public Model {
 
   int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(__nv_bfloat16)); }
 
-  int64_t cached_positions() const override {
-    return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
-  }
+  int64_t cached_positions() const override { return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0)); }
 
   absl::Status FillCacheWithNoise(int context) override {
     if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
@@ -165,13 +176,16 @@ class CudaModel : public Model {
       return absl::InvalidArgumentError(absl::StrCat(T, " rows exceed the CUDA runtime's max_rows ", max_rows_));
     KVPLAN_RETURN_IF_ERROR(ValidateStepRows(rows, config_, lengths_, capacity_));
     KVPLAN_CUDA(cudaMemcpyAsync(tokens_.as<int32_t>(), rows.tokens.data(), T * 4, cudaMemcpyHostToDevice, stream_));
-    KVPLAN_CUDA(cudaMemcpyAsync(sequences_.as<int32_t>(), rows.sequences.data(), T * 4, cudaMemcpyHostToDevice, stream_));
-    KVPLAN_CUDA(cudaMemcpyAsync(positions_.as<int32_t>(), rows.positions.data(), T * 4, cudaMemcpyHostToDevice, stream_));
+    KVPLAN_CUDA(
+        cudaMemcpyAsync(sequences_.as<int32_t>(), rows.sequences.data(), T * 4, cudaMemcpyHostToDevice, stream_));
+    KVPLAN_CUDA(
+        cudaMemcpyAsync(positions_.as<int32_t>(), rows.positions.data(), T * 4, cudaMemcpyHostToDevice, stream_));
     const int max_context = *std::max_element(rows.positions.begin(), rows.positions.end()) + 1;
     const float scale = 1.0f / std::sqrt(float(c.head_dim));
     const float rope_factor = float(c.rope.attention_factor);
     const int hidden = c.hidden_size, ffn = c.intermediate_size;
-    KVPLAN_CUDA(cuda::embed_tokens(embed_.as<__nv_bfloat16>(), tokens_.as<int32_t>(), T, hidden, x_.as<float>(), stream_));
+    KVPLAN_CUDA(
+        cuda::embed_tokens(embed_.as<__nv_bfloat16>(), tokens_.as<int32_t>(), T, hidden, x_.as<float>(), stream_));
     for (int l = 0; l < c.num_layers; ++l) {
       const CudaLayer& layer = layers_[l];
       __nv_bfloat16* k_cache = k_cache_.as<__nv_bfloat16>() + l * LayerCacheElements();
@@ -188,10 +202,10 @@ class CudaModel : public Model {
       }
       KVPLAN_CUDA(cuda::apply_rope(q_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_heads,
                                    c.head_dim, rope_factor, stream_));
-      KVPLAN_CUDA(cuda::apply_rope(k_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T,
-                                   c.num_kv_heads, c.head_dim, rope_factor, stream_));
-      KVPLAN_CUDA(cuda::append_kv(k_.as<float>(), v_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(),
-                                  T, c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, stream_));
+      KVPLAN_CUDA(cuda::apply_rope(k_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_kv_heads,
+                                   c.head_dim, rope_factor, stream_));
+      KVPLAN_CUDA(cuda::append_kv(k_.as<float>(), v_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(), T,
+                                  c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, stream_));
       KVPLAN_CUDA(cuda::attention(q_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(), T, c.num_heads,
                                   c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, scale, c.sliding_window,
                                   max_context, workspace_.as<void>(), attention_out_.as<__nv_bfloat16>(), stream_));
@@ -200,7 +214,8 @@ class CudaModel : public Model {
                                  normed_.as<__nv_bfloat16>(), stream_));
       KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.gate, T, hidden, ffn, gate_, 0.0f));
       KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.up, T, hidden, ffn, up_, 0.0f));
-      KVPLAN_CUDA(cuda::swiglu(gate_.as<float>(), up_.as<float>(), int64_t(T) * ffn, activated_.as<__nv_bfloat16>(), stream_));
+      KVPLAN_CUDA(
+          cuda::swiglu(gate_.as<float>(), up_.as<float>(), int64_t(T) * ffn, activated_.as<__nv_bfloat16>(), stream_));
       KVPLAN_RETURN_IF_ERROR(Gemm(activated_, layer.down, T, ffn, hidden, x_, 1.0f));
     }
     for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
@@ -219,8 +234,8 @@ class CudaModel : public Model {
                                normed_.as<__nv_bfloat16>(), stream_));
     const size_t logits_bytes = size_t(selected) * c.vocab_size * sizeof(float);
     if (logits_.bytes() < logits_bytes) KVPLAN_RETURN_IF_ERROR(logits_.Allocate(logits_bytes));
-    KVPLAN_RETURN_IF_ERROR(Gemm(normed_, c.tie_word_embeddings ? embed_ : lm_head_, selected, hidden, c.vocab_size,
-                                logits_, 0.0f));
+    KVPLAN_RETURN_IF_ERROR(
+        Gemm(normed_, c.tie_word_embeddings ? embed_ : lm_head_, selected, hidden, c.vocab_size, logits_, 0.0f));
     std::vector<float> logits(size_t(selected) * c.vocab_size);
     KVPLAN_CUDA(cudaMemcpyAsync(logits.data(), logits_.as<float>(), logits_bytes, cudaMemcpyDeviceToHost, stream_));
     KVPLAN_CUDA(cudaStreamSynchronize(stream_));
@@ -231,7 +246,6 @@ class CudaModel : public Model {
   int64_t LayerCacheElements() const {
     return int64_t(num_sequences_) * config_.num_kv_heads * capacity_ * config_.head_dim;
   }
-
 
   // y[rows, out] = x[rows, in] * w[out, in]^T + beta * y; x, w bf16; y fp32.
   absl::Status Gemm(const DeviceBuffer& x, const DeviceBuffer& w, int rows, int in, int out, DeviceBuffer& y,
@@ -249,18 +263,16 @@ class CudaModel : public Model {
   }
 
   absl::Status UploadBf16(const WeightSource& weights, const TensorSpec& spec, DeviceBuffer& buffer) {
-    absl::StatusOr<std::vector<float>> values = weights.Read(spec);
-    if (!values.ok()) return values.status();
-    std::vector<uint16_t> bf16(values->size());
+    KVPLAN_ASSIGN_OR_RETURN(std::vector<float> values, weights.Read(spec));
+    std::vector<uint16_t> bf16(values.size());
 #pragma omp parallel for
-    for (int64_t i = 0; i < int64_t(bf16.size()); ++i) bf16[i] = FloatToBf16((*values)[i]);
+    for (int64_t i = 0; i < int64_t(bf16.size()); ++i) bf16[i] = FloatToBf16((values)[i]);
     return UploadHost(bf16.data(), bf16.size() * sizeof(uint16_t), buffer);
   }
 
   absl::Status UploadFloat(const WeightSource& weights, const TensorSpec& spec, DeviceBuffer& buffer) {
-    absl::StatusOr<std::vector<float>> values = weights.Read(spec);
-    if (!values.ok()) return values.status();
-    return UploadHost(values->data(), values->size() * sizeof(float), buffer);
+    KVPLAN_ASSIGN_OR_RETURN(std::vector<float> values, weights.Read(spec));
+    return UploadHost(values.data(), values.size() * sizeof(float), buffer);
   }
 
   ModelConfig config_;

@@ -62,10 +62,13 @@ TEST(CommandsTest, BadInputGivesErrorsNamingTheProblem) {
   const absl::Status missing_data =
       RunEval({.model_dir = testing::FixtureModelDir(), .data_path = "/nonexistent/data.txt", .skip_needle = true});
   EXPECT_NE(missing_data.message().find("/nonexistent/data.txt"), std::string::npos);
-  const absl::Status missing_plan = RunEval({.model_dir = testing::FixtureModelDir(), .data_path = "x",
-                                             .skip_needle = true, .plan_path = "/nonexistent/p.kvplan"});
+  const absl::Status missing_plan = RunEval({.model_dir = testing::FixtureModelDir(),
+                                             .data_path = "x",
+                                             .skip_needle = true,
+                                             .plan_path = "/nonexistent/p.kvplan"});
   EXPECT_NE(missing_plan.message().find("p.kvplan"), std::string::npos);
-  const absl::Status bad_device = RunGenerate({.model_dir = testing::FixtureModelDir(), .prompt = "hi", .device = "tpu"});
+  const absl::Status bad_device =
+      RunGenerate({.model_dir = testing::FixtureModelDir(), .prompt = "hi", .device = "tpu"});
   EXPECT_NE(bad_device.message().find("tpu"), std::string::npos);
   const absl::Status both = RunBench({.model_dir = testing::FixtureModelDir(), .model_shape = "llama-3-8b"});
   EXPECT_FALSE(both.ok());

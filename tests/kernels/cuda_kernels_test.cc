@@ -153,9 +153,9 @@ TEST(CudaKernelsTest, SwigluBiasAndEmbedMatchCpu) {
   Device<uint16_t> device_table(ToBf16(table));
   Device<int32_t> device_tokens(tokens);
   Device<float> embedded(tokens.size() * dim);
-  ASSERT_EQ(cuda::embed_tokens(AsBf16(device_table), device_tokens.get(), int(tokens.size()), dim, embedded.get(),
-                               nullptr),
-            cudaSuccess);
+  ASSERT_EQ(
+      cuda::embed_tokens(AsBf16(device_table), device_tokens.get(), int(tokens.size()), dim, embedded.get(), nullptr),
+      cudaSuccess);
   const std::vector<float> rows_out = embedded.Read();
   for (size_t r = 0; r < tokens.size(); ++r)
     for (int i = 0; i < dim; ++i) ASSERT_EQ(rows_out[r * dim + i], table[size_t(tokens[r]) * dim + i]);
@@ -201,9 +201,9 @@ void CheckAttention(const AttentionCase& c) {
   Device<char> workspace(cuda::attention_workspace_bytes(rows, c.heads, c.head_dim, c.context));
   Device<uint16_t> out(q.size());
   const float scale = 1.0f / std::sqrt(float(c.head_dim));
-  ASSERT_EQ(cuda::attention(device_q.get(), device_sequences.get(), device_positions.get(), rows, c.heads,
-                            c.kv_heads, c.head_dim, capacity, AsBf16(k_cache), AsBf16(v_cache), scale,
-                            c.sliding_window, c.context, workspace.get(), AsBf16(out), nullptr),
+  ASSERT_EQ(cuda::attention(device_q.get(), device_sequences.get(), device_positions.get(), rows, c.heads, c.kv_heads,
+                            c.head_dim, capacity, AsBf16(k_cache), AsBf16(v_cache), scale, c.sliding_window, c.context,
+                            workspace.get(), AsBf16(out), nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> actual = ReadBf16(out);
@@ -235,9 +235,9 @@ void CheckAttention(const AttentionCase& c) {
 TEST(CudaKernelsTest, AttentionMatchesCpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
   const AttentionCase cases[] = {
-      {1, 4, 2, 64, 1, 1, 0},       {1, 4, 2, 64, 257, 1, 0},    {2, 32, 8, 128, 4099, 1, 0},
-      {3, 7, 1, 128, 999, 1, 0},    {1, 28, 4, 128, 130, 17, 0}, {2, 6, 3, 32, 300, 5, 64},
-      {1, 16, 2, 256, 1000, 2, 0},  {5, 8, 8, 64, 77, 3, 0},     {1, 64, 8, 128, 32768, 1, 0},
+      {1, 4, 2, 64, 1, 1, 0},      {1, 4, 2, 64, 257, 1, 0},    {2, 32, 8, 128, 4099, 1, 0},
+      {3, 7, 1, 128, 999, 1, 0},   {1, 28, 4, 128, 130, 17, 0}, {2, 6, 3, 32, 300, 5, 64},
+      {1, 16, 2, 256, 1000, 2, 0}, {5, 8, 8, 64, 77, 3, 0},     {1, 64, 8, 128, 32768, 1, 0},
   };
   for (const AttentionCase& c : cases) CheckAttention(c);
 }
@@ -303,16 +303,28 @@ void CheckSparseAttention(const SparseCase& c) {
   std::vector<cpu::CodedHeadView> views(c.kv_heads);
   for (int h = 0; h < c.kv_heads; ++h) {
     const int coded = coded_offsets[h], dense = dense_offsets[h];
-    views[h] = {key_atoms.data() + coded * c.key_sparsity, key_coefficients.data() + coded * c.key_sparsity,
-                value_atoms.data() + coded * c.value_sparsity, value_coefficients.data() + coded * c.value_sparsity,
-                coded_positions.data() + coded, c.coded_per_head,
+    views[h] = {key_atoms.data() + coded * c.key_sparsity,
+                key_coefficients.data() + coded * c.key_sparsity,
+                value_atoms.data() + coded * c.value_sparsity,
+                value_coefficients.data() + coded * c.value_sparsity,
+                coded_positions.data() + coded,
+                c.coded_per_head,
                 cpu::KvHeadView{dense_keys.data() + int64_t(dense) * c.head_dim,
                                 dense_values.data() + int64_t(dense) * c.head_dim, dense_positions.data() + dense,
                                 dense_bias.data() + dense, c.dense_per_head}};
   }
   const float scale = 1.0f / std::sqrt(float(c.head_dim));
-  const cpu::SparseAttentionParams params{c.rows, c.heads, c.kv_heads, c.head_dim, c.key_sparsity, c.value_sparsity,
-                                          key_dictionary.data(), value_dictionary.data(), inv_freq.data(), 1.0f, scale};
+  const cpu::SparseAttentionParams params{c.rows,
+                                          c.heads,
+                                          c.kv_heads,
+                                          c.head_dim,
+                                          c.key_sparsity,
+                                          c.value_sparsity,
+                                          key_dictionary.data(),
+                                          value_dictionary.data(),
+                                          inv_freq.data(),
+                                          1.0f,
+                                          scale};
   std::vector<float> expected(q.size()), expected_probabilities(coded_total + dense_total);
   cpu::sparse_attention(params, q.data(), query_positions.data(), views.data(), expected.data(),
                         expected_probabilities.data());
@@ -324,12 +336,12 @@ void CheckSparseAttention(const SparseCase& c) {
   Device<int32_t> d_coded_positions(coded_positions), d_dense_positions(dense_positions);
   Device<float> d_dense_keys(dense_keys), d_dense_values(dense_values), d_dense_bias(dense_bias);
   Device<float> out(q.size()), probabilities(expected_probabilities.size());
-  const cuda::CompressedCacheView cache{d_coded_offsets.get(), d_key_atoms.get(), d_key_coefficients.get(),
-                                        d_value_atoms.get(), d_value_coefficients.get(), d_coded_positions.get(),
-                                        d_dense_offsets.get(), d_dense_keys.get(), d_dense_values.get(),
+  const cuda::CompressedCacheView cache{d_coded_offsets.get(),   d_key_atoms.get(),          d_key_coefficients.get(),
+                                        d_value_atoms.get(),     d_value_coefficients.get(), d_coded_positions.get(),
+                                        d_dense_offsets.get(),   d_dense_keys.get(),         d_dense_values.get(),
                                         d_dense_positions.get(), d_dense_bias.get()};
-  const cuda::SparseAttentionShape shape{c.rows, c.heads, c.kv_heads, c.head_dim, c.key_sparsity, c.value_sparsity,
-                                         scale, 1.0f};
+  const cuda::SparseAttentionShape shape{c.rows,         c.heads,          c.kv_heads, c.head_dim,
+                                         c.key_sparsity, c.value_sparsity, scale,      1.0f};
   const int entries_per_head = c.coded_per_head + c.dense_per_head;
   // Once with probabilities (unsplit), once without (split-KV); both outputs must match the reference.
   Device<char> probability_workspace(
@@ -346,8 +358,8 @@ void CheckSparseAttention(const SparseCase& c) {
                                    split_workspace.get(), nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const std::string shape_name = absl::StrFormat("%d/%d heads, head_dim %d, %d rows", c.heads, c.kv_heads,
-                                                 c.head_dim, c.rows);
+  const std::string shape_name =
+      absl::StrFormat("%d/%d heads, head_dim %d, %d rows", c.heads, c.kv_heads, c.head_dim, c.rows);
   EXPECT_TRUE(AllClose(split_out.Read(), expected, kCodedAttention)) << "split, " << shape_name;
   EXPECT_TRUE(AllClose(out.Read(), expected, kCodedAttention)) << shape_name;
   EXPECT_TRUE(AllClose(probabilities.Read(), expected_probabilities, kCodedProbabilities)) << shape_name;
@@ -355,8 +367,10 @@ void CheckSparseAttention(const SparseCase& c) {
 
 TEST(CudaCompressedKernelsTest, SparseAttentionMatchesCpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  const SparseCase cases[] = {{4, 2, 64, 1, 100, 7, 64, 8, 8},     {7, 7, 64, 3, 33, 0, 17, 4, 4},
-                              {32, 8, 128, 1, 513, 31, 1024, 8, 4}, {28, 4, 128, 2, 0, 40, 5, 2, 2},
+  const SparseCase cases[] = {{4, 2, 64, 1, 100, 7, 64, 8, 8},
+                              {7, 7, 64, 3, 33, 0, 17, 4, 4},
+                              {32, 8, 128, 1, 513, 31, 1024, 8, 4},
+                              {28, 4, 128, 2, 0, 40, 5, 2, 2},
                               {8, 1, 256, 1, 77, 3, 300, 16, 16}};
   for (const SparseCase& c : cases) CheckSparseAttention(c);
 }

@@ -18,7 +18,8 @@ namespace fs = std::filesystem;
 std::string BaseConfig(const std::string& extra) {
   return R"({"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 12,
              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "max_position_embeddings": 64)" + extra + "}";
+             "max_position_embeddings": 64)" +
+         extra + "}";
 }
 
 TEST(ModelConfigTest, ReadsFixtureWithRopeParameters) {
@@ -132,8 +133,8 @@ TEST_F(SafetensorsTest, DamagedFilesGiveErrorsNamingTensorAndFile) {
   EXPECT_NE(truncated.status().message().find("\"t\""), std::string::npos);
   EXPECT_NE(truncated.status().message().find("truncated.safetensors"), std::string::npos);
 
-  WriteSafetensors(Path("mismatch.safetensors"),
-                   {{"m", {{"dtype", "BF16"}, {"shape", {3}}, {"data_offsets", {0, 4}}}}}, std::string(4, '\0'));
+  WriteSafetensors(Path("mismatch.safetensors"), {{"m", {{"dtype", "BF16"}, {"shape", {3}}, {"data_offsets", {0, 4}}}}},
+                   std::string(4, '\0'));
   EXPECT_FALSE(Checkpoint::OpenFile(Path("mismatch.safetensors")).ok());
 
   WriteSafetensors(Path("int8.safetensors"), {{"q", {{"dtype", "I8"}, {"shape", {4}}, {"data_offsets", {0, 4}}}}},

@@ -11,15 +11,23 @@ TEST(CachePolicyTest, PlanSettingsRoundTrip) {
   plan.mutable_model()->set_num_layers(3);
   plan.mutable_model()->set_num_kv_heads(2);
   plan.mutable_model()->set_head_dim(8);
-  const BudgetPolicy budget{.head_keep_fraction = {0.25f, 0.5f}, .scoring = plan::TokenBudgets::ATTENTION_SCORE,
-                            .recent_window = 7, .sink_tokens = 3, .min_tokens = 5, .merge_evicted = true,
-                            .merge_compensation = 0.5f, .score_decay = 0.9f};
+  const BudgetPolicy budget{.head_keep_fraction = {0.25f, 0.5f},
+                            .scoring = plan::TokenBudgets::ATTENTION_SCORE,
+                            .recent_window = 7,
+                            .sink_tokens = 3,
+                            .min_tokens = 5,
+                            .merge_evicted = true,
+                            .merge_compensation = 0.5f,
+                            .score_decay = 0.9f};
   WriteBudgetPolicy(budget, plan.mutable_budgets());
   auto* layer_budget = plan.mutable_budgets()->add_layers();
   layer_budget->set_layer(1);
   for (float fraction : budget.head_keep_fraction) layer_budget->add_head_keep_fraction(fraction);
-  const RefreshPolicy refresh{.small_cache_fraction = 0.25f, .min_small_cache_tokens = 9, .refresh_stride = 4,
-                              .query_similarity_threshold = 0.5f, .pool_kernel = 3};
+  const RefreshPolicy refresh{.small_cache_fraction = 0.25f,
+                              .min_small_cache_tokens = 9,
+                              .refresh_stride = 4,
+                              .query_similarity_threshold = 0.5f,
+                              .pool_kernel = 3};
   WriteRefreshPolicy(refresh, plan.mutable_refresh());
   plan.mutable_refresh()->add_layers(2);
   auto* share = plan.mutable_sharing()->add_shares();
@@ -47,8 +55,8 @@ TEST(CachePolicyTest, PlanSettingsRoundTrip) {
 
 TEST(CachePolicyTest, ExpectedEntriesFollowTheRules) {
   LayerPolicy layer;
-  layer.budget = BudgetPolicy{.head_keep_fraction = {0.25f}, .recent_window = 8, .sink_tokens = 4,
-                              .min_tokens = 16, .merge_evicted = true};
+  layer.budget = BudgetPolicy{
+      .head_keep_fraction = {0.25f}, .recent_window = 8, .sink_tokens = 4, .min_tokens = 16, .merge_evicted = true};
   // Budget 25% of 200 = 50 plain tokens, plus the merged slot.
   EXPECT_EQ(ExpectedHeadEntries(layer, 0, 200), (HeadEntries{.dense = 51}));
   // Sinks and the recent window are kept even when the budget is smaller; nothing evicted, no slot.

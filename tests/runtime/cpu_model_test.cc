@@ -86,8 +86,10 @@ TEST(CpuModelTest, RejectsOutOfVocabularyTokenAndPositionGap) {
 
 TEST(CpuModelTest, BatchedDecodeMatchesSingleSequences) {
   KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(FixtureModelDir()));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(batched, CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 2, .capacity = 64}));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(single, CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 1, .capacity = 64}));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(batched,
+                              CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 2, .capacity = 64}));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(single,
+                              CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 1, .capacity = 64}));
   const std::vector<int32_t> a = {0, 11, 12, 13, 14}, b = {0, 21, 22};
   ASSERT_TRUE(batched->Forward(SequenceRows(a, 0, 0), LogitRows::kLastPerSequence).ok());
   ASSERT_TRUE(batched->Forward(SequenceRows(b, 1, 0), LogitRows::kLastPerSequence).ok());

@@ -22,7 +22,8 @@ TEST(CudaModelTest, LogitsMatchTransformersAndDecodeMatchesPrefill) {
   const int vocab = loaded.config.vocab_size;
 
   KVPLAN_ASSERT_OK_AND_ASSIGN(logits, model->Forward(SequenceRows(ids, 0, 0), LogitRows::kAll));
-  const double prefill_error = testing::RelativeError(logits.data() + (ids.size() - 8) * vocab, expected.data(), 8 * vocab);
+  const double prefill_error =
+      testing::RelativeError(logits.data() + (ids.size() - 8) * vocab, expected.data(), 8 * vocab);
   EXPECT_LT(prefill_error, kBf16RuntimeTolerance);
   RecordProperty("prefill_relative_error", std::to_string(prefill_error));
 
@@ -39,9 +40,10 @@ TEST(CudaModelTest, LogitsMatchTransformersAndDecodeMatchesPrefill) {
 TEST(CudaModelTest, BatchedDecodeMatchesCpuRuntime) {
   KVPLAN_SKIP_WITHOUT_GPU();
   KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(gpu, CreateCudaModel(loaded.config, *loaded.weights,
-                                                   {.num_sequences = 3, .capacity = 100, .max_rows = 64}));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(cpu, CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 3, .capacity = 100}));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(
+      gpu, CreateCudaModel(loaded.config, *loaded.weights, {.num_sequences = 3, .capacity = 100, .max_rows = 64}));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(cpu,
+                              CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 3, .capacity = 100}));
   const std::vector<std::vector<int32_t>> prompts = {{0, 5, 6, 7}, {0, 100, 200, 300, 400, 500, 600}, {0, 42}};
   for (int s = 0; s < 3; ++s) {
     ASSERT_TRUE(gpu->Forward(SequenceRows(prompts[s], s, 0), LogitRows::kLastPerSequence).ok());

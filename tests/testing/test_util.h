@@ -30,7 +30,7 @@ inline double RelativeError(const float* a, const float* b, size_t n) {
 
 }  // namespace kvplan::testing
 
-#define KVPLAN_ASSERT_OK_AND_ASSIGN(lhs, expr)                 \
-  auto lhs##_or = (expr);                                      \
+#define KVPLAN_ASSERT_OK_AND_ASSIGN(lhs, expr)                \
+  auto lhs##_or = (expr);                                     \
   ASSERT_TRUE(lhs##_or.ok()) << lhs##_or.status().ToString(); \
   auto lhs = std::move(*lhs##_or)

@@ -40,8 +40,8 @@ inline ::testing::AssertionResult AllClose(const float* actual, const float* exp
   }
   if (failures == 0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << absl::StrFormat(
-             "%d of %d elements outside atol %g + rtol %g * |expected| (worst abs %.3g, worst rel %.3g):%s",
-             failures, n, tolerance.atol, tolerance.rtol, worst_abs, worst_rel, shown);
+             "%d of %d elements outside atol %g + rtol %g * |expected| (worst abs %.3g, worst rel %.3g):%s", failures,
+             n, tolerance.atol, tolerance.rtol, worst_abs, worst_rel, shown);
 }
 
 inline ::testing::AssertionResult AllClose(const std::vector<float>& actual, const std::vector<float>& expected,

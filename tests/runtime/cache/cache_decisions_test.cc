@@ -39,8 +39,11 @@ TEST(CacheDecisionsTest, CodingWindowIsProtectedFromEviction) {
 }
 
 TEST(CacheDecisionsTest, RefreshStepsAndSelection) {
-  const RefreshPolicy refresh{.small_cache_fraction = 0.25f, .min_small_cache_tokens = 2, .refresh_stride = 3,
-                              .query_similarity_threshold = 0.5f, .pool_kernel = 1};
+  const RefreshPolicy refresh{.small_cache_fraction = 0.25f,
+                              .min_small_cache_tokens = 2,
+                              .refresh_stride = 3,
+                              .query_similarity_threshold = 0.5f,
+                              .pool_kernel = 1};
   EXPECT_TRUE(NeedsFullStep(refresh, {}, {1, 0}));  // nothing selected yet
   RefreshState state{.refresh_position = 4, .steps_since_refresh = 0, .query = {1, 0}};
   EXPECT_FALSE(NeedsFullStep(refresh, state, {1, 0.1f}));

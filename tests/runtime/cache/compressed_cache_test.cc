@@ -146,15 +146,16 @@ TEST(CompressedCacheTest, MeasuredBytesEqualThePlannerEstimate) {
       plan.mutable_sparse_coding()->set_key_sparsity(8);
       plan.mutable_sparse_coding()->set_value_sparsity(8);
     }
-    KVPLAN_ASSERT_OK_AND_ASSIGN(
-        model, CreatePlannedCpuModel(config, *fixture.loaded.weights, plan, {.capacity = 512}));
+    KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreatePlannedCpuModel(config, *fixture.loaded.weights, plan, {.capacity = 512}));
     const int prompt = int(fixture.tokens.size()) - 8;
-    ASSERT_TRUE(model->Forward(SequenceRows({fixture.tokens.begin(), fixture.tokens.begin() + prompt}, 0, 0),
-                               LogitRows::kLastPerSequence).ok());
+    ASSERT_TRUE(model
+                    ->Forward(SequenceRows({fixture.tokens.begin(), fixture.tokens.begin() + prompt}, 0, 0),
+                              LogitRows::kLastPerSequence)
+                    .ok());
     EXPECT_EQ(model->kv_cache_bytes(), PlanCacheBytes(plan, prompt)) << c.name << " after the prefill";
     for (int position = prompt; position < int(fixture.tokens.size()); ++position) {
-      KVPLAN_ASSERT_OK_AND_ASSIGN(logits, model->Forward(SequenceRows({fixture.tokens[position]}, 0, position),
-                                                         LogitRows::kLastPerSequence));
+      KVPLAN_ASSERT_OK_AND_ASSIGN(
+          logits, model->Forward(SequenceRows({fixture.tokens[position]}, 0, position), LogitRows::kLastPerSequence));
       for (float value : logits) ASSERT_TRUE(std::isfinite(value)) << c.name;
       EXPECT_EQ(model->kv_cache_bytes(), PlanCacheBytes(plan, position + 1)) << c.name << " at " << position + 1;
     }
@@ -205,7 +206,7 @@ class EvictionTest : public ::testing::Test {
 
 TEST_F(EvictionTest, L2ScoringKeepsTheLowestNormKeys) {
   BudgetPolicy budget{.head_keep_fraction = {0.5f},  // 6 of 12 tokens
-                      .recent_window = 2,              // tokens 10 and 11 always stay
+                      .recent_window = 2,            // tokens 10 and 11 always stay
                       .sink_tokens = 0,
                       .min_tokens = 0,
                       .merge_evicted = false};
@@ -247,8 +248,8 @@ TEST(MatchingPursuitTest, BatchedEncoderAgreesWithTheReference) {
   }
   for (float& value : x) value = normal(generator);
   const SparseCodes batched = MatchingPursuit(dictionary.data(), kAtoms, kDim, x.data(), kVectors, kSparsity);
-  EXPECT_TRUE(testing::CodesMatchReference(dictionary, kAtoms, kDim, x, kSparsity, batched.indices,
-                                           batched.coefficients));
+  EXPECT_TRUE(
+      testing::CodesMatchReference(dictionary, kAtoms, kDim, x, kSparsity, batched.indices, batched.coefficients));
 }
 
 }  // namespace
