@@ -16,7 +16,7 @@
   } while (0)
 
 // `lhs = value of expr`, or returns its status from the enclosing function. lhs may declare a variable
-// (`auto model`) or name an existing one.
+// (`auto model`) or name an existing one. It expands to several statements: inside an if or a loop, use braces.
 #define KVPLAN_ASSIGN_OR_RETURN(lhs, expr) \
   KVPLAN_ASSIGN_OR_RETURN_IMPL(KVPLAN_STATUS_CONCAT(kvplan_statusor_, __LINE__), lhs, expr)
 #define KVPLAN_ASSIGN_OR_RETURN_IMPL(statusor, lhs, expr) \

@@ -1,7 +1,11 @@
 #include "runtime/backend.h"
 
+#include <optional>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "runtime/cache/plan_policies.h"
 #include "runtime/cpu/cpu_model.h"
 #ifdef KVPLAN_WITH_CUDA
 #include "kernels/cuda/kernels.h"
@@ -19,24 +23,32 @@ absl::StatusOr<Backend> ParseBackend(const std::string& name) {
 
 absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
                                                    const ModelOptions& options) {
+  std::optional<PlanPolicies> policies;
   if (options.plan != nullptr) {
-    // The CUDA kernels for compressed caches exist (kernels/cuda/compressed.cu) but the GPU runtime does not
-    // execute plans yet: say so rather than silently running the full cache.
-    if (options.backend == Backend::kCuda)
-      return absl::UnimplementedError("plans execute on the CPU runtime only; use --device cpu (or auto)");
-    return CreatePlannedCpuModel(config, weights, *options.plan,
-                                 {.num_sequences = options.num_sequences, .capacity = options.capacity});
+    KVPLAN_ASSIGN_OR_RETURN(policies, PoliciesFromPlan(*options.plan, config, weights));
   }
 #ifdef KVPLAN_WITH_CUDA
-  if (options.backend == Backend::kCuda || (options.backend == Backend::kAuto && cuda::device_available()))
-    return CreateCudaModel(
-        config, weights,
-        {.num_sequences = options.num_sequences, .capacity = options.capacity, .max_rows = options.max_rows});
+  // auto takes the GPU when there is one and it executes the whole plan.
+  const bool cuda_executes_plan = !policies || CudaSupports(policies->cache).ok();
+  if (options.backend == Backend::kCuda ||
+      (options.backend == Backend::kAuto && cuda::device_available() && cuda_executes_plan)) {
+    std::optional<CachePolicy> policy;
+    if (policies) policy = policies->cache;
+    return CreateCudaModel(config, weights,
+                           {.num_sequences = options.num_sequences,
+                            .capacity = options.capacity,
+                            .max_rows = options.max_rows,
+                            .policy = std::move(policy)});
+  }
 #else
   if (options.backend == Backend::kCuda)
     return absl::FailedPreconditionError("this kvplan was built without CUDA (configure with -DKVPLAN_CUDA=ON)");
 #endif
-  return CreateCpuModel(config, weights, {.num_sequences = options.num_sequences, .capacity = options.capacity});
+  const CpuModelOptions cpu_options{.num_sequences = options.num_sequences, .capacity = options.capacity};
+  if (policies)
+    return CreatePlannedCpuModel(config, weights, std::make_shared<const PlanPolicies>(*std::move(policies)),
+                                 cpu_options);
+  return CreateCpuModel(config, weights, cpu_options);
 }
 
 }  // namespace kvplan

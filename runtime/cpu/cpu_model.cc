@@ -233,7 +233,13 @@ absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config,
 absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
                                                              const plan::Plan& plan, CpuModelOptions options) {
   KVPLAN_ASSIGN_OR_RETURN(PlanPolicies policies, PoliciesFromPlan(plan, config, weights));
-  options.cache_factory = PlanCacheFactory(std::make_shared<const PlanPolicies>(std::move(policies)));
+  return CreatePlannedCpuModel(config, weights, std::make_shared<const PlanPolicies>(std::move(policies)), options);
+}
+
+absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
+                                                             std::shared_ptr<const PlanPolicies> policies,
+                                                             CpuModelOptions options) {
+  options.cache_factory = PlanCacheFactory(std::move(policies));
   options.chunk_rows = kPlannedChunkRows;
   options.device_label = "cpu+plan";
   return CreateCpuModel(config, weights, options);

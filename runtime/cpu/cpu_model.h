@@ -11,6 +11,7 @@
 #include "loader/weights.h"
 #include "plans/kvplan.pb.h"
 #include "runtime/cache/layer_cache.h"
+#include "runtime/cache/plan_policies.h"
 #include "runtime/model.h"
 
 namespace kvplan {
@@ -32,8 +33,12 @@ absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config,
 // Rows per prefill pass when a plan compresses the cache, so eviction keeps up with a long prompt.
 inline constexpr int kPlannedChunkRows = 128;
 
-// The CPU runtime executing `plan` once PoliciesFromPlan (runtime/cache/plan_policies.h) accepts it.
+// The CPU runtime executing `plan` once PoliciesFromPlan (runtime/cache/plan_policies.h) accepts it, or policies
+// already made from one.
 absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
                                                              const plan::Plan& plan, CpuModelOptions options);
+absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
+                                                             std::shared_ptr<const PlanPolicies> policies,
+                                                             CpuModelOptions options);
 
 }  // namespace kvplan

@@ -27,6 +27,12 @@ absl::Status CublasStatus(cublasStatus_t status, const char* what) {
 
 #define KVPLAN_CUDA(call) KVPLAN_RETURN_IF_ERROR(CudaStatus((call), #call))
 
+CachePolicy FullCachePolicy(const ModelConfig& config) {
+  return CachePolicy{.num_kv_heads = config.num_kv_heads,
+                     .head_dim = config.head_dim,
+                     .layers = std::vector<LayerPolicy>(config.num_layers)};
+}
+
 // An owning device allocation.
 class DeviceBuffer {
  public:
@@ -65,7 +71,15 @@ class CudaModel : public Model {
       : config_(config),
         num_sequences_(options.num_sequences),
         capacity_(options.capacity > 0 ? options.capacity : int(config.max_position_embeddings)),
-        max_rows_(options.max_rows) {}
+        max_rows_(options.max_rows),
+        policy_(options.policy ? *options.policy : FullCachePolicy(config)) {
+    // A sharing layer reads its donor's cache slot; every other layer owns one.
+    int slots = 0;
+    for (const LayerPolicy& layer : policy_.layers) cache_slot_.push_back(layer.shares() ? -1 : slots++);
+    for (int l = 0; l < config.num_layers; ++l)
+      if (policy_.layers[l].shares()) cache_slot_[l] = cache_slot_[policy_.layers[l].donor];
+    cache_slots_ = slots;
+  }
 
   ~CudaModel() override {
     if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -125,7 +139,7 @@ class CudaModel : public Model {
     }
     KVPLAN_RETURN_IF_ERROR(
         workspace_.Allocate(cuda::attention_workspace_bytes(max_rows_, c.num_heads, c.head_dim, capacity_)));
-    const size_t cache_bytes = size_t(c.num_layers) * LayerCacheElements() * sizeof(__nv_bfloat16);
+    const size_t cache_bytes = size_t(cache_slots_) * LayerCacheElements() * sizeof(__nv_bfloat16);
     KVPLAN_RETURN_IF_ERROR(k_cache_.Allocate(cache_bytes));
     KVPLAN_RETURN_IF_ERROR(v_cache_.Allocate(cache_bytes));
     lengths_.assign(num_sequences_, 0);
@@ -144,8 +158,9 @@ class CudaModel : public Model {
   }
   void Reset() override { std::fill(lengths_.begin(), lengths_.end(), 0); }
   int64_t kv_cache_bytes() const override {
-    const int64_t tokens = std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0));
-    return FullCacheBytes(config_.num_layers, config_.num_kv_heads, config_.head_dim, tokens);
+    int64_t bytes = 0;
+    for (int32_t length : lengths_) bytes += CacheBytes(policy_, length);
+    return bytes;
   }
 
   int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(__nv_bfloat16)); }
@@ -161,9 +176,11 @@ class CudaModel : public Model {
       noise[i] = FloatToBf16(float(int64_t(z >> 40) % 2001 - 1000) / 1000.0f);
     }
     const size_t layer_bytes = noise.size() * sizeof(uint16_t);
-    for (int l = 0; l < config_.num_layers; ++l) {
-      KVPLAN_CUDA(cudaMemcpy(k_cache_.as<char>() + l * layer_bytes, noise.data(), layer_bytes, cudaMemcpyHostToDevice));
-      KVPLAN_CUDA(cudaMemcpy(v_cache_.as<char>() + l * layer_bytes, noise.data(), layer_bytes, cudaMemcpyHostToDevice));
+    for (int slot = 0; slot < cache_slots_; ++slot) {
+      KVPLAN_CUDA(
+          cudaMemcpy(k_cache_.as<char>() + slot * layer_bytes, noise.data(), layer_bytes, cudaMemcpyHostToDevice));
+      KVPLAN_CUDA(
+          cudaMemcpy(v_cache_.as<char>() + slot * layer_bytes, noise.data(), layer_bytes, cudaMemcpyHostToDevice));
     }
     std::fill(lengths_.begin(), lengths_.end(), context);
     return absl::OkStatus();
@@ -188,24 +205,29 @@ class CudaModel : public Model {
         cuda::embed_tokens(embed_.as<__nv_bfloat16>(), tokens_.as<int32_t>(), T, hidden, x_.as<float>(), stream_));
     for (int l = 0; l < c.num_layers; ++l) {
       const CudaLayer& layer = layers_[l];
-      __nv_bfloat16* k_cache = k_cache_.as<__nv_bfloat16>() + l * LayerCacheElements();
-      __nv_bfloat16* v_cache = v_cache_.as<__nv_bfloat16>() + l * LayerCacheElements();
+      const bool computes_kv = !policy_.layers[l].shares();
+      __nv_bfloat16* k_cache = k_cache_.as<__nv_bfloat16>() + cache_slot_[l] * LayerCacheElements();
+      __nv_bfloat16* v_cache = v_cache_.as<__nv_bfloat16>() + cache_slot_[l] * LayerCacheElements();
       KVPLAN_CUDA(cuda::rms_norm(x_.as<float>(), layer.attention_norm.as<__nv_bfloat16>(), T, hidden, c.rms_norm_eps,
                                  normed_.as<__nv_bfloat16>(), stream_));
       KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.q, T, hidden, c.q_dim(), q_, 0.0f));
-      KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.k, T, hidden, c.kv_dim(), k_, 0.0f));
-      KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.v, T, hidden, c.kv_dim(), v_, 0.0f));
-      if (c.attention_bias) {
+      if (c.attention_bias)
         KVPLAN_CUDA(cuda::add_row_bias(q_.as<float>(), layer.q_bias.as<float>(), T, c.q_dim(), stream_));
-        KVPLAN_CUDA(cuda::add_row_bias(k_.as<float>(), layer.k_bias.as<float>(), T, c.kv_dim(), stream_));
-        KVPLAN_CUDA(cuda::add_row_bias(v_.as<float>(), layer.v_bias.as<float>(), T, c.kv_dim(), stream_));
-      }
       KVPLAN_CUDA(cuda::apply_rope(q_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_heads,
                                    c.head_dim, rope_factor, stream_));
-      KVPLAN_CUDA(cuda::apply_rope(k_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_kv_heads,
-                                   c.head_dim, rope_factor, stream_));
-      KVPLAN_CUDA(cuda::append_kv(k_.as<float>(), v_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(), T,
-                                  c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, stream_));
+      // A sharing layer attends over its donor's cache, which the donor already extended this step.
+      if (computes_kv) {
+        KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.k, T, hidden, c.kv_dim(), k_, 0.0f));
+        KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.v, T, hidden, c.kv_dim(), v_, 0.0f));
+        if (c.attention_bias) {
+          KVPLAN_CUDA(cuda::add_row_bias(k_.as<float>(), layer.k_bias.as<float>(), T, c.kv_dim(), stream_));
+          KVPLAN_CUDA(cuda::add_row_bias(v_.as<float>(), layer.v_bias.as<float>(), T, c.kv_dim(), stream_));
+        }
+        KVPLAN_CUDA(cuda::apply_rope(k_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_kv_heads,
+                                     c.head_dim, rope_factor, stream_));
+        KVPLAN_CUDA(cuda::append_kv(k_.as<float>(), v_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(),
+                                    T, c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, stream_));
+      }
       KVPLAN_CUDA(cuda::attention(q_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(), T, c.num_heads,
                                   c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, scale, c.sliding_window,
                                   max_context, workspace_.as<void>(), attention_out_.as<__nv_bfloat16>(), stream_));
@@ -283,17 +305,40 @@ class CudaModel : public Model {
   std::vector<CudaLayer> layers_;
   DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_, up_, activated_, logits_;
   DeviceBuffer tokens_, sequences_, positions_, workspace_;
-  DeviceBuffer k_cache_, v_cache_;  // [layer, sequence, kv_head, capacity, head_dim] bf16
+  CachePolicy policy_;
+  std::vector<int> cache_slot_;  // [layer]: which slot of k_cache_/v_cache_ the layer attends over
+  int cache_slots_ = 0;
+  DeviceBuffer k_cache_, v_cache_;  // [slot, sequence, kv_head, capacity, head_dim] bf16
   std::vector<int32_t> lengths_;
 };
 
 }  // namespace
+
+absl::Status CudaSupports(const CachePolicy& policy) {
+  for (int l = 0; l < int(policy.layers.size()); ++l) {
+    const LayerPolicy& layer = policy.layers[l];
+    const char* missing = layer.coding    ? "CSR sparse coding"
+                          : layer.budget  ? "token budgets"
+                          : layer.refresh ? "RefreshKV"
+                                          : nullptr;
+    if (missing != nullptr)
+      return absl::UnimplementedError(absl::StrCat("the CUDA runtime does not execute ", missing, " yet (layer ", l,
+                                                   "); it executes layer sharing. Run this plan with --device cpu"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCudaModel(const ModelConfig& config, const WeightSource& weights,
                                                        const CudaModelOptions& options) {
   if (!cuda::device_available()) return absl::FailedPreconditionError("no CUDA device is available");
   if (options.num_sequences <= 0 || options.max_rows <= 0)
     return absl::InvalidArgumentError("num_sequences and max_rows must be positive");
+  if (options.policy) {
+    if (int(options.policy->layers.size()) != config.num_layers)
+      return absl::InvalidArgumentError(
+          absl::StrCat("cache policy for ", options.policy->layers.size(), " layers, model has ", config.num_layers));
+    KVPLAN_RETURN_IF_ERROR(CudaSupports(*options.policy));
+  }
   auto model = std::make_unique<CudaModel>(config, options);
   KVPLAN_RETURN_IF_ERROR(model->Load(weights));
   return model;

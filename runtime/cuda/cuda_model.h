@@ -4,9 +4,11 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "loader/weights.h"
+#include "plans/cache_policy.h"
 #include "runtime/model.h"
 
 namespace kvplan {
@@ -15,7 +17,13 @@ struct CudaModelOptions {
   int num_sequences = 1;
   int capacity = 0;     // 0: the model's max_position_embeddings
   int max_rows = 2048;  // most rows one Forward may carry
+  // The cache policy to execute (runtime/cache/plan_policies.h makes it from a plan); none: the full cache.
+  std::optional<CachePolicy> policy;
 };
+
+// OK when the CUDA runtime executes every layer of `policy`; Unimplemented naming the first method it does not.
+// It executes layer sharing (KVSharer) so far.
+absl::Status CudaSupports(const CachePolicy& policy);
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCudaModel(const ModelConfig& config, const WeightSource& weights,
                                                        const CudaModelOptions& options);
