@@ -131,9 +131,17 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpy(d_freq, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice));
     float* sparse_out;
     CHECK(cudaMalloc(&sparse_out, kHeads * kHeadDim * 4));
-    const cuda::SparseAttentionShape shape{1, kHeads, kKvHeads, kHeadDim, kKeySparsity, kValueSparsity, scale, 1.0f};
+    const cuda::SparseAttentionShape shape{.rows = 1,
+                                           .heads = kHeads,
+                                           .kv_heads = kKvHeads,
+                                           .head_dim = kHeadDim,
+                                           .key_sparsity = kKeySparsity,
+                                           .value_sparsity = kValueSparsity,
+                                           .scale = scale,
+                                           .max_entries_per_head = context,
+                                           .total_entries = int(coded)};
     void* sparse_workspace;
-    CHECK(cudaMalloc(&sparse_workspace, cuda::sparse_attention_workspace_bytes(shape, context, int(coded), false)));
+    CHECK(cudaMalloc(&sparse_workspace, cuda::sparse_attention_workspace_bytes(shape, false)));
     const float sparse_us = MedianMicroseconds([&] {
       CHECK(cuda::sparse_attention(shape, q, positions, view, key_dictionary, value_dictionary, d_freq, sparse_out,
                                    nullptr, sparse_workspace, nullptr));

@@ -314,10 +314,9 @@ bool sparse_attention_supported(int heads, int kv_heads, int head_dim) {
          heads / kv_heads <= kMaxGroup;
 }
 
-size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head, int total_entries,
-                                        bool probabilities) {
-  if (probabilities) return size_t(shape.rows) * shape.heads * total_entries * sizeof(float);
-  return partial_workspace_bytes(shape.rows, shape.heads, shape.head_dim, max_entries_per_head);
+size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, bool probabilities) {
+  if (probabilities) return size_t(shape.rows) * shape.heads * shape.total_entries * sizeof(float);
+  return partial_workspace_bytes(shape.rows, shape.heads, shape.head_dim, shape.max_entries_per_head);
 }
 
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
@@ -326,19 +325,9 @@ cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, 
                              void* workspace, cudaStream_t stream) {
   if (!sparse_attention_supported(shape.heads, shape.kv_heads, shape.head_dim)) return cudaErrorNotSupported;
   if (shape.rows == 0) return cudaSuccess;
-  // Entry counts decide the split; the offsets are tiny, so read them back.
-  std::vector<int32_t> coded(shape.kv_heads + 1), dense(shape.kv_heads + 1);
-  cudaError_t error = cudaMemcpyAsync(coded.data(), cache.coded_offsets, coded.size() * sizeof(int32_t),
-                                      cudaMemcpyDeviceToHost, stream);
-  if (error == cudaSuccess)
-    error = cudaMemcpyAsync(dense.data(), cache.dense_offsets, dense.size() * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                            stream);
-  if (error == cudaSuccess) error = cudaStreamSynchronize(stream);
-  if (error != cudaSuccess) return error;
-  int max_entries = 0;
-  for (int h = 0; h < shape.kv_heads; ++h)
-    max_entries = std::max(max_entries, coded[h + 1] - coded[h] + dense[h + 1] - dense[h]);
-  SparseOutputs outputs{out, probabilities, nullptr, {}, 1, std::max(max_entries, 1), coded.back() + dense.back()};
+  const int max_entries = shape.max_entries_per_head;
+  SparseOutputs outputs{out, probabilities, nullptr, {}, 1, std::max(max_entries, 1), shape.total_entries};
+  cudaError_t error = cudaSuccess;
   if (probabilities != nullptr) {
     // Probabilities need each row's final softmax statistics in one block: no split.
     outputs.logit_workspace = static_cast<float*>(workspace);

@@ -82,6 +82,10 @@ struct SparseAttentionShape {
   int key_sparsity = 0, value_sparsity = 0;
   float scale = 1.0f;
   float rope_attention_factor = 1.0f;
+  // Entry counts from the host's bookkeeping (plans/cache_policy.h fixes them), so a launch reads nothing back:
+  // the most entries (coded + dense) any KV head holds, and all heads' entries together.
+  int max_entries_per_head = 0;
+  int total_entries = 0;
 };
 
 // Attention of rows ([rows, heads, head_dim] queries at query_positions) over a compressed cache, decoding
@@ -90,8 +94,7 @@ struct SparseAttentionShape {
 // probability maxed over all rows and the group's heads, laid out like cpu::sparse_attention's (that path
 // runs unsplit). workspace: sparse_attention_workspace_bytes(...).
 bool sparse_attention_supported(int heads, int kv_heads, int head_dim);
-size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, int max_entries_per_head, int total_entries,
-                                        bool probabilities);
+size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, bool probabilities);
 cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
                              const CompressedCacheView& cache, const float* key_dictionary,
                              const float* value_dictionary, const float* inv_freq, float* out, float* probabilities,

@@ -340,14 +340,18 @@ void CheckSparseAttention(const SparseCase& c) {
                                         d_value_atoms.get(),     d_value_coefficients.get(), d_coded_positions.get(),
                                         d_dense_offsets.get(),   d_dense_keys.get(),         d_dense_values.get(),
                                         d_dense_positions.get(), d_dense_bias.get()};
-  const cuda::SparseAttentionShape shape{c.rows,         c.heads,          c.kv_heads, c.head_dim,
-                                         c.key_sparsity, c.value_sparsity, scale,      1.0f};
-  const int entries_per_head = c.coded_per_head + c.dense_per_head;
+  const cuda::SparseAttentionShape shape{.rows = c.rows,
+                                         .heads = c.heads,
+                                         .kv_heads = c.kv_heads,
+                                         .head_dim = c.head_dim,
+                                         .key_sparsity = c.key_sparsity,
+                                         .value_sparsity = c.value_sparsity,
+                                         .scale = scale,
+                                         .max_entries_per_head = c.coded_per_head + c.dense_per_head,
+                                         .total_entries = coded_total + dense_total};
   // Once with probabilities (unsplit), once without (split-KV); both outputs must match the reference.
-  Device<char> probability_workspace(
-      cuda::sparse_attention_workspace_bytes(shape, entries_per_head, coded_total + dense_total, true));
-  Device<char> split_workspace(
-      cuda::sparse_attention_workspace_bytes(shape, entries_per_head, coded_total + dense_total, false));
+  Device<char> probability_workspace(cuda::sparse_attention_workspace_bytes(shape, true));
+  Device<char> split_workspace(cuda::sparse_attention_workspace_bytes(shape, false));
   Device<float> split_out(q.size());
   ASSERT_EQ(cuda::sparse_attention(shape, d_q.get(), d_positions.get(), cache, d_key_dictionary.get(),
                                    d_value_dictionary.get(), d_freq.get(), out.get(), probabilities.get(),
