@@ -104,20 +104,24 @@ class CudaModel : public Model {
     for (int l = 0; l < c.num_layers; ++l) {
       const LayerSpecs specs = LayerTensorSpecs(c, l);
       CudaLayer& layer = layers_[l];
-      for (auto [spec, buffer] : {std::pair{&specs.attention_norm, &layer.attention_norm},
-                                  {&specs.q, &layer.q},
-                                  {&specs.k, &layer.k},
-                                  {&specs.v, &layer.v},
-                                  {&specs.o, &layer.o},
-                                  {&specs.mlp_norm, &layer.mlp_norm},
-                                  {&specs.gate, &layer.gate},
-                                  {&specs.up, &layer.up},
-                                  {&specs.down, &layer.down}})
-        KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, *spec, *buffer));
-      if (c.attention_bias)
-        for (auto [spec, buffer] :
-             {std::pair{&specs.q_bias, &layer.q_bias}, {&specs.k_bias, &layer.k_bias}, {&specs.v_bias, &layer.v_bias}})
-          KVPLAN_RETURN_IF_ERROR(UploadFloat(weights, *spec, *buffer));
+      std::vector<std::pair<const TensorSpec*, DeviceBuffer*>> matrices = {
+          {&specs.attention_norm, &layer.attention_norm},
+          {&specs.q, &layer.q},
+          {&specs.o, &layer.o},
+          {&specs.mlp_norm, &layer.mlp_norm},
+          {&specs.gate, &layer.gate},
+          {&specs.up, &layer.up},
+          {&specs.down, &layer.down}};
+      std::vector<std::pair<const TensorSpec*, DeviceBuffer*>> biases;
+      if (c.attention_bias) biases.push_back({&specs.q_bias, &layer.q_bias});
+      // A sharing layer never projects K or V: its K/V weights stay on the host.
+      if (!policy_.layers[l].shares()) {
+        matrices.insert(matrices.end(), {{&specs.k, &layer.k}, {&specs.v, &layer.v}});
+        if (c.attention_bias)
+          biases.insert(biases.end(), {{&specs.k_bias, &layer.k_bias}, {&specs.v_bias, &layer.v_bias}});
+      }
+      for (auto [spec, buffer] : matrices) KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, *spec, *buffer));
+      for (auto [spec, buffer] : biases) KVPLAN_RETURN_IF_ERROR(UploadFloat(weights, *spec, *buffer));
     }
     const std::vector<float> inv_freq = RopeInverseFrequencies(c);
     KVPLAN_RETURN_IF_ERROR(UploadHost(inv_freq.data(), inv_freq.size() * sizeof(float), inv_freq_));
@@ -163,7 +167,7 @@ class CudaModel : public Model {
     return bytes;
   }
 
-  int64_t weight_bytes() const override { return config_.parameter_count() * int64_t(sizeof(__nv_bfloat16)); }
+  int64_t weight_bytes() const override { return weight_bytes_; }
 
   int64_t cached_positions() const override { return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0)); }
 
@@ -289,11 +293,13 @@ class CudaModel : public Model {
     std::vector<uint16_t> bf16(values.size());
 #pragma omp parallel for
     for (int64_t i = 0; i < int64_t(bf16.size()); ++i) bf16[i] = FloatToBf16((values)[i]);
+    weight_bytes_ += int64_t(bf16.size() * sizeof(uint16_t));
     return UploadHost(bf16.data(), bf16.size() * sizeof(uint16_t), buffer);
   }
 
   absl::Status UploadFloat(const WeightSource& weights, const TensorSpec& spec, DeviceBuffer& buffer) {
     KVPLAN_ASSIGN_OR_RETURN(std::vector<float> values, weights.Read(spec));
+    weight_bytes_ += int64_t(values.size() * sizeof(float));
     return UploadHost(values.data(), values.size() * sizeof(float), buffer);
   }
 
@@ -305,6 +311,7 @@ class CudaModel : public Model {
   std::vector<CudaLayer> layers_;
   DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_, up_, activated_, logits_;
   DeviceBuffer tokens_, sequences_, positions_, workspace_;
+  int64_t weight_bytes_ = 0;  // what the uploads took on the device
   CachePolicy policy_;
   std::vector<int> cache_slot_;  // [layer]: which slot of k_cache_/v_cache_ the layer attends over
   int cache_slots_ = 0;

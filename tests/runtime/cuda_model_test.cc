@@ -91,6 +91,9 @@ TEST(CudaModelTest, LayerSharingPlanMatchesCpuPlanPath) {
         << position;
   }
   EXPECT_EQ(gpu->kv_cache_bytes(), cpu->kv_cache_bytes());
+  // Layer 4's K and V projections (bf16, [kv_dim, hidden] each) never reach the device.
+  const ModelConfig& c = loaded.config;
+  EXPECT_EQ(dense->weight_bytes() - gpu->weight_bytes(), 2 * int64_t(c.kv_dim()) * c.hidden_size * 2);
   EXPECT_EQ(gpu->kv_cache_bytes(), CacheBytes(CachePolicyFromPlan(plan), int64_t(ids.size())));
 }
 
