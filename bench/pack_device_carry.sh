@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 stage=$(mktemp -d)
 mkdir -p $stage/bin $stage/lib $stage/plans $stage/shared/models $stage/shared/data
 build=${BUILD:-build-cuda}
-cp $build/cli/kvplan $build/tests/cuda_kernels_test $build/tests/cuda_model_test $build/bench/kernel_bench $stage/bin/
+cp $build/cli/kvplan $build/tests/cuda_*_test $build/bench/kernel_bench $stage/bin/
 if [ -n "${KVPLAN_BEFORE:-}" ]; then cp "$KVPLAN_BEFORE" $stage/bin/kvplan-before; fi
 for binary in $stage/bin/*; do ldd $binary; done | awk '/=>/ {print $1, $3}' | sort -u |
   grep -vE '^(libc\.|libm\.|libpthread|libdl|librt|ld-linux|libcublas|libcuda\.)' | awk '{print $2}' |
   xargs -I{} cp -L {} $stage/lib/
 strip $stage/bin/*
-cp -r ../shared/models/llama-dev-6m $stage/shared/models/
+cp -r ../shared/models/llama-dev-6m ../shared/models/llama-dev-16l $stage/shared/models/
 cp ../shared/data/heldout-git-docs.txt ../shared/data/calib-sample.txt $stage/shared/data/
 for plan in "$@"; do cp "$plan" $stage/plans/; done
 rm -rf .device-carry && mkdir .device-carry

@@ -30,8 +30,9 @@ constexpr float kHeldBackFraction = 0.1f;  // dictionary vectors kept out of tra
 // Collects, from full-cache forward passes, what every method needs.
 class StatisticsObserver : public ForwardObserver {
  public:
-  StatisticsObserver(const ModelConfig& config, int max_vectors, int sequence_length)
+  StatisticsObserver(const ModelConfig& config, int max_vectors, int sequence_length, bool keys_after_rope)
       : config_(config),
+        keys_after_rope_(keys_after_rope),
         sequence_length_(sequence_length),
         max_vectors_(max_vectors),
         kv_sums_(config.num_layers, std::vector<double>(2 * config.kv_dim(), 0.0)),
@@ -62,7 +63,7 @@ class StatisticsObserver : public ForwardObserver {
         if (int64_t(samples.size()) < (slot + 1) * hd) samples.resize((slot + 1) * hd);
         std::copy_n(source + i * hd, hd, samples.begin() + slot * hd);
       };
-      store(key_samples_[layer], k_pre_rope);
+      store(key_samples_[layer], keys_after_rope_ ? k : k_pre_rope);
       store(value_samples_[layer], v);
     }
     AccumulateCoverage(layer, rows, q, k);
@@ -124,6 +125,7 @@ class StatisticsObserver : public ForwardObserver {
   }
 
   const ModelConfig& config_;
+  bool keys_after_rope_;
   int sequence_length_;
   int64_t max_vectors_;
   std::vector<std::vector<double>> kv_sums_;
@@ -317,7 +319,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     sequences.emplace_back(stream.begin() + begin, stream.begin() + begin + options.sequence_length);
   const int64_t tokens = int64_t(sequences.size()) * options.sequence_length;
 
-  StatisticsObserver statistics(config, options.max_training_vectors, options.sequence_length);
+  StatisticsObserver statistics(config, options.max_training_vectors, options.sequence_length, options.keys_after_rope);
   {
     KVPLAN_ASSIGN_OR_RETURN(auto model, CreateCpuModel(config, *loaded.weights,
                                                        {.capacity = options.sequence_length, .observer = &statistics}));
@@ -356,6 +358,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     coding.set_key_sparsity(options.key_sparsity);
     coding.set_value_sparsity(options.value_sparsity);
     coding.set_recent_window(options.coding_recent_window);
+    coding.set_keys_coded_after_rope(options.keys_after_rope);
     for (int layer = 0; layer < config.num_layers; ++layer) {
       if (progress) progress("dictionaries", layer + 1, config.num_layers);
       if (sharers.contains(layer)) continue;

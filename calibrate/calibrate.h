@@ -27,6 +27,9 @@ struct CalibrateOptions {
   int key_sparsity = 8;
   int value_sparsity = 8;
   int coding_recent_window = 64;
+  // Learn key dictionaries on keys after RoPE (attention then meets coded keys through one query . dictionary
+  // table per step) instead of before it, as the CSR paper does.
+  bool keys_after_rope = false;
   int dictionary_epochs = 6;
   int max_training_vectors = 16384;  // per layer, for keys and for values
   BudgetSettings budget_settings;

@@ -159,6 +159,12 @@ absl::Status RunCalibrate(CalibrateCommand command) {
     return absl::InvalidArgumentError(absl::StrCat("unknown scoring \"", command.scoring, "\" (l2, attention)"));
   }
   command.options.budget_settings.policy.merge_evicted = !command.no_merge;
+  if (command.key_coding == "post-rope") {
+    command.options.keys_after_rope = true;
+  } else if (command.key_coding != "pre-rope") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown key coding \"", command.key_coding, "\" (pre-rope, post-rope)"));
+  }
   std::string stage;
   std::unique_ptr<ProgressBar> bar;
   KVPLAN_ASSIGN_OR_RETURN(auto plan,

@@ -48,7 +48,8 @@ absl::Status RunBench(const BenchCommand& command);
 struct CalibrateCommand {
   CalibrateOptions options;
   std::string methods = "share,dict,budget,refresh";
-  std::string scoring = "l2";  // l2 | attention
+  std::string scoring = "l2";           // l2 | attention
+  std::string key_coding = "pre-rope";  // pre-rope | post-rope
   bool no_merge = false;
   std::string output_path;
 };

@@ -65,6 +65,9 @@ int main(int argc, char** argv) {
   calibrate_app->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value");
   calibrate_app->add_option("--coding-window", calibration.coding_recent_window, "CSR: newest tokens left uncoded");
   calibrate_app->add_option("--epochs", calibration.dictionary_epochs, "CSR: dictionary training epochs");
+  calibrate_app->add_option("--key-coding", calibrate.key_coding,
+                            "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
+                            "attention)");
   calibrate_app->add_option("--scoring", calibrate.scoring, "budgets: l2 (key norm) | attention");
   calibrate_app->add_flag("--no-merge", calibrate.no_merge, "budgets: drop evicted tokens instead of merging them");
   calibrate_app->add_option("--recent-window", calibration.budget_settings.policy.recent_window,

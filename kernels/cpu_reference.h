@@ -3,6 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "kernels/compressed_layout.h"
 
 namespace kvplan::cpu {
 
@@ -44,6 +48,8 @@ void attention(const float* q, const int32_t* query_positions, int tokens, int h
 // Nearest fp16-representable value (ties to even), saturating at the fp16 range: the precision of stored
 // sparse-code coefficients.
 float round_to_fp16(float value);
+// A (atom, coefficient) pair packed as kernels/compressed_layout.h stores it.
+uint32_t pack_code(uint16_t atom, float coefficient);
 
 // Matching pursuit of x ([dim]) over unit-norm atoms ([atoms, dim]): `sparsity` times, pick the atom with the
 // largest |<residual, atom>| and subtract its projection. Coefficients are rounded to fp16, the precision
@@ -55,36 +61,87 @@ void matching_pursuit(const float* dictionary, int atoms, int dim, const float* 
 void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients, int sparsity,
                    float* out);
 
-// One KV head of a compressed cache: entries coded against dictionaries (keys before RoPE) plus dense entries
-// (recent tokens and merged slots, keys after RoPE, optional logit bias).
-struct CodedHeadView {
-  const uint16_t* key_atoms = nullptr;        // [coded_length, key_sparsity]
-  const float* key_coefficients = nullptr;    // [coded_length, key_sparsity]
-  const uint16_t* value_atoms = nullptr;      // [coded_length, value_sparsity]
-  const float* value_coefficients = nullptr;  // [coded_length, value_sparsity]
-  const int32_t* coded_positions = nullptr;   // [coded_length]
-  int coded_length = 0;
-  KvHeadView dense;
-};
+// --- Compressed layer caches (kernels/compressed_layout.h) ----------------------------------------------------
+// Each function is the oracle of the CUDA kernel of the same name and acts on the same arrays the same way, down
+// to which slot an entry lands in, so tests compare the storage exactly.
 
-struct SparseAttentionParams {
-  int tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
-  int key_sparsity = 0, value_sparsity = 0;
-  const float* key_dictionary = nullptr;    // [atoms, head_dim], shared by the layer's KV heads
-  const float* value_dictionary = nullptr;  // [atoms, head_dim]
-  const float* inv_freq = nullptr;          // [head_dim / 2], RoPE for the decoded keys
-  float rope_attention_factor = 1.0f;
+// Decodes one vector: out[dim] = sum_i fp16(code_i) * dictionary[atom(code_i), :] over packed codes.
+void decode_codes(const float* dictionary, int dim, const uint32_t* codes, int sparsity, float* out);
+
+// Appends every row's keys (after RoPE) and values ([rows, kv_heads, head_dim]) as bf16 dense entries of its
+// head, in row order, at the end of the head's live slots. key_norms ([rows, kv_heads], nullable) become the
+// entries' scores (0 without), and the entries start unselected.
+void compressed_append(const CompressedLayer& layer, const StepRowsView& step, const float* keys, const float* values,
+                       const float* key_norms);
+
+struct CompressedAttentionParams {
+  int heads = 0;  // query heads; heads / kv_heads share a KV head
   float scale = 1.0f;
+  float merge_compensation = 0.0f;  // a merged slot's logit bias is this * log(tokens it holds)
 };
 
-// Causal attention over compressed heads; coded keys are decoded and rotated to their positions on the fly and
-// values are decoded from their atoms. When max_probabilities is not null, it receives for every KV head the
-// softmax probability of each entry [coded entries, dense entries], maxed over every query row and every query
-// head of the group: the signal attention-score eviction and RefreshKV selection use (every row observes, so a
-// token the chunk itself refers back to, like a pass key repeated in its sentence, scores high before later
-// chunks arrive). Layout: kv head h starts at the sum over earlier heads of (coded_length + dense.length).
-void sparse_attention(const SparseAttentionParams& params, const float* q, const int32_t* query_positions,
-                      const CodedHeadView* kv, float* out, float* max_probabilities);
+// Attention of the step's rows ([rows, heads, head_dim] queries after RoPE) over their sequences' compressed
+// heads. A row sees a coded or dense entry whose position is not after its own; with `refresh` non-null and the
+// sequence not on a full step, only if the entry is selected or at or after the sequence's refresh_position. The
+// merged slot, once it holds tokens, is seen by every row. out: [rows, heads, head_dim].
+// With dense_probabilities / coded_probabilities non-null ([dense slots] / [coded slots]), every live entry of a
+// stepping head receives its softmax probability maxed over the sequence's rows and the group's query heads (0
+// when no row sees it): the signal attention-scored budgets and RefreshKV selection use.
+void compressed_attention(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
+                          const RefreshStateView* refresh, const CompressedAttentionParams& params, const float* q,
+                          float* out, float* dense_probabilities, float* coded_probabilities);
+
+// Attention scoring: every live entry of a stepping head: score = score * decay + probability.
+void update_scores(const CompressedLayer& layer, const StepRowsView& step, float decay,
+                   const float* dense_probabilities, const float* coded_probabilities);
+
+// RefreshKV, before the attention: a stepping sequence takes a full step when none has happened, when the stride
+// is due (steps_since_refresh + 1 >= refresh_stride), or when the mean over query heads of its last row's query
+// has cosine below the threshold to the last full step's. Writes full_step and step_query.
+void refresh_decide(const RefreshStateView& state, const StepRowsView& step, const RefreshSettings& settings,
+                    const float* q, int heads, int head_dim);
+
+// RefreshKV, after the attention: on a full step every head of the sequence selects min(targets.selected, live)
+// entries, the highest probabilities after max-pooling each entry's over the entries within pool_kernel / 2
+// positions of it, ties to the newer position; the sequence's refresh_position becomes its length and its query
+// the step's. Otherwise steps_since_refresh grows.
+void refresh_select(const CompressedLayer& layer, const RefreshStateView& state, const StepRowsView& step,
+                    const StepTargets& targets, const RefreshSettings& settings, const float* dense_probabilities,
+                    const float* coded_probabilities);
+
+// Token budgets: each stepping head removes live entries until targets.kept remain, taking only candidates
+// (neither among the first sink_tokens positions nor among the protected_recent newest), the highest key norms
+// (keep_low_key_norms) or the lowest scores first, older first on ties. With merge_evicted, the victims' keys
+// (after RoPE; coded ones decoded, and rotated when coded before RoPE) and values are folded, in position order,
+// into the head's merged slot. Dense and coded regions are then compacted (CompactionMoves).
+void evict(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
+           const StepTargets& targets, const EvictionSettings& settings);
+
+// CSR, in three parts so any matching-pursuit encoder can code in between. Gather: each stepping head's dense
+// entries older than the coding window (position < length - coding_window), in slot order, as vectors to code:
+// group g = j * kv_heads + h holds leaving_count[g] <= max_leaving of them at rows g * max_leaving + t of keys and
+// values ([groups * max_leaving, head_dim]; keys turned back to before RoPE unless the layer codes after it) and
+// their dense slots in leaving_slots.
+void gather_leaving_entries(const CompressedLayer& layer, const CodingTables& tables, const StepRowsView& step,
+                            int coding_window, int max_leaving, float* keys, float* values, int32_t* leaving_slots,
+                            int32_t* leaving_count);
+// Commit: the coded vectors' packed codes ([groups * max_leaving, sparsity], rows as gathered) become coded entries
+// after each head's live coded ones, in gathered order, with the dense entries' positions, scores and selection;
+// the dense region is then compacted.
+void commit_leaving_entries(const CompressedLayer& layer, const StepRowsView& step, int max_leaving,
+                            const int32_t* leaving_slots, const int32_t* leaving_count, const uint32_t* key_codes,
+                            const uint32_t* value_codes);
+
+// Benchmarks: the storage a sequence of fill.lengths[s] tokens could leave, without running the model: each head
+// slot holds its newest fill.dense[i] positions as dense entries and the fill.coded[i] before them as codes, its
+// merged slot (when fill.merged[i]) the older tokens, and its first fill.selected[i] entries (dense, then coded)
+// selected; keys, values, codes and scores are NoiseBits of the entry's index.
+void fill_compressed_noise(const CompressedLayer& layer, const NoiseFill& fill);
+
+// How a region of `live` slots stays dense when the marked ones are removed: with m = live - removed, the kept
+// entries at or past m move, in slot order, into the removed slots below m, in slot order. Returns the moves as
+// (from, to) slot pairs.
+std::vector<std::pair<int, int>> CompactionMoves(const uint8_t* removed, int live);
 
 // Eviction scoring: norms[i] = ||keys[i, :]||. L2-norm eviction keeps the lowest-norm keys.
 void key_l2_norms(const float* keys, int64_t n, int head_dim, float* norms);

@@ -53,44 +53,6 @@ int64_t TensorInfo::element_count() const {
   return count;
 }
 
-float Bf16ToFloat(uint16_t bits) {
-  const uint32_t word = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
-
-uint16_t FloatToBf16(float value) {
-  uint32_t word;
-  std::memcpy(&word, &value, sizeof(word));
-  if ((word & 0x7fffffff) > 0x7f800000) return uint16_t((word >> 16) | 0x40);  // keep NaN a NaN
-  return uint16_t((word + 0x7fff + ((word >> 16) & 1)) >> 16);
-}
-
-float Fp16ToFloat(uint16_t bits) {
-  const uint32_t sign = uint32_t(bits & 0x8000) << 16;
-  uint32_t exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff, word;
-  if (exponent == 0) {
-    if (mantissa == 0) {
-      word = sign;
-    } else {  // subnormal: renormalise
-      exponent = 127 - 15 + 1;
-      while (!(mantissa & 0x400)) {
-        mantissa <<= 1;
-        --exponent;
-      }
-      word = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
-    }
-  } else if (exponent == 0x1f) {
-    word = sign | 0x7f800000 | (mantissa << 13);
-  } else {
-    word = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
-  }
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
-
 void ConvertToFloat(DType dtype, const uint8_t* data, int64_t n, float* out) {
   switch (dtype) {
     case DType::kF32: std::memcpy(out, data, n * sizeof(float)); return;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/number_formats.h"
 
 namespace kvplan {
 
@@ -61,9 +62,6 @@ class Checkpoint {
   std::string source_;  // the file or index the tensors came from
 };
 
-float Bf16ToFloat(uint16_t bits);
-uint16_t FloatToBf16(float value);  // round to nearest even
-float Fp16ToFloat(uint16_t bits);
 // Converts n elements of a tensor's raw data to fp32.
 void ConvertToFloat(DType dtype, const uint8_t* data, int64_t n, float* out);
 

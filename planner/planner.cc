@@ -149,8 +149,11 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
 
   const plan::SparseCoding& coding = plan.sparse_coding();
   if (Heading(out, "sparse coding (CSR):", coding.layers_size() > 0))
-    absl::StrAppendFormat(&out, " keys %d atoms/vector, values %d, newest %d tokens uncoded (%.2f bits/channel)\n",
-                          coding.key_sparsity(), coding.value_sparsity(), coding.recent_window(),
+    absl::StrAppendFormat(&out,
+                          " keys %d atoms/vector (coded %s RoPE), values %d, newest %d tokens uncoded (%.2f "
+                          "bits/channel)\n",
+                          coding.key_sparsity(), coding.keys_coded_after_rope() ? "after" : "before",
+                          coding.value_sparsity(), coding.recent_window(),
                           32.0 * (coding.key_sparsity() + coding.value_sparsity()) / (2.0 * model.head_dim()));
   for (const auto& entry : coding.layers())
     absl::StrAppendFormat(&out, "  layer %d: %d atoms; relative error keys %.3f values %.3f\n", entry.layer(),

@@ -16,7 +16,8 @@ CachePolicy CachePolicyFromPlan(const plan::Plan& plan) {
   for (const auto& entry : coding.layers())
     policy.layers[entry.layer()].coding = CodingPolicy{.key_sparsity = coding.key_sparsity(),
                                                        .value_sparsity = coding.value_sparsity(),
-                                                       .recent_window = coding.recent_window()};
+                                                       .recent_window = coding.recent_window(),
+                                                       .keys_after_rope = coding.keys_coded_after_rope()};
 
   const plan::TokenBudgets& budgets = plan.budgets();
   for (const auto& layer : budgets.layers())
@@ -75,24 +76,22 @@ int64_t SmallCacheTokens(const RefreshPolicy& refresh, int64_t length) {
   return std::min(wanted, length);
 }
 
+int64_t KeptTokens(const LayerPolicy& layer, int kv_head, int64_t length) {
+  if (layer.shares()) return 0;
+  if (!layer.budget) return length;
+  const BudgetPolicy& budget = *layer.budget;
+  return std::min(
+      length, std::max(HeadTokenBudget(budget, kv_head, length), budget.sink_tokens + ProtectedRecentTokens(layer)));
+}
+
 HeadEntries ExpectedHeadEntries(const LayerPolicy& layer, int kv_head, int64_t length) {
   HeadEntries entries;
   if (layer.shares()) return entries;
-  // Eviction removes candidates (neither sinks nor protected) until the budget is met, and the budget never
-  // shrinks as the sequence grows, so what a head keeps depends on the length alone.
-  int64_t plain = length;
-  int64_t merged_slots = 0;
-  if (layer.budget) {
-    const BudgetPolicy& budget = *layer.budget;
-    plain = std::min(
-        length, std::max(HeadTokenBudget(budget, kv_head, length), budget.sink_tokens + ProtectedRecentTokens(layer)));
-    if (budget.merge_evicted && plain < length) merged_slots = 1;
-  }
+  const int64_t kept = KeptTokens(layer, kv_head, length);
   // Every kept token older than the coding window is coded; the window itself is protected from eviction.
-  const int64_t dense_plain = layer.coding ? std::min<int64_t>(plain, layer.coding->recent_window) : plain;
-  entries.dense = dense_plain + merged_slots;
-  entries.coded = plain - dense_plain;
-  if (layer.refresh) entries.selected = SmallCacheTokens(*layer.refresh, length);
+  entries.dense = layer.coding ? std::min<int64_t>(kept, layer.coding->recent_window) : kept;
+  entries.coded = kept - entries.dense;
+  entries.merged = layer.budget && layer.budget->merge_evicted && kept < length ? 1 : 0;
   return entries;
 }
 
@@ -100,10 +99,13 @@ int64_t HeadBytes(const LayerPolicy& layer, int head_dim, const HeadEntries& ent
   const int64_t dense_entry = 2 * int64_t(head_dim) * kCacheValueBytes;
   const int64_t coded_entry =
       layer.coding ? int64_t(layer.coding->key_sparsity + layer.coding->value_sparsity) * kCodeBytes : 0;
-  int64_t bytes = entries.dense * dense_entry + entries.coded * coded_entry + entries.selected * kPositionBytes;
-  // Evicting or coding breaks the position == entry index identity, so each entry carries its position.
-  if (layer.budget || layer.coding) bytes += (entries.dense + entries.coded) * kPositionBytes;
-  return bytes;
+  const int64_t merged_entry = 2 * int64_t(head_dim) * kMergedValueBytes + kMergedCountBytes;
+  int64_t per_entry = 0;  // what every plain entry carries beside its K/V or codes
+  if (layer.stores_compressed()) per_entry += kPositionBytes;
+  if (layer.budget) per_entry += kScoreBytes;
+  if (layer.refresh) per_entry += kSelectionBytes;
+  return entries.dense * dense_entry + entries.coded * coded_entry + entries.merged * merged_entry +
+         (entries.dense + entries.coded) * per_entry;
 }
 
 int64_t CacheBytes(const CachePolicy& policy, int64_t length) {

@@ -16,14 +16,21 @@ namespace kvplan {
 
 // What one stored item costs. K and V are stored as bf16 whatever a runtime computes in.
 inline constexpr int64_t kCacheValueBytes = 2;
-inline constexpr int64_t kCodeBytes = 4;      // one (uint16 atom index, fp16 coefficient) pair
-inline constexpr int64_t kPositionBytes = 4;  // int32, once eviction or coding breaks position == entry index
+inline constexpr int64_t kMergedValueBytes = 4;  // a merged slot's running means of K and V stay fp32
+inline constexpr int64_t kMergedCountBytes = 4;  // and the number of tokens folded into it (fp32)
+inline constexpr int64_t kCodeBytes = 4;         // one (uint16 atom index, fp16 coefficient) pair
+inline constexpr int64_t kPositionBytes = 4;     // int32, once eviction or coding breaks position == entry index
+inline constexpr int64_t kScoreBytes = 4;        // budgets: an entry's eviction score (key norm or attention), fp32
+inline constexpr int64_t kSelectionBytes = 1;    // RefreshKV: whether the small cache holds the entry
 
 // CSR / NeuralDict: entries older than the recent window are coded as sparsity (atom, coefficient) pairs.
 struct CodingPolicy {
   int key_sparsity = 0;
   int value_sparsity = 0;
   int recent_window = 0;  // newest tokens stay dense
+  // Keys are coded after RoPE (a query meets coded keys through one q . dictionary table per step) or, as in
+  // the CSR paper, before it (each coded key is rebuilt and rotated to its position).
+  bool keys_after_rope = false;
 };
 
 // Token budgets. The defaults are the planner's defaults; a plan always states every field.
@@ -56,6 +63,8 @@ struct LayerPolicy {
   bool shares() const { return donor >= 0; }
   // The plain full cache: every token, dense, positions implied by entry order.
   bool keeps_full_cache() const { return !shares() && !coding && !budget && !refresh; }
+  // Entries carry their positions (and scores, codes or selection flags as the methods need).
+  bool stores_compressed() const { return !shares() && !keeps_full_cache(); }
 };
 
 struct CachePolicy {
@@ -75,14 +84,18 @@ int64_t HeadTokenBudget(const BudgetPolicy& budget, int kv_head, int64_t length)
 // Newest tokens eviction never takes: the budget's recent window and, on a coded layer, the coding window, so
 // the dense recent entries are exactly the newest min(length, coding window) tokens.
 int64_t ProtectedRecentTokens(const LayerPolicy& layer);
-// Positions a RefreshKV full step selects for the small cache at `length` tokens (never more than there are).
+// Entries a RefreshKV full step selects for the small cache at `length` tokens (never more than there are).
 int64_t SmallCacheTokens(const RefreshPolicy& refresh, int64_t length);
+// Tokens a head keeps as plain entries (dense or coded, not merged) once `length` tokens have been appended and
+// the policy applied. Eviction removes candidates (neither sinks nor protected) until the budget is met, and the
+// budget never shrinks as the sequence grows, so this depends on the length alone.
+int64_t KeptTokens(const LayerPolicy& layer, int kv_head, int64_t length);
 
 // What one KV head of one sequence stores.
 struct HeadEntries {
-  int64_t dense = 0;     // bf16 K and V: recent tokens, merged slots, and every token of an uncoded head
-  int64_t coded = 0;     // key and value codes
-  int64_t selected = 0;  // RefreshKV selection slots (reserved at SmallCacheTokens of the length)
+  int64_t dense = 0;   // bf16 K and V: recent tokens of a coded head, every kept token of an uncoded one
+  int64_t coded = 0;   // key and value codes
+  int64_t merged = 0;  // ZeroMerge slots (0 or 1)
   bool operator==(const HeadEntries&) const = default;
 };
 // What a head holds once `length` tokens have been appended and the policy applied.

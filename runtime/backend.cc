@@ -29,16 +29,16 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
   }
 #ifdef KVPLAN_WITH_CUDA
   // auto takes the GPU when there is one and it executes the whole plan.
-  const bool cuda_executes_plan = !policies || CudaSupports(policies->cache).ok();
+  const bool cuda_executes_plan = !policies || CudaSupports(policies->cache, config).ok();
   if (options.backend == Backend::kCuda ||
       (options.backend == Backend::kAuto && cuda::device_available() && cuda_executes_plan)) {
-    std::optional<CachePolicy> policy;
-    if (policies) policy = policies->cache;
-    return CreateCudaModel(config, weights,
-                           {.num_sequences = options.num_sequences,
-                            .capacity = options.capacity,
-                            .max_rows = options.max_rows,
-                            .policy = std::move(policy)});
+    CudaModelOptions cuda_options{
+        .num_sequences = options.num_sequences, .capacity = options.capacity, .max_rows = options.max_rows};
+    if (policies) {
+      cuda_options.policy = policies->cache;
+      cuda_options.dictionaries = policies->dictionaries;
+    }
+    return CreateCudaModel(config, weights, cuda_options);
   }
 #else
   if (options.backend == Backend::kCuda)

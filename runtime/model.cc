@@ -22,6 +22,7 @@ absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, c
   if (T == 0 || rows.sequences.size() != T || rows.positions.size() != T)
     return absl::InvalidArgumentError("StepRows: tokens, sequences and positions must have the same non-zero size");
   std::vector<int32_t> next = lengths;
+  std::vector<bool> finished(lengths.size(), false);  // a sequence whose rows already ended in this step
   for (size_t t = 0; t < T; ++t) {
     if (rows.tokens[t] < 0 || rows.tokens[t] >= config.vocab_size)
       return absl::InvalidArgumentError(
@@ -29,6 +30,8 @@ absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, c
     const int s = rows.sequences[t];
     if (s < 0 || s >= int(lengths.size()))
       return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " outside [0, ", lengths.size(), ")"));
+    if (finished[s]) return absl::InvalidArgumentError(absl::StrCat("rows of sequence ", s, " are not consecutive"));
+    if (t + 1 < T && rows.sequences[t + 1] != s) finished[s] = true;
     if (rows.positions[t] != next[s])
       return absl::InvalidArgumentError(
           absl::StrCat("sequence ", s, " expects position ", next[s], ", got ", rows.positions[t]));
@@ -38,6 +41,26 @@ absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, c
     ++next[s];
   }
   return absl::OkStatus();
+}
+
+std::vector<int> ChunkRows(const StepRows& rows, int max_rows_per_sequence) {
+  const int total = int(rows.tokens.size());
+  std::vector<int> bounds = {0};
+  if (max_rows_per_sequence <= 0) {
+    bounds.push_back(total);
+    return bounds;
+  }
+  // Rows of a sequence are consecutive, so a pass only needs the run length of the current sequence.
+  int run = 0;
+  for (int r = 0; r < total; ++r) {
+    run = r > bounds.back() && rows.sequences[r] == rows.sequences[r - 1] ? run + 1 : 1;
+    if (run > max_rows_per_sequence) {
+      bounds.push_back(r);
+      run = 1;
+    }
+  }
+  bounds.push_back(total);
+  return bounds;
 }
 
 }  // namespace kvplan

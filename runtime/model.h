@@ -58,10 +58,19 @@ class Model {
   virtual int64_t weight_bytes() const = 0;
 };
 
-// Checks rows against the sequences' current lengths: ids inside the vocabulary, known sequences, positions
-// continuing each sequence and inside the cache capacity.
+// Checks rows against the sequences' current lengths: ids inside the vocabulary, known sequences whose rows are
+// consecutive, positions continuing each sequence and inside the cache capacity.
 absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, const std::vector<int32_t>& lengths,
                               int capacity);
+
+// Rows per pass and sequence when a plan compresses the cache, so eviction keeps up with a long prompt. Both
+// runtimes chunk alike, so they compress at the same points.
+inline constexpr int kPlannedChunkRows = 128;
+
+// Where a step's rows split into passes so that no pass appends more than max_rows_per_sequence rows to one
+// sequence (compressed caches evict between passes and never hold a whole long prompt); 0: one pass. Returns
+// the pass boundaries [0, ..., rows].
+std::vector<int> ChunkRows(const StepRows& rows, int max_rows_per_sequence);
 
 // Rows for feeding `tokens` to one sequence starting at `first_position`.
 StepRows SequenceRows(const std::vector<int32_t>& tokens, int sequence, int first_position);

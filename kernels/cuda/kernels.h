@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/compressed_layout.h"
+
 namespace kvplan::cuda {
 
 // Whether a CUDA device can be used now: callers fall back to the CPU runtime and GPU tests skip without one.
@@ -45,10 +47,15 @@ cudaError_t append_kv(const float* k, const float* v, const int32_t* row_sequenc
 // Causal GQA attention over the full cache: row r attends to entries 0..row_position[r] (the last
 // sliding_window of them when sliding_window > 0) of sequence row_sequence[r]. Split-KV (flash-decoding):
 // partial softmax per chunk of the cache, then a combine pass, so one decode row still fills the GPU.
+// max_context is only an upper bound on every row_position[r] + 1 (the cache capacity will do): it and rows
+// fix the launch, and each block sizes its work from its row's position as the device holds it when the block
+// runs, so one launch captured into a CUDA graph replays correctly as the context grows. A bound far above
+// the real lengths costs a few idle blocks, not time in proportion.
 // head_dim must be 32, 64, 128 or 256 and heads / kv_heads at most 8 (attention_supported says).
-// workspace: attention_workspace_bytes(rows, heads, head_dim, max_context) bytes.
+// workspace: attention_workspace_bytes(rows, heads, kv_heads, head_dim, max_context) bytes, for calls with at most
+// that many rows and that bound; its contents need no initialising.
 bool attention_supported(int heads, int kv_heads, int head_dim);
-size_t attention_workspace_bytes(int rows, int heads, int head_dim, int max_context);
+size_t attention_workspace_bytes(int rows, int heads, int kv_heads, int head_dim, int max_context);
 cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t* row_position, int rows, int heads,
                       int kv_heads, int head_dim, int capacity, const __nv_bfloat16* k_cache,
                       const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context, void* workspace,
@@ -56,59 +63,74 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
 
 }  // namespace kvplan::cuda
 
-// --- Compressed caches (CPU oracles: cpu::sparse_attention, cpu::matching_pursuit, cpu::key_l2_norms,
-// cpu::merge_into_slot) ----------------------------------------------------------------------------------
+// --- Compressed layer caches (kernels/compressed_layout.h) ---------------------------------------------------
+// Each kernel's oracle is the kernels/cpu_reference.h function of the same name, which acts on the same arrays
+// the same way; the inputs' StepRowsView, StepTargets and state pointers are device memory here. Launch shapes
+// depend only on the step's row and sequence counts and on max_region (the most entries any head slot's dense
+// plus coded regions hold), never on the counts in device memory, so a step captured into a CUDA graph replays
+// at any length.
 
 namespace kvplan::cuda {
 
-// One sequence's compressed cache, KV heads concatenated (CSR-style offsets). Coded entries hold keys before
-// RoPE and values as (atom, fp16 coefficient) pairs; dense entries hold keys after RoPE.
-struct CompressedCacheView {
-  const int32_t* coded_offsets = nullptr;  // [kv_heads + 1]
-  const uint16_t* key_atoms = nullptr;     // [coded, key_sparsity]
-  const __half* key_coefficients = nullptr;
-  const uint16_t* value_atoms = nullptr;  // [coded, value_sparsity]
-  const __half* value_coefficients = nullptr;
-  const int32_t* coded_positions = nullptr;
-  const int32_t* dense_offsets = nullptr;  // [kv_heads + 1]
-  const float* dense_keys = nullptr;       // [dense, head_dim]
-  const float* dense_values = nullptr;
-  const int32_t* dense_positions = nullptr;
-  const float* dense_bias = nullptr;  // [dense] or null
-};
+// Fused RoPE, key-norm scoring and append: keys_pre_rope ([rows, kv_heads, head_dim]) are rotated to their rows'
+// positions and appended with values as in cpu::compressed_append; with key_norm_scores, each entry's score is
+// its pre-RoPE key norm (the oracle: cpu::key_l2_norms, cpu::apply_rope, then cpu::compressed_append).
+cudaError_t compressed_append(const CompressedLayer& layer, const StepRowsView& step, const float* keys_pre_rope,
+                              const float* values, const float* inv_freq, float rope_attention_factor,
+                              bool key_norm_scores, cudaStream_t stream);
 
-struct SparseAttentionShape {
-  int rows = 0, heads = 0, kv_heads = 0, head_dim = 0;  // head_dim: 64, 128 or 256
-  int key_sparsity = 0, value_sparsity = 0;
+struct CompressedAttentionShape {
+  int heads = 0;  // query heads
   float scale = 1.0f;
-  float rope_attention_factor = 1.0f;
-  // Entry counts from the host's bookkeeping (plans/cache_policy.h fixes them), so a launch reads nothing back:
-  // the most entries (coded + dense) any KV head holds, and all heads' entries together.
-  int max_entries_per_head = 0;
-  int total_entries = 0;
+  float merge_compensation = 0.0f;
+  int max_region = 0;  // most entries (dense + coded + merged) a head slot can hold
 };
+bool compressed_attention_supported(int heads, int kv_heads, int head_dim);
+// Workspace for compressed_attention with at most `rows` rows.
+size_t compressed_attention_workspace_bytes(const CompressedAttentionShape& shape, int rows, int kv_heads,
+                                            int head_dim);
+// cpu::compressed_attention's output in bf16 (the O projection's input), split-KV so one decode row fills the
+// GPU. row_stats ([rows, heads, 2]: softmax max and sum, nullable) feed entry_probabilities.
+cudaError_t compressed_attention(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
+                                 const RefreshStateView* refresh, const CompressedAttentionShape& shape, const float* q,
+                                 __nv_bfloat16* out, float* row_stats, void* workspace, cudaStream_t stream);
+// The probabilities half of cpu::compressed_attention, from the attention's row_stats. With full_steps_only,
+// only sequences on a RefreshKV full step are scored (nothing else reads them).
+cudaError_t entry_probabilities(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
+                                const RefreshStateView* refresh, const CompressedAttentionShape& shape, const float* q,
+                                const float* row_stats, bool full_steps_only, float* dense_probabilities,
+                                float* coded_probabilities, cudaStream_t stream);
 
-// Attention of rows ([rows, heads, head_dim] queries at query_positions) over a compressed cache, decoding
-// keys (with RoPE at their positions) and values from the dictionaries on the fly; split-KV like attention()
-// so a single decode row fills the GPU. With probabilities non-null, also writes each entry's softmax
-// probability maxed over all rows and the group's heads, laid out like cpu::sparse_attention's (that path
-// runs unsplit). workspace: sparse_attention_workspace_bytes(...).
-bool sparse_attention_supported(int heads, int kv_heads, int head_dim);
-size_t sparse_attention_workspace_bytes(const SparseAttentionShape& shape, bool probabilities);
-cudaError_t sparse_attention(const SparseAttentionShape& shape, const float* q, const int32_t* query_positions,
-                             const CompressedCacheView& cache, const float* key_dictionary,
-                             const float* value_dictionary, const float* inv_freq, float* out, float* probabilities,
-                             void* workspace, cudaStream_t stream);
+cudaError_t update_scores(const CompressedLayer& layer, const StepRowsView& step, float decay,
+                          const float* dense_probabilities, const float* coded_probabilities, cudaStream_t stream);
 
-// Codes n vectors ([n, dim]) by matching pursuit over unit-norm atoms; coefficients rounded to fp16.
-cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int n, int sparsity,
-                             uint16_t* indices, __half* coefficients, cudaStream_t stream);
+cudaError_t refresh_decide(const RefreshStateView& state, const StepRowsView& step, const RefreshSettings& settings,
+                           const float* q, int heads, int head_dim, cudaStream_t stream);
+// Overwrites the probabilities with their pooled values. position_workspace: refresh_select_workspace_bytes.
+size_t refresh_select_workspace_bytes(int step_sequences, int kv_heads, int capacity);
+cudaError_t refresh_select(const CompressedLayer& layer, const RefreshStateView& state, const StepRowsView& step,
+                           const StepTargets& targets, const RefreshSettings& settings, float* dense_probabilities,
+                           float* coded_probabilities, int capacity, float* position_workspace, cudaStream_t stream);
 
-// norms[i] = ||keys[i, :]||.
-cudaError_t key_l2_norms(const float* keys, int n, int head_dim, float* norms, cudaStream_t stream);
+// At most this many entries leave one head in one eviction (the rows a step appends to a sequence bound it).
+inline constexpr int kMaxEvictionsPerStep = 256;
+cudaError_t evict(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
+                  const StepTargets& targets, const EvictionSettings& settings, cudaStream_t stream);
 
-// Folds count victims into a residual slot's running mean (same order and arithmetic as the CPU oracle).
-cudaError_t merge_into_slot(const float* keys, const float* values, int count, int head_dim, float* slot_key,
-                            float* slot_value, float* slot_tokens, cudaStream_t stream);
+cudaError_t gather_leaving_entries(const CompressedLayer& layer, const CodingTables& tables, const StepRowsView& step,
+                                   int coding_window, int max_leaving, float* keys, float* values,
+                                   int32_t* leaving_slots, int32_t* leaving_count, cudaStream_t stream);
+cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsView& step, int max_leaving,
+                                   const int32_t* leaving_slots, const int32_t* leaving_count,
+                                   const uint32_t* key_codes, const uint32_t* value_codes, cudaStream_t stream);
+
+// Benchmarks: cpu::fill_compressed_noise; fill's arrays in device memory.
+cudaError_t fill_compressed_noise(const CompressedLayer& layer, const NoiseFill& fill, cudaStream_t stream);
+
+// Matching pursuit (oracle cpu::matching_pursuit, codes packed with cpu::pack_code) of vectors x ([groups *
+// group_size, dim]); with counts non-null only the first counts[g] vectors of each group are coded (the rest
+// are left as they are). dictionary: [atoms, dim] unit rows.
+cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int groups, int group_size,
+                             const int32_t* counts, int sparsity, uint32_t* codes, cudaStream_t stream);
 
 }  // namespace kvplan::cuda

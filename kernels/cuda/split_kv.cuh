@@ -27,23 +27,16 @@ inline int split_count(int rows, int kv_heads, int max_entries) {
   return wanted < most ? (wanted > 1 ? wanted : 1) : (most > 1 ? most : 1);
 }
 
-inline size_t partial_workspace_bytes(int rows, int heads, int head_dim, int max_entries) {
-  const int64_t slots = int64_t(rows) * heads * ((max_entries + kMinChunk - 1) / kMinChunk);
-  return size_t(slots) * (2 + head_dim) * sizeof(float);
-}
-
 inline PartialView partial_view(void* workspace, int rows, int heads, int splits) {
   float* base = static_cast<float*>(workspace);
   const int64_t slots = int64_t(rows) * heads * splits;
   return PartialView{base, base + slots, base + 2 * slots};
 }
 
-__device__ inline void store_output(float value, float* out) { *out = value; }
-__device__ inline void store_output(float value, __nv_bfloat16* out) { *out = __float2bfloat16(value); }
-
-// Grid (heads, rows), one thread per output dimension.
-template <typename Out>
-__global__ void combine_partials_kernel(PartialView partial, int heads, int head_dim, int splits, Out* out) {
+// Grid (heads, rows), one thread per output dimension: the splits' states merged into the bf16 output and, with
+// row_stats non-null ([rows, heads, 2]), the row's softmax max and sum.
+__global__ void combine_partials_kernel(PartialView partial, int heads, int head_dim, int splits, __nv_bfloat16* out,
+                                        float* row_stats) {
   const int head = blockIdx.x, row = blockIdx.y;
   const int64_t base = (int64_t(row) * heads + head) * splits;
   float global_max = -FLT_MAX;
@@ -57,14 +50,18 @@ __global__ void combine_partials_kernel(PartialView partial, int heads, int head
       total_sum += partial.sum[base + s] * factor;
       total += partial.acc[(base + s) * head_dim + d] * factor;
     }
-    store_output(total_sum > 0.0f ? total / total_sum : 0.0f, out + (int64_t(row) * heads + head) * head_dim + d);
+    out[(int64_t(row) * heads + head) * head_dim + d] = __float2bfloat16(total_sum > 0.0f ? total / total_sum : 0.0f);
+    if (d == 0 && row_stats != nullptr) {
+      row_stats[(int64_t(row) * heads + head) * 2] = global_max;
+      row_stats[(int64_t(row) * heads + head) * 2 + 1] = total_sum;
+    }
   }
 }
 
-template <typename Out>
-cudaError_t combine_partials(const PartialView& partial, int rows, int heads, int head_dim, int splits, Out* out,
-                             cudaStream_t stream) {
-  combine_partials_kernel<Out><<<dim3(heads, rows), head_dim, 0, stream>>>(partial, heads, head_dim, splits, out);
+inline cudaError_t combine_partials(const PartialView& partial, int rows, int heads, int head_dim, int splits,
+                                    __nv_bfloat16* out, float* row_stats, cudaStream_t stream) {
+  combine_partials_kernel<<<dim3(heads, rows), head_dim, 0, stream>>>(partial, heads, head_dim, splits, out,
+                                                                       row_stats);
   return cudaGetLastError();
 }
 

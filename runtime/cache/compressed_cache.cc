@@ -2,420 +2,308 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
-#include <random>
 
 #include "kernels/cpu_reference.h"
-#include "runtime/cache/cache_decisions.h"
+#include "runtime/cache/compressed_step.h"
 #include "runtime/cache/sparse_coding.h"
 
 namespace kvplan {
 namespace {
 
-// The entries of one KV head of one sequence, in two segments.
-struct HeadStore {
-  // Coded entries (tokens that left the recent window): keys before RoPE.
-  std::vector<int32_t> coded_positions;
-  std::vector<uint16_t> key_atoms, value_atoms;
-  std::vector<float> key_coefficients, value_coefficients;
-  std::vector<float> coded_scores;
-  // Dense entries: recent tokens and merged slots, keys after RoPE.
-  std::vector<int32_t> dense_positions;
-  std::vector<float> dense_keys, dense_values;
-  std::vector<float> dense_scores;
-  std::vector<float> dense_merged;  // tokens folded into the entry; 0 for a plain token
-  std::vector<float> dense_bias;    // logit bias: compensation * log(merged) for merged slots
-
-  int coded() const { return int(coded_positions.size()); }
-  int dense() const { return int(dense_positions.size()); }
+// Host arrays behind one layer's CompressedLayer view.
+struct HostStorage {
+  std::vector<int32_t> dense_count, coded_count;
+  std::vector<uint16_t> dense_keys, dense_values;
+  std::vector<int32_t> dense_positions, coded_positions;
+  std::vector<float> dense_scores, coded_scores;
+  std::vector<uint8_t> dense_selected, coded_selected;
+  std::vector<uint32_t> key_codes, value_codes;
+  std::vector<float> merged_keys, merged_values, merged_tokens;
+  // Scratch the operations share within a step.
+  std::vector<float> dense_probabilities, coded_probabilities;
 };
 
-struct SequenceState {
-  std::vector<HeadStore> heads;
-  int length = 0;
-  // RefreshKV: positions each head attends to between full steps.
-  std::vector<std::vector<int32_t>> selected;
-  RefreshState refresh;
+struct HostRefreshState {
+  std::vector<int32_t> refresh_position, steps_since_refresh;
+  std::vector<uint8_t> has_query, full_step;
+  std::vector<float> query, step_query;
 };
 
 template <typename T>
-void EraseIndices(std::vector<T>& values, const std::vector<int>& sorted_indices, int width) {
-  size_t write = 0, next = 0;
-  const size_t count = values.size() / width;
-  for (size_t read = 0; read < count; ++read) {
-    if (next < sorted_indices.size() && size_t(sorted_indices[next]) == read) {
-      ++next;
-      continue;
-    }
-    if (write != read) std::copy_n(values.begin() + read * width, width, values.begin() + write * width);
-    ++write;
-  }
-  values.resize(write * width);
+T* DataOrNull(std::vector<T>& values) {
+  return values.empty() ? nullptr : values.data();
 }
 
 class CompressedLayerCache : public LayerCache {
  public:
-  CompressedLayerCache(const ModelConfig& config, int num_sequences, const LayerPolicy& policy,
-                       std::shared_ptr<const LayerDictionaries> dictionaries)
+  CompressedLayerCache(const ModelConfig& config, int num_sequences, int capacity, int max_step_rows,
+                       const LayerPolicy& policy, std::shared_ptr<const LayerDictionaries> dictionaries)
       : config_(config),
         policy_(policy),
+        num_sequences_(num_sequences),
+        max_step_rows_(max_step_rows),
         dictionaries_(std::move(dictionaries)),
         inv_freq_(RopeInverseFrequencies(config)),
-        sequences_(num_sequences) {
-    Reset();
+        regions_(PlanRegions(policy, num_sequences, config.num_kv_heads, capacity, max_step_rows)) {
+    const int head_slots = num_sequences * config.num_kv_heads, hd = config.head_dim;
+    const int64_t dense = regions_.dense_slots(), coded = regions_.coded_slots();
+    HostStorage& s = storage_;
+    s.dense_count.resize(head_slots);
+    s.dense_keys.resize(dense * hd);
+    s.dense_values.resize(dense * hd);
+    s.dense_positions.resize(dense);
+    if (policy.budget) s.dense_scores.resize(dense);
+    if (policy.refresh) s.dense_selected.resize(dense);
+    if (policy.coding) {
+      s.coded_count.resize(head_slots);
+      s.key_codes.resize(coded * policy.coding->key_sparsity);
+      s.value_codes.resize(coded * policy.coding->value_sparsity);
+      s.coded_positions.resize(coded);
+      if (policy.budget) s.coded_scores.resize(coded);
+      if (policy.refresh) s.coded_selected.resize(coded);
+    }
+    if (policy.budget && policy.budget->merge_evicted) {
+      s.merged_keys.resize(int64_t(head_slots) * hd);
+      s.merged_values.resize(int64_t(head_slots) * hd);
+      s.merged_tokens.resize(head_slots);
+    }
+    if (NeedsProbabilities(policy)) {
+      s.dense_probabilities.resize(dense);
+      s.coded_probabilities.resize(coded);
+    }
+    layer_ = CompressedLayer{.head_slots = head_slots,
+                             .kv_heads = config.num_kv_heads,
+                             .head_dim = hd,
+                             .key_sparsity = policy.coding ? policy.coding->key_sparsity : 0,
+                             .value_sparsity = policy.coding ? policy.coding->value_sparsity : 0,
+                             .dense_begin = regions_.dense_begin.data(),
+                             .dense_count = s.dense_count.data(),
+                             .dense_keys = s.dense_keys.data(),
+                             .dense_values = s.dense_values.data(),
+                             .dense_positions = s.dense_positions.data(),
+                             .dense_scores = DataOrNull(s.dense_scores),
+                             .dense_selected = DataOrNull(s.dense_selected),
+                             .coded_begin = regions_.coded_begin.data(),
+                             .coded_count = DataOrNull(s.coded_count),
+                             .key_codes = DataOrNull(s.key_codes),
+                             .value_codes = DataOrNull(s.value_codes),
+                             .coded_positions = DataOrNull(s.coded_positions),
+                             .coded_scores = DataOrNull(s.coded_scores),
+                             .coded_selected = DataOrNull(s.coded_selected),
+                             .merged_keys = DataOrNull(s.merged_keys),
+                             .merged_values = DataOrNull(s.merged_values),
+                             .merged_tokens = DataOrNull(s.merged_tokens)};
+    if (dictionaries_)
+      tables_ = CodingTables{.atoms = dictionaries_->atoms,
+                             .key_atoms = dictionaries_->key_atoms.data(),
+                             .value_atoms = dictionaries_->value_atoms.data(),
+                             .keys_after_rope = policy.coding->keys_after_rope,
+                             .inv_freq = inv_freq_.data(),
+                             .rope_attention_factor = float(config.rope.attention_factor)};
+    if (policy.refresh) {
+      HostRefreshState& r = refresh_;
+      r.refresh_position.resize(num_sequences);
+      r.steps_since_refresh.resize(num_sequences);
+      r.has_query.resize(num_sequences);
+      r.full_step.resize(num_sequences);
+      r.query.resize(int64_t(num_sequences) * hd);
+      r.step_query.resize(int64_t(num_sequences) * hd);
+      refresh_view_ = RefreshStateView{.refresh_position = r.refresh_position.data(),
+                                       .steps_since_refresh = r.steps_since_refresh.data(),
+                                       .has_query = r.has_query.data(),
+                                       .full_step = r.full_step.data(),
+                                       .query = r.query.data(),
+                                       .step_query = r.step_query.data()};
+    }
   }
 
   void Reset() override {
-    for (SequenceState& state : sequences_) {
-      state = SequenceState();
-      state.heads.resize(config_.num_kv_heads);
-      state.selected.resize(config_.num_kv_heads);
-    }
+    std::fill(storage_.dense_count.begin(), storage_.dense_count.end(), 0);
+    std::fill(storage_.coded_count.begin(), storage_.coded_count.end(), 0);
+    std::fill(storage_.merged_keys.begin(), storage_.merged_keys.end(), 0.0f);
+    std::fill(storage_.merged_values.begin(), storage_.merged_values.end(), 0.0f);
+    std::fill(storage_.merged_tokens.begin(), storage_.merged_tokens.end(), 0.0f);
+    std::fill(refresh_.has_query.begin(), refresh_.has_query.end(), 0);
+    std::fill(refresh_.steps_since_refresh.begin(), refresh_.steps_since_refresh.end(), 0);
+    std::fill(refresh_.refresh_position.begin(), refresh_.refresh_position.end(), 0);
   }
 
   void Append(int sequence, const int32_t* positions, int rows, const float* k_pre_rope, const float* k,
               const float* v) override {
-    SequenceState& state = sequences_[sequence];
-    const int hd = config_.head_dim;
-    for (int r = 0; r < rows; ++r) {
-      for (int h = 0; h < config_.num_kv_heads; ++h) {
-        HeadStore& head = state.heads[h];
-        const int64_t source = (int64_t(r) * config_.num_kv_heads + h) * hd;
-        head.dense_positions.push_back(positions[r]);
-        head.dense_keys.insert(head.dense_keys.end(), k + source, k + source + hd);
-        head.dense_values.insert(head.dense_values.end(), v + source, v + source + hd);
-        float score = 0.0f;
-        if (policy_.budget && policy_.budget->scoring == plan::TokenBudgets::KEY_L2_NORM)
-          cpu::key_l2_norms(k_pre_rope + source, 1, hd, &score);
-        head.dense_scores.push_back(score);
-        head.dense_merged.push_back(0.0f);
-        head.dense_bias.push_back(0.0f);
-      }
+    const Step step(sequence, positions, rows);
+    std::vector<float> norms;
+    if (policy_.budget && policy_.budget->scoring == plan::TokenBudgets::KEY_L2_NORM) {
+      norms.resize(int64_t(rows) * config_.num_kv_heads);
+      cpu::key_l2_norms(k_pre_rope, int64_t(norms.size()), config_.head_dim, norms.data());
     }
-    state.length = positions[rows - 1] + 1;
+    cpu::compressed_append(layer_, step.view, k, v, DataOrNull(norms));
   }
 
   void Attend(int sequence, const int32_t* positions, int rows, const float* q, float* out) override {
-    AttendAndUpdate(sequence, positions, rows, q, out, /*update=*/true);
+    const Step step(sequence, positions, rows);
+    Ops ops(*this, step, q, out);
+    const absl::Status status = AttendAndCompress(policy_, ops);
+    if (!status.ok()) std::abort();  // the CPU operations cannot fail
   }
 
   void AttendShared(int sequence, const int32_t* positions, int rows, const float* q, float* out) override {
-    AttendAndUpdate(sequence, positions, rows, q, out, /*update=*/false);
-  }
-
-  void AttendAndUpdate(int sequence, const int32_t* positions, int rows, const float* q, float* out, bool update) {
-    SequenceState& state = sequences_[sequence];
-    // A sharing layer sees what the owner saw this step: everything right after a refresh, else the subset.
-    const std::vector<float> mean_query = policy_.refresh && update ? MeanLastQuery(q, rows) : std::vector<float>();
-    const bool full_step = !policy_.refresh || (update ? NeedsFullStep(*policy_.refresh, state.refresh, mean_query)
-                                                       : state.refresh.steps_since_refresh == 0);
-    std::vector<std::vector<int>> coded_keep(config_.num_kv_heads), dense_keep(config_.num_kv_heads);
-    std::vector<cpu::CodedHeadView> views = BuildViews(state, full_step, coded_keep, dense_keep);
-    const bool want_probabilities =
-        update && ((policy_.budget && policy_.budget->scoring == plan::TokenBudgets::ATTENTION_SCORE) ||
-                   (policy_.refresh && full_step));
-    int64_t total_entries = 0;
-    for (const auto& view : views) total_entries += view.coded_length + view.dense.length;
-    std::vector<float> probabilities(want_probabilities ? total_entries : 0);
-    cpu::SparseAttentionParams params{.tokens = rows,
-                                      .heads = config_.num_heads,
-                                      .kv_heads = config_.num_kv_heads,
-                                      .head_dim = config_.head_dim,
-                                      .key_sparsity = policy_.coding ? policy_.coding->key_sparsity : 0,
-                                      .value_sparsity = policy_.coding ? policy_.coding->value_sparsity : 0,
-                                      .key_dictionary = dictionaries_ ? dictionaries_->key_atoms.data() : nullptr,
-                                      .value_dictionary = dictionaries_ ? dictionaries_->value_atoms.data() : nullptr,
-                                      .inv_freq = inv_freq_.data(),
-                                      .rope_attention_factor = float(config_.rope.attention_factor),
-                                      .scale = 1.0f / std::sqrt(float(config_.head_dim))};
-    cpu::sparse_attention(params, q, positions, views.data(), out, want_probabilities ? probabilities.data() : nullptr);
-
-    if (!update) return;
-    if (want_probabilities) UpdateScores(state, coded_keep, dense_keep, probabilities);
-    if (policy_.refresh) {
-      if (full_step) {
-        Reselect(state, coded_keep, dense_keep, probabilities);
-        state.refresh = {.refresh_position = state.length, .steps_since_refresh = 0, .query = mean_query};
-      } else {
-        ++state.refresh.steps_since_refresh;
-      }
-    }
-    Compress(state);
+    const Step step(sequence, positions, rows);
+    cpu::compressed_attention(layer_, dictionaries_ ? &tables_ : nullptr, step.view,
+                              policy_.refresh ? &refresh_view_ : nullptr, AttentionParams(), q, out, nullptr, nullptr);
   }
 
   void FillWithNoise(int context) override {
-    std::mt19937 generator(7);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (int s = 0; s < int(sequences_.size()); ++s) {
-      sequences_[s].heads.assign(config_.num_kv_heads, HeadStore());
-      std::vector<int32_t> positions(context);
-      std::iota(positions.begin(), positions.end(), 0);
-      std::vector<float> k(int64_t(context) * config_.kv_dim()), v(k.size());
-      for (float& value : k) value = normal(generator);
-      for (float& value : v) value = normal(generator);
-      constexpr int kChunk = 256;  // append and compress in chunks, as a prefill would
-      for (int begin = 0; begin < context; begin += kChunk) {
-        const int n = std::min(kChunk, context - begin);
-        const int64_t offset = int64_t(begin) * config_.kv_dim();
-        Append(s, positions.data() + begin, n, k.data() + offset, k.data() + offset, v.data() + offset);
-        Compress(sequences_[s]);
+    Reset();
+    const int kv_heads = config_.num_kv_heads;
+    std::vector<int32_t> lengths(num_sequences_, context), dense, coded, selected;
+    std::vector<uint8_t> merged;
+    for (int s = 0; s < num_sequences_; ++s)
+      for (int h = 0; h < kv_heads; ++h) {
+        const HeadEntries entries = ExpectedHeadEntries(policy_, h, context);
+        dense.push_back(int32_t(entries.dense));
+        coded.push_back(int32_t(entries.coded));
+        merged.push_back(uint8_t(entries.merged));
+        selected.push_back(policy_.refresh ? int32_t(SmallCacheTokens(*policy_.refresh, context)) : 0);
       }
-    }
+    cpu::fill_compressed_noise(layer_, NoiseFill{.lengths = lengths.data(),
+                                                 .dense = dense.data(),
+                                                 .coded = coded.data(),
+                                                 .merged = merged.data(),
+                                                 .selected = selected.data(),
+                                                 .atoms = dictionaries_ ? dictionaries_->atoms : 1,
+                                                 .seed = 7});
   }
 
   int64_t bytes() const override {
     int64_t total = 0;
-    for (const SequenceState& state : sequences_)
-      for (const HeadStore& head : state.heads) {
-        // The selection buffer is reserved at its full size, as a device layout must allocate it.
-        const int64_t selected = policy_.refresh ? SmallCacheTokens(*policy_.refresh, state.length) : 0;
-        total +=
-            HeadBytes(policy_, config_.head_dim, {.dense = head.dense(), .coded = head.coded(), .selected = selected});
-      }
+    for (int i = 0; i < layer_.head_slots; ++i) {
+      const HeadEntries entries{.dense = storage_.dense_count[i],
+                                .coded = storage_.coded_count.empty() ? 0 : storage_.coded_count[i],
+                                .merged = !storage_.merged_tokens.empty() && storage_.merged_tokens[i] > 0.0f ? 1 : 0};
+      total += HeadBytes(policy_, config_.head_dim, entries);
+    }
     return total;
   }
 
  private:
-  // Applies the budget, then codes what left the recent window.
-  void Compress(SequenceState& state) {
-    if (policy_.budget) Evict(state);
-    if (policy_.coding) CodeOldEntries(state);
-  }
-
-  std::vector<float> MeanLastQuery(const float* q, int rows) const {
-    const int hd = config_.head_dim;
-    std::vector<float> mean(hd, 0.0f);
-    const float* last = q + int64_t(rows - 1) * config_.num_heads * hd;
-    for (int h = 0; h < config_.num_heads; ++h)
-      for (int d = 0; d < hd; ++d) mean[d] += last[h * hd + d] / config_.num_heads;
-    return mean;
-  }
-
-  // Views of every head; between refreshes only the selected positions and those appended since.
-  std::vector<cpu::CodedHeadView> BuildViews(SequenceState& state, bool full_step,
-                                             std::vector<std::vector<int>>& coded_keep,
-                                             std::vector<std::vector<int>>& dense_keep) {
-    const int hd = config_.head_dim;
-    const int sk = policy_.coding ? policy_.coding->key_sparsity : 0;
-    const int sv = policy_.coding ? policy_.coding->value_sparsity : 0;
-    std::vector<cpu::CodedHeadView> views(config_.num_kv_heads);
-    filtered_.assign(config_.num_kv_heads, HeadStore());
-    for (int h = 0; h < config_.num_kv_heads; ++h) {
-      HeadStore& head = state.heads[h];
-      auto in_view = [&](int32_t position) {
-        if (full_step) return true;
-        return position >= state.refresh.refresh_position ||
-               std::binary_search(state.selected[h].begin(), state.selected[h].end(), position);
-      };
-      for (int e = 0; e < head.coded(); ++e)
-        if (in_view(head.coded_positions[e])) coded_keep[h].push_back(e);
-      for (int e = 0; e < head.dense(); ++e)
-        if (in_view(head.dense_positions[e]) || head.dense_merged[e] > 0) dense_keep[h].push_back(e);
-      const HeadStore* source = &head;
-      if (!full_step) {
-        HeadStore& subset = filtered_[h];
-        for (int e : coded_keep[h]) {
-          subset.coded_positions.push_back(head.coded_positions[e]);
-          subset.key_atoms.insert(subset.key_atoms.end(), head.key_atoms.begin() + e * sk,
-                                  head.key_atoms.begin() + (e + 1) * sk);
-          subset.key_coefficients.insert(subset.key_coefficients.end(), head.key_coefficients.begin() + e * sk,
-                                         head.key_coefficients.begin() + (e + 1) * sk);
-          subset.value_atoms.insert(subset.value_atoms.end(), head.value_atoms.begin() + e * sv,
-                                    head.value_atoms.begin() + (e + 1) * sv);
-          subset.value_coefficients.insert(subset.value_coefficients.end(), head.value_coefficients.begin() + e * sv,
-                                           head.value_coefficients.begin() + (e + 1) * sv);
-        }
-        for (int e : dense_keep[h]) {
-          subset.dense_positions.push_back(head.dense_positions[e]);
-          subset.dense_keys.insert(subset.dense_keys.end(), head.dense_keys.begin() + int64_t(e) * hd,
-                                   head.dense_keys.begin() + int64_t(e + 1) * hd);
-          subset.dense_values.insert(subset.dense_values.end(), head.dense_values.begin() + int64_t(e) * hd,
-                                     head.dense_values.begin() + int64_t(e + 1) * hd);
-          subset.dense_bias.push_back(head.dense_bias[e]);
-        }
-        source = &subset;
-      }
-      views[h] = {source->key_atoms.data(),
-                  source->key_coefficients.data(),
-                  source->value_atoms.data(),
-                  source->value_coefficients.data(),
-                  source->coded_positions.data(),
-                  source->coded(),
-                  cpu::KvHeadView{source->dense_keys.data(), source->dense_values.data(),
-                                  source->dense_positions.data(), source->dense_bias.data(), source->dense()}};
-    }
-    return views;
-  }
-
-  void UpdateScores(SequenceState& state, const std::vector<std::vector<int>>& coded_keep,
-                    const std::vector<std::vector<int>>& dense_keep, const std::vector<float>& probabilities) {
-    if (!policy_.budget || policy_.budget->scoring != plan::TokenBudgets::ATTENTION_SCORE) return;
-    const float decay = policy_.budget->score_decay;
-    int64_t offset = 0;
-    for (int h = 0; h < config_.num_kv_heads; ++h) {
-      HeadStore& head = state.heads[h];
-      for (float& score : head.coded_scores) score *= decay;
-      for (float& score : head.dense_scores) score *= decay;
-      for (int e : coded_keep[h]) head.coded_scores[e] += probabilities[offset++];
-      for (int e : dense_keep[h]) head.dense_scores[e] += probabilities[offset++];
-    }
-  }
-
-  // RefreshKV: rebuild each head's selection from the full step's attention.
-  void Reselect(SequenceState& state, const std::vector<std::vector<int>>& coded_keep,
-                const std::vector<std::vector<int>>& dense_keep, const std::vector<float>& probabilities) {
-    int64_t offset = 0;
-    for (int h = 0; h < config_.num_kv_heads; ++h) {
-      const HeadStore& head = state.heads[h];
-      std::vector<std::pair<int32_t, float>> scored;
-      for (int e : coded_keep[h]) scored.push_back({head.coded_positions[e], probabilities[offset++]});
-      for (int e : dense_keep[h]) scored.push_back({head.dense_positions[e], probabilities[offset++]});
-      state.selected[h] = SelectRefreshPositions(*policy_.refresh, state.length, std::move(scored));
-    }
-  }
-
-  // An entry eviction may remove: its segment and index there.
-  struct Candidate {
-    bool coded;
-    int index;
-    int32_t position;
+  // One sequence's rows as a step.
+  struct Step {
+    Step(int sequence, const int32_t* positions, int rows)
+        : row_sequence(rows, sequence),
+          groups(GroupRows(row_sequence.data(), positions, rows)),
+          view(ViewOf(groups, row_sequence.data(), positions, rows)) {}
+    std::vector<int32_t> row_sequence;
+    StepGroups groups;
+    StepRowsView view;
   };
 
-  // Enforces each head's budget: the victims ChooseEvictions names are dropped, or folded into the head's
-  // merged slot.
-  void Evict(SequenceState& state) {
-    for (int h = 0; h < config_.num_kv_heads; ++h) {
-      HeadStore& head = state.heads[h];
-      std::vector<Candidate> plain;
-      std::vector<ScoredEntry> scored;
-      for (int e = 0; e < head.coded(); ++e) {
-        plain.push_back({true, e, head.coded_positions[e]});
-        scored.push_back({head.coded_positions[e], head.coded_scores[e]});
-      }
-      for (int e = 0; e < head.dense(); ++e) {
-        if (head.dense_merged[e] > 0) continue;
-        plain.push_back({false, e, head.dense_positions[e]});
-        scored.push_back({head.dense_positions[e], head.dense_scores[e]});
-      }
-      const std::vector<int> victims = ChooseEvictions(policy_, h, state.length, scored);
-      if (victims.empty()) continue;
-      std::vector<Candidate> chosen;
-      std::vector<int> coded_victims, dense_victims;
-      for (int i : victims) {
-        chosen.push_back(plain[i]);
-        (plain[i].coded ? coded_victims : dense_victims).push_back(plain[i].index);
-      }
-      if (policy_.budget->merge_evicted) Merge(head, chosen);
-      RemoveCoded(head, coded_victims);
-      RemoveDense(head, dense_victims);
-    }
-  }
+  // The CPU references, in the order AttendAndCompress calls them.
+  class Ops {
+   public:
+    Ops(CompressedLayerCache& cache, const Step& step, const float* q, float* out)
+        : cache_(cache),
+          step_(step),
+          q_(q),
+          out_(out),
+          counts_(CountsForStep(cache.policy_, cache.config_.num_kv_heads, step.groups)),
+          targets_{.kept = counts_.kept.data(), .selected = counts_.selected.data()} {}
 
-  void RemoveDense(HeadStore& head, const std::vector<int>& victims) const {
-    const int hd = config_.head_dim;
-    EraseIndices(head.dense_positions, victims, 1);
-    EraseIndices(head.dense_keys, victims, hd);
-    EraseIndices(head.dense_values, victims, hd);
-    EraseIndices(head.dense_scores, victims, 1);
-    EraseIndices(head.dense_merged, victims, 1);
-    EraseIndices(head.dense_bias, victims, 1);
-  }
-
-  void RemoveCoded(HeadStore& head, const std::vector<int>& victims) {
-    if (victims.empty()) return;
-    const int sk = policy_.coding->key_sparsity, sv = policy_.coding->value_sparsity;
-    EraseIndices(head.coded_positions, victims, 1);
-    EraseIndices(head.coded_scores, victims, 1);
-    EraseIndices(head.key_atoms, victims, sk);
-    EraseIndices(head.key_coefficients, victims, sk);
-    EraseIndices(head.value_atoms, victims, sv);
-    EraseIndices(head.value_coefficients, victims, sv);
-  }
-
-  // ZeroMerge: the merged slot holds the mean key and value of every token folded into it; its logit gets
-  // compensation * log(count) so it carries their combined attention mass.
-  void Merge(HeadStore& head, const std::vector<Candidate>& victims) {
-    const int hd = config_.head_dim;
-    int slot = -1;
-    for (int e = 0; e < head.dense(); ++e)
-      if (head.dense_merged[e] > 0) slot = e;
-    if (slot < 0) {
-      slot = head.dense();
-      head.dense_positions.push_back(0);  // a merged slot is visible to every later query
-      head.dense_keys.resize(head.dense_keys.size() + hd, 0.0f);
-      head.dense_values.resize(head.dense_values.size() + hd, 0.0f);
-      head.dense_scores.push_back(0.0f);
-      head.dense_merged.push_back(0.0f);
-      head.dense_bias.push_back(0.0f);
+    absl::Status DecideRefresh() {
+      cpu::refresh_decide(cache_.refresh_view_, step_.view, RefreshSettingsOf(*cache_.policy_.refresh), q_,
+                          cache_.config_.num_heads, cache_.config_.head_dim);
+      return absl::OkStatus();
     }
-    float* slot_key = head.dense_keys.data() + int64_t(slot) * hd;
-    float* slot_value = head.dense_values.data() + int64_t(slot) * hd;
-    std::vector<float> key(hd), value(hd);
-    for (const auto& victim : victims) {
-      if (victim.coded) {
-        const int sk = policy_.coding->key_sparsity, sv = policy_.coding->value_sparsity;
-        cpu::decode_sparse(dictionaries_->key_atoms.data(), hd, head.key_atoms.data() + victim.index * sk,
-                           head.key_coefficients.data() + victim.index * sk, sk, key.data());
-        cpu::apply_rope(key.data(), &victim.position, inv_freq_.data(), 1, 1, hd, float(config_.rope.attention_factor));
-        cpu::decode_sparse(dictionaries_->value_atoms.data(), hd, head.value_atoms.data() + victim.index * sv,
-                           head.value_coefficients.data() + victim.index * sv, sv, value.data());
-      } else {
-        std::copy_n(head.dense_keys.data() + int64_t(victim.index) * hd, hd, key.data());
-        std::copy_n(head.dense_values.data() + int64_t(victim.index) * hd, hd, value.data());
-      }
-      cpu::merge_into_slot(key.data(), value.data(), 1, hd, slot_key, slot_value, &head.dense_merged[slot]);
+    absl::Status Attend(bool probabilities) {
+      HostStorage& s = cache_.storage_;
+      // Between RefreshKV full steps only attention-scored budgets read the probabilities.
+      const bool scores =
+          cache_.policy_.budget && cache_.policy_.budget->scoring == plan::TokenBudgets::ATTENTION_SCORE;
+      const bool full_step = cache_.policy_.refresh && cache_.refresh_.full_step[step_.view.sequence[0]];
+      const bool wanted = probabilities && (scores || full_step);
+      cpu::compressed_attention(cache_.layer_, cache_.Tables(), step_.view,
+                                cache_.policy_.refresh ? &cache_.refresh_view_ : nullptr, cache_.AttentionParams(), q_,
+                                out_, wanted ? s.dense_probabilities.data() : nullptr,
+                                wanted ? s.coded_probabilities.data() : nullptr);
+      return absl::OkStatus();
     }
-    head.dense_bias[slot] = policy_.budget->merge_compensation * std::log(head.dense_merged[slot]);
-  }
+    absl::Status UpdateScores() {
+      cpu::update_scores(cache_.layer_, step_.view, cache_.policy_.budget->score_decay,
+                         cache_.storage_.dense_probabilities.data(), cache_.storage_.coded_probabilities.data());
+      return absl::OkStatus();
+    }
+    absl::Status SelectRefresh() {
+      cpu::refresh_select(cache_.layer_, cache_.refresh_view_, step_.view, targets_,
+                          RefreshSettingsOf(*cache_.policy_.refresh), cache_.storage_.dense_probabilities.data(),
+                          cache_.storage_.coded_probabilities.data());
+      return absl::OkStatus();
+    }
+    absl::Status Evict() {
+      cpu::evict(cache_.layer_, cache_.Tables(), step_.view, targets_, EvictionSettingsOf(cache_.policy_));
+      return absl::OkStatus();
+    }
+    absl::Status CodeLeaving() {
+      const CodingPolicy& coding = *cache_.policy_.coding;
+      const LayerDictionaries& dictionaries = *cache_.dictionaries_;
+      const int hd = cache_.config_.head_dim, max_leaving = step_.groups.max_rows;
+      const int64_t slots = int64_t(step_.view.sequences) * cache_.config_.num_kv_heads * max_leaving;
+      std::vector<float> keys(slots * hd), values(slots * hd);
+      std::vector<int32_t> leaving_slots(slots), leaving_count(slots / max_leaving);
+      cpu::gather_leaving_entries(cache_.layer_, cache_.tables_, step_.view, coding.recent_window, max_leaving,
+                                  keys.data(), values.data(), leaving_slots.data(), leaving_count.data());
+      // The batched BLAS encoder codes the gathered rows; rows past a group's count are never read.
+      std::vector<int64_t> rows;
+      for (int64_t group = 0; group < int64_t(leaving_count.size()); ++group)
+        for (int t = 0; t < leaving_count[group]; ++t) rows.push_back(group * max_leaving + t);
+      std::vector<uint32_t> key_codes(slots * coding.key_sparsity), value_codes(slots * coding.value_sparsity);
+      auto encode = [&](const std::vector<float>& vectors, const std::vector<float>& atoms, int sparsity,
+                        std::vector<uint32_t>& codes) {
+        std::vector<float> packed(rows.size() * hd);
+        for (size_t i = 0; i < rows.size(); ++i)
+          std::copy_n(vectors.data() + rows[i] * hd, hd, packed.data() + int64_t(i) * hd);
+        const SparseCodes sparse =
+            MatchingPursuit(atoms.data(), dictionaries.atoms, hd, packed.data(), int64_t(rows.size()), sparsity);
+        for (size_t i = 0; i < rows.size(); ++i)
+          for (int c = 0; c < sparsity; ++c)
+            codes[rows[i] * sparsity + c] =
+                cpu::pack_code(sparse.indices[i * sparsity + c], sparse.coefficients[i * sparsity + c]);
+      };
+      if (!rows.empty()) {
+        encode(keys, dictionaries.key_atoms, coding.key_sparsity, key_codes);
+        encode(values, dictionaries.value_atoms, coding.value_sparsity, value_codes);
+      }
+      cpu::commit_leaving_entries(cache_.layer_, step_.view, max_leaving, leaving_slots.data(), leaving_count.data(),
+                                  key_codes.data(), value_codes.data());
+      return absl::OkStatus();
+    }
 
-  // CSR: plain dense entries older than the recent window are coded (keys un-rotated to pre-RoPE first).
-  void CodeOldEntries(SequenceState& state) {
-    const CodingPolicy& coding = *policy_.coding;
-    const LayerDictionaries& dictionaries = *dictionaries_;
-    const int hd = config_.head_dim;
-    const float rope_factor = float(config_.rope.attention_factor);
-    for (HeadStore& head : state.heads) {
-      std::vector<int> moving;
-      for (int e = 0; e < head.dense(); ++e)
-        if (head.dense_merged[e] == 0 && LeavesCodingWindow(coding, state.length, head.dense_positions[e]))
-          moving.push_back(e);
-      if (moving.empty()) continue;
-      const int n = int(moving.size());
-      std::vector<float> keys(int64_t(n) * hd), values(int64_t(n) * hd);
-      std::vector<int32_t> inverse_positions(n);
-      for (int i = 0; i < n; ++i) {
-        std::copy_n(head.dense_keys.data() + int64_t(moving[i]) * hd, hd, keys.data() + int64_t(i) * hd);
-        std::copy_n(head.dense_values.data() + int64_t(moving[i]) * hd, hd, values.data() + int64_t(i) * hd);
-        inverse_positions[i] = -head.dense_positions[moving[i]];
-      }
-      // Rotating by -position undoes RoPE (with YaRN's factor, the magnitude is divided back out).
-      cpu::apply_rope(keys.data(), inverse_positions.data(), inv_freq_.data(), n, 1, hd, 1.0f);
-      if (rope_factor != 1.0f)
-        for (float& value : keys) value /= rope_factor;
-      const SparseCodes key_codes =
-          MatchingPursuit(dictionaries.key_atoms.data(), dictionaries.atoms, hd, keys.data(), n, coding.key_sparsity);
-      const SparseCodes value_codes = MatchingPursuit(dictionaries.value_atoms.data(), dictionaries.atoms, hd,
-                                                      values.data(), n, coding.value_sparsity);
-      for (int i = 0; i < n; ++i) {
-        head.coded_positions.push_back(head.dense_positions[moving[i]]);
-        head.coded_scores.push_back(head.dense_scores[moving[i]]);
-      }
-      head.key_atoms.insert(head.key_atoms.end(), key_codes.indices.begin(), key_codes.indices.end());
-      head.key_coefficients.insert(head.key_coefficients.end(), key_codes.coefficients.begin(),
-                                   key_codes.coefficients.end());
-      head.value_atoms.insert(head.value_atoms.end(), value_codes.indices.begin(), value_codes.indices.end());
-      head.value_coefficients.insert(head.value_coefficients.end(), value_codes.coefficients.begin(),
-                                     value_codes.coefficients.end());
-      RemoveDense(head, moving);
-    }
+   private:
+    CompressedLayerCache& cache_;
+    const Step& step_;
+    const float* q_;
+    float* out_;
+    StepCounts counts_;
+    StepTargets targets_;
+  };
+
+  const CodingTables* Tables() const { return dictionaries_ ? &tables_ : nullptr; }
+  cpu::CompressedAttentionParams AttentionParams() const {
+    return cpu::CompressedAttentionParams{
+        .heads = config_.num_heads,
+        .scale = 1.0f / std::sqrt(float(config_.head_dim)),
+        .merge_compensation = policy_.budget ? policy_.budget->merge_compensation : 0.0f};
   }
 
   ModelConfig config_;
   LayerPolicy policy_;
+  int num_sequences_, max_step_rows_;
   std::shared_ptr<const LayerDictionaries> dictionaries_;  // null unless the policy codes
   std::vector<float> inv_freq_;
-  std::vector<SequenceState> sequences_;
-  std::vector<HeadStore> filtered_;  // scratch: the refreshed subset of each head between full steps
+  CompressedRegions regions_;
+  HostStorage storage_;
+  HostRefreshState refresh_;
+  CompressedLayer layer_;
+  CodingTables tables_;
+  RefreshStateView refresh_view_;
 };
 
 class SharedLayerCache : public LayerCache {
@@ -436,10 +324,11 @@ class SharedLayerCache : public LayerCache {
 
 }  // namespace
 
-std::unique_ptr<LayerCache> CreateCompressedLayerCache(const ModelConfig& config, int num_sequences,
-                                                       const LayerPolicy& policy,
+std::unique_ptr<LayerCache> CreateCompressedLayerCache(const ModelConfig& config, int num_sequences, int capacity,
+                                                       int max_step_rows, const LayerPolicy& policy,
                                                        std::shared_ptr<const LayerDictionaries> dictionaries) {
-  return std::make_unique<CompressedLayerCache>(config, num_sequences, policy, std::move(dictionaries));
+  return std::make_unique<CompressedLayerCache>(config, num_sequences, capacity, max_step_rows, policy,
+                                                std::move(dictionaries));
 }
 
 std::unique_ptr<LayerCache> CreateSharedLayerCache(LayerCache* donor) {

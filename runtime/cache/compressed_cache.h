@@ -1,6 +1,6 @@
-// The CPU runtime's compressed layer caches: host vectors that store what a layer's policy keeps (dense recent
-// entries and merged slots, sparse codes, RefreshKV selections) and act on the decisions of
-// runtime/cache/cache_decisions.h. runtime/cache/plan_policies.h builds them from a plan.
+// The CPU runtime's compressed layer caches: the arrays of kernels/compressed_layout.h in host memory, driven by
+// the CPU references of the CUDA kernels in the order runtime/cache/compressed_step.h fixes.
+// runtime/cache/plan_policies.h builds them from a plan.
 #pragma once
 
 #include <memory>
@@ -11,17 +11,18 @@
 
 namespace kvplan {
 
-// The dictionaries a coded layer codes against: unit-norm rows; keys are coded before RoPE.
+// The dictionaries a coded layer codes against: unit-norm rows.
 struct LayerDictionaries {
   int atoms = 0;
   std::vector<float> key_atoms;    // [atoms, head_dim]
   std::vector<float> value_atoms;  // [atoms, head_dim]
 };
 
-// A cache executing `policy` (which must not share: see CreateSharedLayerCache); `dictionaries` is required
+// A cache executing `policy` (which must not share: see CreateSharedLayerCache) for up to `capacity` positions
+// per sequence, appended at most `max_step_rows` rows of a sequence at a time; `dictionaries` is required
 // exactly when the policy codes.
-std::unique_ptr<LayerCache> CreateCompressedLayerCache(const ModelConfig& config, int num_sequences,
-                                                       const LayerPolicy& policy,
+std::unique_ptr<LayerCache> CreateCompressedLayerCache(const ModelConfig& config, int num_sequences, int capacity,
+                                                       int max_step_rows, const LayerPolicy& policy,
                                                        std::shared_ptr<const LayerDictionaries> dictionaries);
 // A layer that attends over `donor`'s cache and stores nothing (donor must outlive it).
 std::unique_ptr<LayerCache> CreateSharedLayerCache(LayerCache* donor);

@@ -33,9 +33,10 @@ class LayerCache {
   virtual bool computes_kv() const { return true; }
 };
 
-// Builds one LayerCache per layer of a model.
-using LayerCacheFactory =
-    std::function<std::vector<std::unique_ptr<LayerCache>>(const ModelConfig& config, int num_sequences, int capacity)>;
+// Builds one LayerCache per layer of a model whose sequences hold up to `capacity` positions and grow by at most
+// `max_step_rows` rows per Append.
+using LayerCacheFactory = std::function<std::vector<std::unique_ptr<LayerCache>>(
+    const ModelConfig& config, int num_sequences, int capacity, int max_step_rows)>;
 
 // The full cache: every position of every sequence, keys after RoPE.
 std::unique_ptr<LayerCache> CreateDenseLayerCache(const ModelConfig& config, int num_sequences, int capacity);

@@ -39,7 +39,7 @@ absl::StatusOr<PlanPolicies> PoliciesFromPlan(const plan::Plan& plan, const Mode
 }
 
 LayerCacheFactory PlanCacheFactory(std::shared_ptr<const PlanPolicies> policies) {
-  return [policies](const ModelConfig& config, int num_sequences, int capacity) {
+  return [policies](const ModelConfig& config, int num_sequences, int capacity, int max_step_rows) {
     std::vector<std::unique_ptr<LayerCache>> caches;
     for (int layer = 0; layer < config.num_layers; ++layer) {
       const LayerPolicy& policy = policies->cache.layers[layer];
@@ -48,7 +48,8 @@ LayerCacheFactory PlanCacheFactory(std::shared_ptr<const PlanPolicies> policies)
       else if (policy.keeps_full_cache())
         caches.push_back(CreateDenseLayerCache(config, num_sequences, capacity));
       else
-        caches.push_back(CreateCompressedLayerCache(config, num_sequences, policy, policies->dictionaries[layer]));
+        caches.push_back(CreateCompressedLayerCache(config, num_sequences, capacity, max_step_rows, policy,
+                                                    policies->dictionaries[layer]));
     }
     return caches;
   };

@@ -70,7 +70,8 @@ class CpuModel : public Model {
       }
       layers_.push_back(std::move(layer));
     }
-    caches_ = options_.cache_factory ? options_.cache_factory(config_, options_.num_sequences, capacity_)
+    const int max_step_rows = options_.chunk_rows > 0 ? std::min(options_.chunk_rows, capacity_) : capacity_;
+    caches_ = options_.cache_factory ? options_.cache_factory(config_, options_.num_sequences, capacity_, max_step_rows)
                                      : std::vector<std::unique_ptr<LayerCache>>();
     if (caches_.empty())
       for (int l = 0; l < config_.num_layers; ++l)
@@ -113,12 +114,9 @@ class CpuModel : public Model {
     std::vector<bool> wanted(T);
     for (int t = 0; t < T; ++t)
       wanted[t] = which == LogitRows::kAll || t + 1 == T || rows.sequences[t + 1] != rows.sequences[t];
-    const int chunk = options_.chunk_rows > 0 ? options_.chunk_rows : T;
+    const std::vector<int> chunks = ChunkRows(rows, options_.chunk_rows);
     std::vector<float> logits;
-    for (int begin = 0; begin < T; begin += chunk) {
-      const int end = std::min(T, begin + chunk);
-      ForwardRows(rows, begin, end, wanted, logits);
-    }
+    for (size_t c = 0; c + 1 < chunks.size(); ++c) ForwardRows(rows, chunks[c], chunks[c + 1], wanted, logits);
     for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
     return logits;
   }

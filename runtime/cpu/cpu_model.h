@@ -20,7 +20,7 @@ struct CpuModelOptions {
   int num_sequences = 1;
   int capacity = 0;  // 0: the model's max_position_embeddings
   LayerCacheFactory cache_factory;
-  // Rows per pass: a long prefill runs in chunks of this many rows so compressed caches evict between
+  // Rows per pass and sequence (ChunkRows): a long prefill runs in chunks so compressed caches evict between
   // chunks and never hold the whole prompt at once. 0: one pass.
   int chunk_rows = 0;
   ForwardObserver* observer = nullptr;
@@ -29,9 +29,6 @@ struct CpuModelOptions {
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(const ModelConfig& config, const WeightSource& weights,
                                                       const CpuModelOptions& options);
-
-// Rows per prefill pass when a plan compresses the cache, so eviction keeps up with a long prompt.
-inline constexpr int kPlannedChunkRows = 128;
 
 // The CPU runtime executing `plan` once PoliciesFromPlan (runtime/cache/plan_policies.h) accepts it, or policies
 // already made from one.

@@ -11,54 +11,17 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/kernels.h"
 #include "plans/cache_policy.h"
+#include "runtime/cuda/cuda_cache.h"
+#include "runtime/cuda/device_memory.h"
 
 namespace kvplan {
 namespace {
-
-absl::Status CudaStatus(cudaError_t error, const char* what) {
-  if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("CUDA error in ", what, ": ", cudaGetErrorString(error)));
-}
-
-absl::Status CublasStatus(cublasStatus_t status, const char* what) {
-  if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("cuBLAS error in ", what, ": ", cublasGetStatusString(status)));
-}
-
-#define KVPLAN_CUDA(call) KVPLAN_RETURN_IF_ERROR(CudaStatus((call), #call))
 
 CachePolicy FullCachePolicy(const ModelConfig& config) {
   return CachePolicy{.num_kv_heads = config.num_kv_heads,
                      .head_dim = config.head_dim,
                      .layers = std::vector<LayerPolicy>(config.num_layers)};
 }
-
-// An owning device allocation.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& other) noexcept : data_(other.data_), bytes_(other.bytes_) { other.data_ = nullptr; }
-  ~DeviceBuffer() {
-    if (data_ != nullptr) cudaFree(data_);
-  }
-  absl::Status Allocate(size_t bytes) {
-    if (data_ != nullptr) cudaFree(data_);
-    data_ = nullptr;
-    bytes_ = bytes;
-    return CudaStatus(cudaMalloc(&data_, std::max<size_t>(bytes, 1)), "cudaMalloc");
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
 
 struct CudaLayer {
   DeviceBuffer attention_norm, q, k, v, o, mlp_norm, gate, up, down;  // bf16
@@ -72,14 +35,8 @@ class CudaModel : public Model {
         num_sequences_(options.num_sequences),
         capacity_(options.capacity > 0 ? options.capacity : int(config.max_position_embeddings)),
         max_rows_(options.max_rows),
-        policy_(options.policy ? *options.policy : FullCachePolicy(config)) {
-    // A sharing layer reads its donor's cache slot; every other layer owns one.
-    int slots = 0;
-    for (const LayerPolicy& layer : policy_.layers) cache_slot_.push_back(layer.shares() ? -1 : slots++);
-    for (int l = 0; l < config.num_layers; ++l)
-      if (policy_.layers[l].shares()) cache_slot_[l] = cache_slot_[policy_.layers[l].donor];
-    cache_slots_ = slots;
-  }
+        policy_(options.policy ? *options.policy : FullCachePolicy(config)),
+        dictionaries_(options.dictionaries) {}
 
   ~CudaModel() override {
     if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -135,17 +92,13 @@ class CudaModel : public Model {
                                  {&attention_out_, rows * c.q_dim() * 2},
                                  {&gate_, rows * ffn * 4},
                                  {&up_, rows * ffn * 4},
-                                 {&activated_, rows * ffn * 2},
-                                 {&tokens_, rows * 4},
-                                 {&sequences_, rows * 4},
-                                 {&positions_, rows * 4}}) {
+                                 {&activated_, rows * ffn * 2}}) {
       KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
     }
-    KVPLAN_RETURN_IF_ERROR(
-        workspace_.Allocate(cuda::attention_workspace_bytes(max_rows_, c.num_heads, c.head_dim, capacity_)));
-    const size_t cache_bytes = size_t(cache_slots_) * LayerCacheElements() * sizeof(__nv_bfloat16);
-    KVPLAN_RETURN_IF_ERROR(k_cache_.Allocate(cache_bytes));
-    KVPLAN_RETURN_IF_ERROR(v_cache_.Allocate(cache_bytes));
+    KVPLAN_ASSIGN_OR_RETURN(
+        cache_,
+        CreateCudaKvCache(c, policy_, dictionaries_,
+                          {.num_sequences = num_sequences_, .capacity = capacity_, .max_rows = max_rows_}, stream_));
     lengths_.assign(num_sequences_, 0);
     return absl::OkStatus();
   }
@@ -160,7 +113,10 @@ class CudaModel : public Model {
     cudaGetDeviceProperties(&properties, device);
     return properties.name;
   }
-  void Reset() override { std::fill(lengths_.begin(), lengths_.end(), 0); }
+  void Reset() override {
+    std::fill(lengths_.begin(), lengths_.end(), 0);
+    reset_status_ = cache_->Reset();
+  }
   int64_t kv_cache_bytes() const override {
     int64_t bytes = 0;
     for (int32_t length : lengths_) bytes += CacheBytes(policy_, length);
@@ -172,23 +128,12 @@ class CudaModel : public Model {
   int64_t cached_positions() const override { return std::accumulate(lengths_.begin(), lengths_.end(), int64_t(0)); }
 
   absl::Status FillCacheWithNoise(int context) override {
-    if (context > capacity_) return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", capacity_));
-    std::vector<uint16_t> noise(LayerCacheElements());
-#pragma omp parallel for
-    for (int64_t i = 0; i < int64_t(noise.size()); ++i) {
-      const uint64_t z = (uint64_t(i) + 1) * 0x9e3779b97f4a7c15ull;
-      noise[i] = FloatToBf16(float(int64_t(z >> 40) % 2001 - 1000) / 1000.0f);
-    }
-    const size_t layer_bytes = noise.size() * sizeof(uint16_t);
-    for (int slot = 0; slot < cache_slots_; ++slot) {
-      KVPLAN_CUDA(
-          cudaMemcpy(k_cache_.as<char>() + slot * layer_bytes, noise.data(), layer_bytes, cudaMemcpyHostToDevice));
-      KVPLAN_CUDA(
-          cudaMemcpy(v_cache_.as<char>() + slot * layer_bytes, noise.data(), layer_bytes, cudaMemcpyHostToDevice));
-    }
+    KVPLAN_RETURN_IF_ERROR(cache_->FillWithNoise(context));
     std::fill(lengths_.begin(), lengths_.end(), context);
     return absl::OkStatus();
   }
+
+  const CudaKvCache& cache() const { return *cache_; }
 
   absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) override {
     const ModelConfig& c = config_;
@@ -196,45 +141,54 @@ class CudaModel : public Model {
     if (T > max_rows_)
       return absl::InvalidArgumentError(absl::StrCat(T, " rows exceed the CUDA runtime's max_rows ", max_rows_));
     KVPLAN_RETURN_IF_ERROR(ValidateStepRows(rows, config_, lengths_, capacity_));
-    KVPLAN_CUDA(cudaMemcpyAsync(tokens_.as<int32_t>(), rows.tokens.data(), T * 4, cudaMemcpyHostToDevice, stream_));
-    KVPLAN_CUDA(
-        cudaMemcpyAsync(sequences_.as<int32_t>(), rows.sequences.data(), T * 4, cudaMemcpyHostToDevice, stream_));
-    KVPLAN_CUDA(
-        cudaMemcpyAsync(positions_.as<int32_t>(), rows.positions.data(), T * 4, cudaMemcpyHostToDevice, stream_));
-    const int max_context = *std::max_element(rows.positions.begin(), rows.positions.end()) + 1;
-    const float scale = 1.0f / std::sqrt(float(c.head_dim));
-    const float rope_factor = float(c.rope.attention_factor);
+    KVPLAN_RETURN_IF_ERROR(std::exchange(reset_status_, absl::OkStatus()));
+    std::vector<bool> wanted(T);
+    int wanted_rows = 0;
+    for (int t = 0; t < T; ++t) {
+      wanted[t] = which == LogitRows::kAll || t + 1 == T || rows.sequences[t + 1] != rows.sequences[t];
+      wanted_rows += wanted[t];
+    }
+    const size_t logits_bytes = size_t(wanted_rows) * c.vocab_size * sizeof(float);
+    if (logits_.bytes() < logits_bytes) KVPLAN_RETURN_IF_ERROR(logits_.Allocate(logits_bytes));
+    const std::vector<int> passes = ChunkRows(rows, cache_->max_rows_per_sequence());
+    int logit_rows = 0;
+    for (size_t p = 0; p + 1 < passes.size(); ++p)
+      KVPLAN_RETURN_IF_ERROR(ForwardPass(rows, passes[p], passes[p + 1], wanted, logit_rows));
+    for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
+    std::vector<float> logits(size_t(wanted_rows) * c.vocab_size);
+    KVPLAN_CUDA(cudaMemcpyAsync(logits.data(), logits_.as<float>(), logits_bytes, cudaMemcpyDeviceToHost, stream_));
+    KVPLAN_CUDA(cudaStreamSynchronize(stream_));
+    return logits;
+  }
+
+ private:
+  // Rows [begin, end) through every layer; the wanted rows' logits land after the `logit_rows` already written.
+  absl::Status ForwardPass(const StepRows& rows, int begin, int end, const std::vector<bool>& wanted, int& logit_rows) {
+    const ModelConfig& c = config_;
+    const int T = end - begin;
     const int hidden = c.hidden_size, ffn = c.intermediate_size;
-    KVPLAN_CUDA(
-        cuda::embed_tokens(embed_.as<__nv_bfloat16>(), tokens_.as<int32_t>(), T, hidden, x_.as<float>(), stream_));
+    KVPLAN_RETURN_IF_ERROR(cache_->BeginPass(rows, begin, end));
+    KVPLAN_CUDA(cuda::embed_tokens(embed_.as<__nv_bfloat16>(), cache_->tokens(), T, hidden, x_.as<float>(), stream_));
     for (int l = 0; l < c.num_layers; ++l) {
       const CudaLayer& layer = layers_[l];
-      const bool computes_kv = !policy_.layers[l].shares();
-      __nv_bfloat16* k_cache = k_cache_.as<__nv_bfloat16>() + cache_slot_[l] * LayerCacheElements();
-      __nv_bfloat16* v_cache = v_cache_.as<__nv_bfloat16>() + cache_slot_[l] * LayerCacheElements();
       KVPLAN_CUDA(cuda::rms_norm(x_.as<float>(), layer.attention_norm.as<__nv_bfloat16>(), T, hidden, c.rms_norm_eps,
                                  normed_.as<__nv_bfloat16>(), stream_));
       KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.q, T, hidden, c.q_dim(), q_, 0.0f));
       if (c.attention_bias)
         KVPLAN_CUDA(cuda::add_row_bias(q_.as<float>(), layer.q_bias.as<float>(), T, c.q_dim(), stream_));
-      KVPLAN_CUDA(cuda::apply_rope(q_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_heads,
-                                   c.head_dim, rope_factor, stream_));
-      // A sharing layer attends over its donor's cache, which the donor already extended this step.
-      if (computes_kv) {
+      KVPLAN_CUDA(cuda::apply_rope(q_.as<float>(), cache_->row_position(), inv_freq_.as<float>(), T, c.num_heads,
+                                   c.head_dim, float(c.rope.attention_factor), stream_));
+      // A sharing layer attends over its donor's cache, which the donor already extended this pass.
+      if (!policy_.layers[l].shares()) {
         KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.k, T, hidden, c.kv_dim(), k_, 0.0f));
         KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.v, T, hidden, c.kv_dim(), v_, 0.0f));
         if (c.attention_bias) {
           KVPLAN_CUDA(cuda::add_row_bias(k_.as<float>(), layer.k_bias.as<float>(), T, c.kv_dim(), stream_));
           KVPLAN_CUDA(cuda::add_row_bias(v_.as<float>(), layer.v_bias.as<float>(), T, c.kv_dim(), stream_));
         }
-        KVPLAN_CUDA(cuda::apply_rope(k_.as<float>(), positions_.as<int32_t>(), inv_freq_.as<float>(), T, c.num_kv_heads,
-                                     c.head_dim, rope_factor, stream_));
-        KVPLAN_CUDA(cuda::append_kv(k_.as<float>(), v_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(),
-                                    T, c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, stream_));
       }
-      KVPLAN_CUDA(cuda::attention(q_.as<float>(), sequences_.as<int32_t>(), positions_.as<int32_t>(), T, c.num_heads,
-                                  c.num_kv_heads, c.head_dim, capacity_, k_cache, v_cache, scale, c.sliding_window,
-                                  max_context, workspace_.as<void>(), attention_out_.as<__nv_bfloat16>(), stream_));
+      KVPLAN_RETURN_IF_ERROR(
+          cache_->Layer(l, q_.as<float>(), k_.as<float>(), v_.as<float>(), attention_out_.as<__nv_bfloat16>()));
       KVPLAN_RETURN_IF_ERROR(Gemm(attention_out_, layer.o, T, c.q_dim(), hidden, x_, 1.0f));
       KVPLAN_CUDA(cuda::rms_norm(x_.as<float>(), layer.mlp_norm.as<__nv_bfloat16>(), T, hidden, c.rms_norm_eps,
                                  normed_.as<__nv_bfloat16>(), stream_));
@@ -244,33 +198,29 @@ class CudaModel : public Model {
           cuda::swiglu(gate_.as<float>(), up_.as<float>(), int64_t(T) * ffn, activated_.as<__nv_bfloat16>(), stream_));
       KVPLAN_RETURN_IF_ERROR(Gemm(activated_, layer.down, T, ffn, hidden, x_, 1.0f));
     }
-    for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
 
     // Gather the rows whose logits are wanted to the front of x_, then norm and project only those.
     int selected = 0;
     for (int t = 0; t < T; ++t) {
-      if (which == LogitRows::kAll || t + 1 == T || rows.sequences[t + 1] != rows.sequences[t]) {
-        if (t != selected)
-          KVPLAN_CUDA(cudaMemcpyAsync(x_.as<float>() + int64_t(selected) * hidden, x_.as<float>() + int64_t(t) * hidden,
-                                      hidden * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
-        ++selected;
-      }
+      if (!wanted[begin + t]) continue;
+      if (t != selected)
+        KVPLAN_CUDA(cudaMemcpyAsync(x_.as<float>() + int64_t(selected) * hidden, x_.as<float>() + int64_t(t) * hidden,
+                                    hidden * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+      ++selected;
     }
+    if (selected == 0) return absl::OkStatus();
     KVPLAN_CUDA(cuda::rms_norm(x_.as<float>(), final_norm_.as<__nv_bfloat16>(), selected, hidden, c.rms_norm_eps,
                                normed_.as<__nv_bfloat16>(), stream_));
-    const size_t logits_bytes = size_t(selected) * c.vocab_size * sizeof(float);
-    if (logits_.bytes() < logits_bytes) KVPLAN_RETURN_IF_ERROR(logits_.Allocate(logits_bytes));
+    const float alpha = 1.0f, beta = 0.0f;
+    const DeviceBuffer& head = c.tie_word_embeddings ? embed_ : lm_head_;
+    float* logits = logits_.as<float>() + int64_t(logit_rows) * c.vocab_size;
     KVPLAN_RETURN_IF_ERROR(
-        Gemm(normed_, c.tie_word_embeddings ? embed_ : lm_head_, selected, hidden, c.vocab_size, logits_, 0.0f));
-    std::vector<float> logits(size_t(selected) * c.vocab_size);
-    KVPLAN_CUDA(cudaMemcpyAsync(logits.data(), logits_.as<float>(), logits_bytes, cudaMemcpyDeviceToHost, stream_));
-    KVPLAN_CUDA(cudaStreamSynchronize(stream_));
-    return logits;
-  }
-
- private:
-  int64_t LayerCacheElements() const {
-    return int64_t(num_sequences_) * config_.num_kv_heads * capacity_ * config_.head_dim;
+        CublasStatus(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, c.vocab_size, selected, hidden, &alpha,
+                                  head.as<void>(), CUDA_R_16BF, hidden, normed_.as<void>(), CUDA_R_16BF, hidden, &beta,
+                                  logits, CUDA_R_32F, c.vocab_size, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx"));
+    logit_rows += selected;
+    return absl::OkStatus();
   }
 
   // y[rows, out] = x[rows, in] * w[out, in]^T + beta * y; x, w bf16; y fp32.
@@ -310,29 +260,33 @@ class CudaModel : public Model {
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<CudaLayer> layers_;
   DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_, up_, activated_, logits_;
-  DeviceBuffer tokens_, sequences_, positions_, workspace_;
   int64_t weight_bytes_ = 0;  // what the uploads took on the device
   CachePolicy policy_;
-  std::vector<int> cache_slot_;  // [layer]: which slot of k_cache_/v_cache_ the layer attends over
-  int cache_slots_ = 0;
-  DeviceBuffer k_cache_, v_cache_;  // [slot, sequence, kv_head, capacity, head_dim] bf16
+  std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries_;
+  std::unique_ptr<CudaKvCache> cache_;
   std::vector<int32_t> lengths_;
+  absl::Status reset_status_;  // a failed Reset, reported by the next Forward
 };
 
 }  // namespace
 
-absl::Status CudaSupports(const CachePolicy& policy) {
+absl::Status CudaSupports(const CachePolicy& policy, const ModelConfig& config) {
   for (int l = 0; l < int(policy.layers.size()); ++l) {
-    const LayerPolicy& layer = policy.layers[l];
-    const char* missing = layer.coding    ? "CSR sparse coding"
-                          : layer.budget  ? "token budgets"
-                          : layer.refresh ? "RefreshKV"
-                                          : nullptr;
-    if (missing != nullptr)
-      return absl::UnimplementedError(absl::StrCat("the CUDA runtime does not execute ", missing, " yet (layer ", l,
-                                                   "); it executes layer sharing. Run this plan with --device cpu"));
+    if (!policy.layers[l].stores_compressed()) continue;
+    if (!cuda::compressed_attention_supported(config.num_heads, config.num_kv_heads, config.head_dim))
+      return absl::UnimplementedError(absl::StrCat(
+          "the CUDA runtime executes compressed caches for head_dim 64/128/256 with at most 8 query heads per KV "
+          "head; this model has head_dim ",
+          config.head_dim, " and ", config.num_heads / std::max(1, config.num_kv_heads), " (layer ", l,
+          "). Run this plan with --device cpu"));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<HeadEntries>> ReadCudaHeadEntries(const Model& model, int layer) {
+  const auto* cuda_model = dynamic_cast<const CudaModel*>(&model);
+  if (cuda_model == nullptr) return absl::InvalidArgumentError("not a CUDA runtime model");
+  return cuda_model->cache().ReadHeadEntries(layer);
 }
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCudaModel(const ModelConfig& config, const WeightSource& weights,
@@ -344,7 +298,7 @@ absl::StatusOr<std::unique_ptr<Model>> CreateCudaModel(const ModelConfig& config
     if (int(options.policy->layers.size()) != config.num_layers)
       return absl::InvalidArgumentError(
           absl::StrCat("cache policy for ", options.policy->layers.size(), " layers, model has ", config.num_layers));
-    KVPLAN_RETURN_IF_ERROR(CudaSupports(*options.policy));
+    KVPLAN_RETURN_IF_ERROR(CudaSupports(*options.policy, config));
   }
   auto model = std::make_unique<CudaModel>(config, options);
   KVPLAN_RETURN_IF_ERROR(model->Load(weights));

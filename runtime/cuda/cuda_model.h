@@ -9,6 +9,7 @@
 
 #include "loader/weights.h"
 #include "plans/cache_policy.h"
+#include "runtime/cache/compressed_cache.h"
 #include "runtime/model.h"
 
 namespace kvplan {
@@ -17,13 +18,19 @@ struct CudaModelOptions {
   int num_sequences = 1;
   int capacity = 0;     // 0: the model's max_position_embeddings
   int max_rows = 2048;  // most rows one Forward may carry
-  // The cache policy to execute (runtime/cache/plan_policies.h makes it from a plan); none: the full cache.
+  // The cache policy to execute (runtime/cache/plan_policies.h makes it and the dictionaries from a plan); none:
+  // the full cache.
   std::optional<CachePolicy> policy;
+  std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries;  // [num_layers] where the policy codes
 };
 
-// OK when the CUDA runtime executes every layer of `policy`; Unimplemented naming the first method it does not.
-// It executes layer sharing (KVSharer) so far.
-absl::Status CudaSupports(const CachePolicy& policy);
+// OK when the CUDA runtime executes every layer of `policy` on this model's shape; Unimplemented naming what
+// it does not.
+absl::Status CudaSupports(const CachePolicy& policy, const ModelConfig& config);
+
+// Entry counts of every head slot of a compressed layer of a model CreateCudaModel made, read back from the device
+// (tests hold them to the policy's ExpectedHeadEntries).
+absl::StatusOr<std::vector<HeadEntries>> ReadCudaHeadEntries(const Model& model, int layer);
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCudaModel(const ModelConfig& config, const WeightSource& weights,
                                                        const CudaModelOptions& options);

@@ -58,39 +58,48 @@ TEST(CachePolicyTest, ExpectedEntriesFollowTheRules) {
   layer.budget = BudgetPolicy{
       .head_keep_fraction = {0.25f}, .recent_window = 8, .sink_tokens = 4, .min_tokens = 16, .merge_evicted = true};
   // Budget 25% of 200 = 50 plain tokens, plus the merged slot.
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 200), (HeadEntries{.dense = 51}));
+  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 200), (HeadEntries{.dense = 50, .merged = 1}));
   // Sinks and the recent window are kept even when the budget is smaller; nothing evicted, no slot.
   EXPECT_EQ(ExpectedHeadEntries(layer, 0, 10), (HeadEntries{.dense = 10}));
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 40), (HeadEntries{.dense = 17}));  // min_tokens 16 + slot
+  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 40), (HeadEntries{.dense = 16, .merged = 1}));  // min_tokens 16
+  EXPECT_EQ(KeptTokens(layer, 0, 40), 16);
 
   // A coding window wider than the budget's recent window is protected from eviction too.
   layer.coding = CodingPolicy{.key_sparsity = 2, .value_sparsity = 3, .recent_window = 32};
   EXPECT_EQ(ProtectedRecentTokens(layer), 32);
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 200), (HeadEntries{.dense = 33, .coded = 18}));
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 40), (HeadEntries{.dense = 33, .coded = 4}));  // sinks + window + slot
-
-  layer.refresh = RefreshPolicy{.small_cache_fraction = 0.125f, .min_small_cache_tokens = 20};
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 400).selected, 50);
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 100).selected, 20);
-  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 12).selected, 12);  // never more than there are
+  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 200), (HeadEntries{.dense = 32, .coded = 18, .merged = 1}));
+  // Sinks + window: 36 kept of 40.
+  EXPECT_EQ(ExpectedHeadEntries(layer, 0, 40), (HeadEntries{.dense = 32, .coded = 4, .merged = 1}));
   EXPECT_EQ(ExpectedHeadEntries(layer, 0, 0), HeadEntries{});
+
+  const RefreshPolicy refresh{.small_cache_fraction = 0.125f, .min_small_cache_tokens = 20};
+  EXPECT_EQ(SmallCacheTokens(refresh, 400), 50);
+  EXPECT_EQ(SmallCacheTokens(refresh, 100), 20);
+  EXPECT_EQ(SmallCacheTokens(refresh, 12), 12);  // never more than there are
 
   layer.donor = 0;
   EXPECT_EQ(ExpectedHeadEntries(layer, 0, 400), HeadEntries{});
+  EXPECT_EQ(KeptTokens(layer, 0, 400), 0);
 }
 
 TEST(CachePolicyTest, BytesCountEveryStoredItem) {
   const int head_dim = 64;
-  EXPECT_EQ(HeadBytes(LayerPolicy{}, head_dim, {.dense = 10}), 10 * 2 * head_dim * kCacheValueBytes);
+  const int64_t dense_entry = 2 * head_dim * kCacheValueBytes;
+  EXPECT_EQ(HeadBytes(LayerPolicy{}, head_dim, {.dense = 10}), 10 * dense_entry);
   LayerPolicy coded;
   coded.coding = CodingPolicy{.key_sparsity = 8, .value_sparsity = 6, .recent_window = 4};
   EXPECT_EQ(HeadBytes(coded, head_dim, {.dense = 4, .coded = 10}),
-            4 * 2 * head_dim * kCacheValueBytes + 10 * 14 * kCodeBytes + 14 * kPositionBytes);
+            4 * dense_entry + 10 * 14 * kCodeBytes + 14 * kPositionBytes);
+  // Budgets add a score per entry and an fp32 merged slot.
+  LayerPolicy budgeted;
+  budgeted.budget = BudgetPolicy{.head_keep_fraction = {0.5f}};
+  EXPECT_EQ(HeadBytes(budgeted, head_dim, {.dense = 10, .merged = 1}),
+            10 * (dense_entry + kPositionBytes + kScoreBytes) + 2 * head_dim * kMergedValueBytes + kMergedCountBytes);
+  // RefreshKV marks its selection with a flag per entry.
   LayerPolicy refreshed;
   refreshed.refresh = RefreshPolicy{};
-  EXPECT_EQ(HeadBytes(refreshed, head_dim, {.dense = 10, .selected = 3}),
-            10 * 2 * head_dim * kCacheValueBytes + 3 * kPositionBytes);
-  EXPECT_EQ(FullCacheBytes(2, 3, head_dim, 5), 2 * 3 * 5 * 2 * head_dim * kCacheValueBytes);
+  EXPECT_EQ(HeadBytes(refreshed, head_dim, {.dense = 10}), 10 * (dense_entry + kPositionBytes + kSelectionBytes));
+  EXPECT_EQ(FullCacheBytes(2, 3, head_dim, 5), 2 * 3 * 5 * dense_entry);
   CachePolicy policy{.num_kv_heads = 3, .head_dim = head_dim, .layers = {LayerPolicy{}, LayerPolicy{.donor = 0}}};
   EXPECT_EQ(CacheBytes(policy, 5), FullCacheBytes(1, 3, head_dim, 5));
 }

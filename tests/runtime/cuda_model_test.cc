@@ -2,17 +2,28 @@
 // between GEMMs and the KV cache in bf16, so logits differ from fp32 by ~1e-2 relative (stated tolerance 3e-2).
 #include "runtime/cuda/cuda_model.h"
 
+#include <algorithm>
+#include <cstdio>
+
+#include "calibrate/calibrate.h"
 #include "loader/safetensors.h"
+#include "planner/planner.h"
 #include "runtime/backend.h"
 #include "runtime/cache/plan_policies.h"
 #include "runtime/cpu/cpu_model.h"
 #include "tests/testing/cuda_test_util.h"
+#include "tests/testing/plan_cases.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
 namespace {
 
 constexpr double kBf16RuntimeTolerance = 3e-2;
+// With a lossy dictionary, matching pursuit's discrete atom choices turn the bf16 runtime's ~1e-2 differences in
+// a key into a different code for some keys; each such code is as good as the CPU's but another one, so the
+// logits differ by more than bf16 rounding (measured up to 8e-2 over 64 steps). Quality agreement for these plans
+// is measured on held-out perplexity instead (bench/RESULTS.md).
+constexpr double kLossyCodingTolerance = 0.15;
 
 TEST(CudaModelTest, LogitsMatchTransformersAndDecodeMatchesPrefill) {
   KVPLAN_SKIP_WITHOUT_GPU();
@@ -97,8 +108,144 @@ TEST(CudaModelTest, LayerSharingPlanMatchesCpuPlanPath) {
   EXPECT_EQ(gpu->kv_cache_bytes(), CacheBytes(CachePolicyFromPlan(plan), int64_t(ids.size())));
 }
 
-// Methods the CUDA runtime does not execute yet are refused by name, not run as a full cache.
-TEST(CudaModelTest, UnexecutedMethodsAreRefused) {
+// Every method alone and together, executed on the GPU against the CPU plan path: a prefill of 192 tokens (in
+// chunks, as both runtimes compress between them) and 64 teacher-forced decode steps. Logits stay within the
+// bf16 runtime tolerance, and every compressed head holds on the device exactly the entries the policy says.
+class CudaPlanTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (!cuda::device_available()) return;
+    CalibrateOptions options;
+    options.model_dir = testing::FixtureModelDir();
+    options.data_path = testing::SharedDir() + "/data/calib-sample.txt";
+    options.methods = {"dict"};
+    options.sequences = 4;
+    options.sequence_length = 256;
+    options.dictionary_atoms = 256;
+    options.dictionary_epochs = 2;
+    options.max_training_vectors = 4096;
+    auto calibrated = Calibrate(options);
+    ASSERT_TRUE(calibrated.ok()) << calibrated.status();
+    dictionaries_ = new plan::SparseCoding(calibrated->sparse_coding());
+  }
+  static void TearDownTestSuite() { delete dictionaries_; }
+
+  struct Case {
+    testing::PlanCase plan;
+    bool keys_after_rope = false;
+    // Code with the calibrated dictionaries (8 of 256 atoms per vector) rather than a basis with as many pairs as
+    // dimensions, which codes exactly but for fp16 coefficients: then every step of the coding path (gather,
+    // un-rotate, pursuit, commit, decode, rotate) is held to the bf16 tolerance whatever order atoms are picked in.
+    bool lossy_coding = false;
+  };
+
+  static plan::Plan PlanFor(const Case& c, const LoadedModel& loaded) {
+    const int hd = loaded.config.head_dim;
+    plan::SparseCoding coding =
+        c.lossy_coding ? *dictionaries_ : testing::BasisCoding(loaded.config.num_layers, hd, hd, 32);
+    coding.set_recent_window(32);
+    coding.set_keys_coded_after_rope(c.keys_after_rope);
+    return testing::CompileTestPlan(c.plan, loaded, coding);
+  }
+
+  // The same plan on the GPU and on the CPU reference.
+  static std::pair<std::unique_ptr<Model>, std::unique_ptr<Model>> GpuAndCpu(const LoadedModel& loaded,
+                                                                             ModelOptions options) {
+    options.backend = Backend::kCuda;
+    auto gpu = CreateModel(loaded.config, *loaded.weights, options);
+    options.backend = Backend::kCpu;
+    auto cpu = CreateModel(loaded.config, *loaded.weights, options);
+    EXPECT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_TRUE(cpu.ok()) << cpu.status();
+    return {gpu.ok() ? std::move(*gpu) : nullptr, cpu.ok() ? std::move(*cpu) : nullptr};
+  }
+
+  static plan::SparseCoding* dictionaries_;
+};
+plan::SparseCoding* CudaPlanTest::dictionaries_ = nullptr;
+
+TEST_F(CudaPlanTest, EveryPlanMatchesTheCpuPlanPath) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
+  const Case cases[] = {
+      {{"budgets L2", true}},
+      {{"budgets L2 + merge", true, true}},
+      {{"attention budgets + merge", true, true, true}},
+      {{"coding before RoPE", false, false, false, true}},
+      {{"coding after RoPE", false, false, false, true}, true},
+      {{"refresh", false, false, false, false, true}},
+      {{"budgets + coding", true, true, false, true}},
+      {{"share + attention budgets + refresh", true, true, true, false, true, true}},
+      {{"everything", true, true, true, true, true, true}},
+      {{"calibrated coding", false, false, false, true}, false, true},
+      {{"everything, calibrated coding", true, true, true, true, true, true}, false, true},
+  };
+  const int prompt = 192;
+  for (const Case& c : cases) {
+    const char* name = c.plan.name;
+    const plan::Plan plan = PlanFor(c, loaded);
+    auto [gpu, cpu] = GpuAndCpu(loaded, {.capacity = 512, .max_rows = 512, .plan = &plan});
+    ASSERT_TRUE(gpu && cpu) << name;
+    const std::vector<int32_t> head(ids.begin(), ids.begin() + prompt);
+    KVPLAN_ASSERT_OK_AND_ASSIGN(gpu_prefill, gpu->Forward(SequenceRows(head, 0, 0), LogitRows::kAll));
+    KVPLAN_ASSERT_OK_AND_ASSIGN(cpu_prefill, cpu->Forward(SequenceRows(head, 0, 0), LogitRows::kAll));
+    double worst = testing::RelativeError(gpu_prefill.data(), cpu_prefill.data(), cpu_prefill.size());
+    for (int position = prompt; position < int(ids.size()); ++position) {
+      KVPLAN_ASSERT_OK_AND_ASSIGN(gpu_step, gpu->Forward(SequenceRows({ids[position]}, 0, position), LogitRows::kAll));
+      KVPLAN_ASSERT_OK_AND_ASSIGN(cpu_step, cpu->Forward(SequenceRows({ids[position]}, 0, position), LogitRows::kAll));
+      worst = std::max(worst, testing::RelativeError(gpu_step.data(), cpu_step.data(), cpu_step.size()));
+    }
+    EXPECT_LT(worst, c.lossy_coding ? kLossyCodingTolerance : kBf16RuntimeTolerance) << name;
+    std::printf("%-40s worst logits error %.4f\n", name, worst);
+    EXPECT_EQ(gpu->kv_cache_bytes(), cpu->kv_cache_bytes()) << name;
+    const CachePolicy policy = CachePolicyFromPlan(plan);
+    for (int l = 0; l < loaded.config.num_layers; ++l) {
+      if (!policy.layers[l].stores_compressed()) continue;
+      KVPLAN_ASSERT_OK_AND_ASSIGN(entries, ReadCudaHeadEntries(*gpu, l));
+      for (int h = 0; h < loaded.config.num_kv_heads; ++h)
+        EXPECT_EQ(entries[h], ExpectedHeadEntries(policy.layers[l], h, int64_t(ids.size())))
+            << name << ", layer " << l << ", head " << h;
+    }
+  }
+}
+
+// Three sequences of different lengths prefilled one by one, then decoded together in one batched step per
+// token, against the CPU plan path doing the same.
+TEST_F(CudaPlanTest, BatchedPlanDecodeMatchesTheCpuPlanPath) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
+  const plan::Plan plan = PlanFor({{"everything", true, true, true, true, true, true}}, loaded);
+  auto [gpu, cpu] = GpuAndCpu(loaded, {.num_sequences = 3, .capacity = 512, .max_rows = 512, .plan = &plan});
+  ASSERT_TRUE(gpu && cpu);
+  const int lengths[] = {200, 77, 150};
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<int32_t> prompt(ids.begin() + 10 * s, ids.begin() + 10 * s + lengths[s]);
+    ASSERT_TRUE(gpu->Forward(SequenceRows(prompt, s, 0), LogitRows::kLastPerSequence).ok());
+    ASSERT_TRUE(cpu->Forward(SequenceRows(prompt, s, 0), LogitRows::kLastPerSequence).ok());
+  }
+  double worst = 0;
+  for (int step = 0; step < 24; ++step) {
+    StepRows rows;
+    for (int s = 0; s < 3; ++s) {
+      rows.tokens.push_back(ids[(lengths[s] + step) % ids.size()]);
+      rows.sequences.push_back(s);
+      rows.positions.push_back(lengths[s] + step);
+    }
+    KVPLAN_ASSERT_OK_AND_ASSIGN(gpu_logits, gpu->Forward(rows, LogitRows::kLastPerSequence));
+    KVPLAN_ASSERT_OK_AND_ASSIGN(cpu_logits, cpu->Forward(rows, LogitRows::kLastPerSequence));
+    worst = std::max(worst, testing::RelativeError(gpu_logits.data(), cpu_logits.data(), cpu_logits.size()));
+  }
+  EXPECT_LT(worst, kBf16RuntimeTolerance);
+  std::printf("batched everything-plan decode: worst logits error %.4f\n", worst);
+  EXPECT_EQ(gpu->kv_cache_bytes(), cpu->kv_cache_bytes());
+}
+
+// auto picks the GPU for any plan the CUDA runtime executes.
+TEST(CudaModelTest, AutoRunsPlansOnTheGpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
   KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
   plan::Plan plan;
@@ -107,13 +254,8 @@ TEST(CudaModelTest, UnexecutedMethodsAreRefused) {
   auto* budget = plan.mutable_budgets()->add_layers();
   budget->set_layer(2);
   for (int h = 0; h < loaded.config.num_kv_heads; ++h) budget->add_head_keep_fraction(0.5f);
-  const auto refused =
-      CreateModel(loaded.config, *loaded.weights, {.backend = Backend::kCuda, .capacity = 64, .plan = &plan});
-  ASSERT_EQ(refused.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(refused.status().message().find("token budgets"), std::string::npos) << refused.status();
-  // auto falls back to the CPU runtime, which executes it.
-  KVPLAN_ASSERT_OK_AND_ASSIGN(fallback, CreateModel(loaded.config, *loaded.weights, {.capacity = 64, .plan = &plan}));
-  EXPECT_EQ(fallback->device_name(), "cpu+plan");
+  KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateModel(loaded.config, *loaded.weights, {.capacity = 64, .plan = &plan}));
+  EXPECT_NE(model->device_name(), "cpu+plan");
 }
 
 }  // namespace

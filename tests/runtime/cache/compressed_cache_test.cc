@@ -11,6 +11,7 @@
 #include "runtime/cache/sparse_coding.h"
 #include "runtime/cpu/cpu_model.h"
 #include "tests/testing/matching_pursuit_check.h"
+#include "tests/testing/plan_cases.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
@@ -45,22 +46,6 @@ std::vector<float> Logits(const Fixture& fixture, const plan::Plan* plan, int64_
   return *logits;
 }
 
-void AddIdentityDictionaries(plan::Plan& plan, int layers, int head_dim, int recent_window) {
-  plan::SparseCoding* coding = plan.mutable_sparse_coding();
-  coding->set_key_sparsity(head_dim);
-  coding->set_value_sparsity(head_dim);
-  coding->set_recent_window(recent_window);
-  for (int layer = 0; layer < layers; ++layer) {
-    auto* entry = coding->add_layers();
-    entry->set_layer(layer);
-    for (plan::Dictionary* dictionary : {entry->mutable_keys(), entry->mutable_values()}) {
-      dictionary->set_atoms(head_dim);
-      dictionary->set_dim(head_dim);
-      for (int i = 0; i < head_dim * head_dim; ++i) dictionary->add_values(i / head_dim == i % head_dim ? 1.0f : 0.0f);
-    }
-  }
-}
-
 TEST(CompressedCacheTest, LosslessLimitsMatchTheDenseCache) {
   const Fixture fixture = LoadFixture();
   const ModelConfig& config = fixture.loaded.config;
@@ -77,12 +62,16 @@ TEST(CompressedCacheTest, LosslessLimitsMatchTheDenseCache) {
   refresh->set_small_cache_fraction(1.0f);
   refresh->set_refresh_stride(4);
   for (int layer = 0; layer < config.num_layers; ++layer) refresh->add_layers(layer);
-  EXPECT_LT(testing::RelativeError(Logits(fixture, &keep_all).data(), dense.data(), dense.size()), 1e-5);
+  // Compressed entries are stored in bf16 (what the byte count says and the GPU holds); the fp32 dense cache
+  // differs from them by bf16 rounding alone, ~2e-3 of the logits.
+  constexpr double kBf16Storage = 4e-3;
+  EXPECT_LT(testing::RelativeError(Logits(fixture, &keep_all).data(), dense.data(), dense.size()), kBf16Storage);
 
-  // A basis dictionary with one atom per dimension codes exactly but for fp16 coefficients.
+  // A basis dictionary with one atom per dimension codes exactly but for fp16 coefficients (and the bf16 of the
+  // recent window).
   plan::Plan basis = EmptyPlan(fixture);
-  AddIdentityDictionaries(basis, config.num_layers, config.head_dim, 16);
-  EXPECT_LT(testing::RelativeError(Logits(fixture, &basis).data(), dense.data(), dense.size()), 5e-3);
+  *basis.mutable_sparse_coding() = testing::BasisCoding(config.num_layers, config.head_dim, config.head_dim, 16);
+  EXPECT_LT(testing::RelativeError(Logits(fixture, &basis).data(), dense.data(), dense.size()), kBf16Storage);
 }
 
 TEST(CompressedCacheTest, SharedLayersStoreNothing) {
@@ -106,11 +95,7 @@ TEST(CompressedCacheTest, SharedLayersStoreNothing) {
 TEST(CompressedCacheTest, MeasuredBytesEqualThePlannerEstimate) {
   const Fixture fixture = LoadFixture();
   const ModelConfig& config = fixture.loaded.config;
-  struct Case {
-    const char* name;
-    bool budgets, merge, attention, coding, refresh, share;
-  };
-  const Case cases[] = {
+  const testing::PlanCase cases[] = {
       {"budgets", true, false, false, false, false, false},
       {"budgets+merge", true, true, false, false, false, false},
       {"attention budgets+merge", true, true, true, false, false, false},
@@ -120,32 +105,10 @@ TEST(CompressedCacheTest, MeasuredBytesEqualThePlannerEstimate) {
       {"budgets+coding", true, true, false, true, false, false},
       {"everything", true, true, true, true, true, true},
   };
-  for (const Case& c : cases) {
-    PlannerInputs inputs;
-    inputs.model = FingerprintModel(config, *fixture.loaded.weights);
-    inputs.target_memory_ratio = 0.3f;
-    inputs.reference_context = 256;
-    if (c.budgets) {
-      // Heads of very different coverage, so budgets range from the floor to most of the context.
-      inputs.attention_coverage = std::vector<std::vector<float>>(config.num_layers, {0.05f, 0.6f});
-      inputs.budget_settings.policy.min_tokens = 8;
-      inputs.budget_settings.policy.recent_window = 16;
-      inputs.budget_settings.policy.merge_evicted = c.merge;
-      if (c.attention) inputs.budget_settings.policy.scoring = plan::TokenBudgets::ATTENTION_SCORE;
-    }
-    if (c.share) {
-      auto* share = inputs.sharing.add_shares();
-      share->set_layer(4);
-      share->set_donor(2);
-    }
-    inputs.refresh = c.refresh;
-    inputs.refresh_policy.min_small_cache_tokens = 16;
-    KVPLAN_ASSERT_OK_AND_ASSIGN(plan, CompilePlan(inputs));
-    if (c.coding) {
-      AddIdentityDictionaries(plan, config.num_layers, config.head_dim, /*recent_window=*/32);
-      plan.mutable_sparse_coding()->set_key_sparsity(8);
-      plan.mutable_sparse_coding()->set_value_sparsity(8);
-    }
+  // A coding window wider than the budgets' recent window, 8 atoms per vector.
+  const plan::SparseCoding coding = testing::BasisCoding(config.num_layers, config.head_dim, 8, 32);
+  for (const testing::PlanCase& c : cases) {
+    const plan::Plan plan = testing::CompileTestPlan(c, fixture.loaded, coding);
     KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreatePlannedCpuModel(config, *fixture.loaded.weights, plan, {.capacity = 512}));
     const int prompt = int(fixture.tokens.size()) - 8;
     ASSERT_TRUE(model
@@ -185,7 +148,7 @@ class EvictionTest : public ::testing::Test {
   std::vector<float> Run(const BudgetPolicy& budget, std::vector<float>* output_after_eviction) {
     LayerPolicy policy;
     policy.budget = budget;
-    std::unique_ptr<LayerCache> cache = CreateCompressedLayerCache(Config(), 1, policy, nullptr);
+    std::unique_ptr<LayerCache> cache = CreateCompressedLayerCache(Config(), 1, kTokens + 1, kTokens, policy, nullptr);
     std::vector<float> keys(kTokens * kDim, 0.0f), values(kTokens * kDim, 0.0f);
     std::vector<int32_t> positions(kTokens);
     for (int t = 0; t < kTokens; ++t) {

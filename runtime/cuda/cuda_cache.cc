@@ -1,0 +1,551 @@
+#include "runtime/cuda/cuda_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "base/number_formats.h"
+#include "base/status_macros.h"
+#include "kernels/cuda/kernels.h"
+#include "runtime/cache/compressed_step.h"
+#include "runtime/cuda/device_memory.h"
+
+namespace kvplan {
+namespace {
+
+// One compressed layer's device arrays and the views the kernels take of them.
+struct DeviceLayer {
+  LayerPolicy policy;
+  CompressedRegions regions;
+  DeviceBuffer dense_begin, coded_begin, dense_count, coded_count;
+  DeviceBuffer dense_keys, dense_values, dense_positions, dense_scores, dense_selected;
+  DeviceBuffer key_codes, value_codes, coded_positions, coded_scores, coded_selected;
+  DeviceBuffer merged_keys, merged_values, merged_tokens;
+  DeviceBuffer key_atoms, value_atoms;
+  DeviceBuffer refresh_position, steps_since_refresh, has_query, full_step, query, step_query;
+  CompressedLayer view;
+  CodingTables tables;
+  RefreshStateView refresh;
+  int max_region = 0;  // most entries of one head slot, merged slot included
+
+  const CodingTables* tables_or_null() const { return policy.coding ? &tables : nullptr; }
+  const RefreshStateView* refresh_or_null() const { return policy.refresh ? &refresh : nullptr; }
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const DeviceBuffer* buffer : {&dense_count, &coded_count, &dense_keys, &dense_values, &dense_positions,
+                                       &dense_scores, &dense_selected, &key_codes, &value_codes, &coded_positions,
+                                       &coded_scores, &coded_selected, &merged_keys, &merged_values, &merged_tokens})
+      total += int64_t(buffer->bytes());
+    return total;
+  }
+};
+
+// Where each array of a pass's metadata sits in the int32 words copied to the device. The offsets depend only on
+// the cache's limits, so every pass (and a captured graph) finds them in the same place.
+struct PassLayout {
+  int64_t tokens = 0, row_sequence = 0, row_position = 0, sequence = 0, row_begin = 0;
+  std::vector<int64_t> kept, selected;  // [layer]; -1 for layers that do not compress
+  int64_t words = 0;
+};
+
+// Passes whose metadata copy may still be reading their pinned slot: a new pass takes the oldest slot once its
+// copy is done, so the host runs ahead of the device by up to this many passes.
+constexpr int kPinnedSlots = 2;
+
+class CudaKvCacheImpl : public CudaKvCache {
+ public:
+  CudaKvCacheImpl(const ModelConfig& config, const CachePolicy& policy, const CudaCacheOptions& options,
+                  cudaStream_t stream)
+      : config_(config), policy_(policy), options_(options), stream_(stream) {}
+
+  ~CudaKvCacheImpl() override {
+    for (cudaEvent_t event : copied_)
+      if (event != nullptr) cudaEventDestroy(event);
+  }
+
+  absl::Status Init(const std::vector<std::shared_ptr<const LayerDictionaries>>& dictionaries) {
+    const ModelConfig& c = config_;
+    bool compresses = false;
+    for (const LayerPolicy& layer : policy_.layers) compresses |= layer.stores_compressed();
+    max_rows_per_sequence_ = compresses ? std::min(kPlannedChunkRows, options_.max_rows) : 0;
+    // Coding and eviction handle at most one pass's rows of a sequence at a time.
+    const int step_rows = max_rows_per_sequence_;
+    if (step_rows > cuda::kMaxEvictionsPerStep)
+      return absl::InternalError("a pass's rows per sequence exceed what one eviction may remove");
+    max_groups_ = std::min(options_.num_sequences, options_.max_rows);
+
+    // Full-cache slots: every layer that keeps the full cache owns one.
+    int slots = 0;
+    layer_slot_.assign(c.num_layers, -1);
+    for (int l = 0; l < c.num_layers; ++l)
+      if (policy_.layers[l].keeps_full_cache()) layer_slot_[l] = slots++;
+    const size_t slot_bytes = size_t(SlotElements()) * sizeof(__nv_bfloat16);
+    KVPLAN_RETURN_IF_ERROR(k_cache_.Allocate(slots * slot_bytes));
+    KVPLAN_RETURN_IF_ERROR(v_cache_.Allocate(slots * slot_bytes));
+    if (slots > 0 || SharesFullLayer())
+      KVPLAN_RETURN_IF_ERROR(dense_workspace_.Allocate(cuda::attention_workspace_bytes(
+          options_.max_rows, c.num_heads, c.num_kv_heads, c.head_dim, options_.capacity)));
+    KVPLAN_RETURN_IF_ERROR(inv_freq_.Upload(RopeInverseFrequencies(c)));
+
+    compressed_.resize(c.num_layers);
+    int64_t most_dense = 0, most_coded = 0, most_key_sparsity = 0, most_value_sparsity = 0;
+    size_t attention_workspace = 0;
+    bool refreshes = false, probabilities = false;
+    for (int l = 0; l < c.num_layers; ++l) {
+      const LayerPolicy& policy = policy_.layers[l];
+      if (!policy.stores_compressed()) continue;
+      if (policy.coding && (l >= int(dictionaries.size()) || dictionaries[l] == nullptr))
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " codes but has no dictionaries"));
+      auto layer = std::make_unique<DeviceLayer>();
+      KVPLAN_RETURN_IF_ERROR(AllocateLayer(policy, policy.coding ? dictionaries[l].get() : nullptr, *layer));
+      most_dense = std::max(most_dense, layer->regions.dense_slots());
+      most_coded = std::max(most_coded, layer->regions.coded_slots());
+      if (policy.coding) {
+        most_key_sparsity = std::max<int64_t>(most_key_sparsity, policy.coding->key_sparsity);
+        most_value_sparsity = std::max<int64_t>(most_value_sparsity, policy.coding->value_sparsity);
+      }
+      attention_workspace =
+          std::max(attention_workspace, cuda::compressed_attention_workspace_bytes(
+                                            AttentionShape(*layer), options_.max_rows, c.num_kv_heads, c.head_dim));
+      refreshes |= bool(policy.refresh);
+      probabilities |= NeedsProbabilities(policy);
+      compressed_[l] = std::move(layer);
+    }
+    KVPLAN_RETURN_IF_ERROR(compressed_workspace_.Allocate(attention_workspace));
+    if (probabilities) {
+      KVPLAN_RETURN_IF_ERROR(row_stats_.Allocate(size_t(options_.max_rows) * c.num_heads * 2 * sizeof(float)));
+      KVPLAN_RETURN_IF_ERROR(dense_probabilities_.Allocate(most_dense * sizeof(float)));
+      KVPLAN_RETURN_IF_ERROR(coded_probabilities_.Allocate(most_coded * sizeof(float)));
+    }
+    if (refreshes)
+      KVPLAN_RETURN_IF_ERROR(position_workspace_.Allocate(
+          cuda::refresh_select_workspace_bytes(max_groups_, c.num_kv_heads, options_.capacity)));
+    if (most_key_sparsity > 0) {
+      const int64_t rows = int64_t(max_groups_) * c.num_kv_heads * step_rows;
+      KVPLAN_RETURN_IF_ERROR(leaving_keys_.Allocate(rows * c.head_dim * sizeof(float)));
+      KVPLAN_RETURN_IF_ERROR(leaving_values_.Allocate(rows * c.head_dim * sizeof(float)));
+      KVPLAN_RETURN_IF_ERROR(leaving_slots_.Allocate(rows * sizeof(int32_t)));
+      KVPLAN_RETURN_IF_ERROR(leaving_count_.Allocate(int64_t(max_groups_) * c.num_kv_heads * sizeof(int32_t)));
+      KVPLAN_RETURN_IF_ERROR(leaving_key_codes_.Allocate(rows * most_key_sparsity * sizeof(uint32_t)));
+      KVPLAN_RETURN_IF_ERROR(leaving_value_codes_.Allocate(rows * most_value_sparsity * sizeof(uint32_t)));
+    }
+
+    // Pass metadata at fixed offsets.
+    int64_t words = 0;
+    auto take = [&](int64_t n) {
+      const int64_t offset = words;
+      words += n;
+      return offset;
+    };
+    layout_.tokens = take(options_.max_rows);
+    layout_.row_sequence = take(options_.max_rows);
+    layout_.row_position = take(options_.max_rows);
+    layout_.sequence = take(max_groups_);
+    layout_.row_begin = take(max_groups_ + 1);
+    layout_.kept.assign(c.num_layers, -1);
+    layout_.selected.assign(c.num_layers, -1);
+    for (int l = 0; l < c.num_layers; ++l) {
+      if (compressed_[l] == nullptr) continue;
+      layout_.kept[l] = take(int64_t(max_groups_) * c.num_kv_heads);
+      layout_.selected[l] = take(int64_t(max_groups_) * c.num_kv_heads);
+    }
+    layout_.words = words;
+    for (int s = 0; s < kPinnedSlots; ++s) {
+      KVPLAN_RETURN_IF_ERROR(pinned_[s].Allocate(words * sizeof(int32_t)));
+      KVPLAN_CUDA(cudaEventCreateWithFlags(&copied_[s], cudaEventDisableTiming));
+    }
+    KVPLAN_RETURN_IF_ERROR(metadata_.Allocate(words * sizeof(int32_t)));
+    return Reset();
+  }
+
+  int max_rows_per_sequence() const override { return max_rows_per_sequence_; }
+
+  absl::Status BeginPass(const StepRows& rows, int begin, int end) override {
+    const int T = end - begin;
+    if (T <= 0 || T > options_.max_rows)
+      return absl::InvalidArgumentError(
+          absl::StrCat("a pass of ", T, " rows; the cache takes 1 to ", options_.max_rows));
+    groups_ = GroupRows(rows.sequences.data() + begin, rows.positions.data() + begin, T);
+    const int G = int(groups_.sequence.size());
+    if (G > max_groups_) return absl::InternalError("more sequences in a pass than the cache has");
+    if (max_rows_per_sequence_ > 0 && groups_.max_rows > max_rows_per_sequence_)
+      return absl::InternalError("a pass carries more rows of one sequence than the cache's chunk");
+    rows_ = T;
+    slot_ = (slot_ + 1) % kPinnedSlots;
+    KVPLAN_CUDA(cudaEventSynchronize(copied_[slot_]));
+    int32_t* words = pinned_[slot_].as<int32_t>();
+    std::copy_n(rows.tokens.data() + begin, T, words + layout_.tokens);
+    std::copy_n(rows.sequences.data() + begin, T, words + layout_.row_sequence);
+    std::copy_n(rows.positions.data() + begin, T, words + layout_.row_position);
+    std::copy(groups_.sequence.begin(), groups_.sequence.end(), words + layout_.sequence);
+    std::copy(groups_.row_begin.begin(), groups_.row_begin.end(), words + layout_.row_begin);
+    for (int l = 0; l < config_.num_layers; ++l) {
+      if (compressed_[l] == nullptr) continue;
+      const StepCounts counts = CountsForStep(policy_.layers[l], config_.num_kv_heads, groups_);
+      std::copy(counts.kept.begin(), counts.kept.end(), words + layout_.kept[l]);
+      std::copy(counts.selected.begin(), counts.selected.end(), words + layout_.selected[l]);
+    }
+    KVPLAN_CUDA(cudaMemcpyAsync(metadata_.as<int32_t>(), words, layout_.words * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                stream_));
+    KVPLAN_CUDA(cudaEventRecord(copied_[slot_], stream_));
+    return absl::OkStatus();
+  }
+
+  const int32_t* tokens() const override { return metadata_.as<int32_t>() + layout_.tokens; }
+  const int32_t* row_sequence() const override { return metadata_.as<int32_t>() + layout_.row_sequence; }
+  const int32_t* row_position() const override { return metadata_.as<int32_t>() + layout_.row_position; }
+
+  absl::Status Layer(int layer, const float* q, float* keys, const float* values, __nv_bfloat16* out) override {
+    const ModelConfig& c = config_;
+    const LayerPolicy& policy = policy_.layers[layer];
+    if (policy.shares()) {
+      // The donor, an earlier layer, already took this pass's rows; no bookkeeping is repeated.
+      const int donor = policy.donor;
+      if (compressed_[donor] == nullptr) return DenseAttention(layer_slot_[donor], q, out);
+      const DeviceLayer& storage = *compressed_[donor];
+      return CudaStatus(cuda::compressed_attention(storage.view, storage.tables_or_null(), Step(),
+                                                   storage.refresh_or_null(), AttentionShape(storage), q, out, nullptr,
+                                                   compressed_workspace_.as<void>(), stream_),
+                        "compressed_attention (shared)");
+    }
+    if (compressed_[layer] == nullptr) {
+      const int slot = layer_slot_[layer];
+      KVPLAN_CUDA(cuda::apply_rope(keys, row_position(), inv_freq_.as<float>(), rows_, c.num_kv_heads, c.head_dim,
+                                   float(c.rope.attention_factor), stream_));
+      KVPLAN_CUDA(cuda::append_kv(keys, values, row_sequence(), row_position(), rows_, c.num_kv_heads, c.head_dim,
+                                  options_.capacity, SlotKeys(slot), SlotValues(slot), stream_));
+      return DenseAttention(slot, q, out);
+    }
+    DeviceLayer& storage = *compressed_[layer];
+    const bool key_norms = policy.budget && policy.budget->scoring == plan::TokenBudgets::KEY_L2_NORM;
+    KVPLAN_CUDA(cuda::compressed_append(storage.view, Step(), keys, values, inv_freq_.as<float>(),
+                                        float(c.rope.attention_factor), key_norms, stream_));
+    Ops ops(*this, storage, layer, q, out);
+    return AttendAndCompress(policy, ops);
+  }
+
+  absl::Status Reset() override {
+    for (const auto& layer : compressed_) {
+      if (layer == nullptr) continue;
+      for (DeviceBuffer* buffer : {&layer->dense_count, &layer->coded_count, &layer->merged_tokens, &layer->has_query,
+                                   &layer->steps_since_refresh, &layer->refresh_position})
+        if (buffer->bytes() > 0) KVPLAN_CUDA(cudaMemsetAsync(buffer->as<void>(), 0, buffer->bytes(), stream_));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status FillWithNoise(int context) override {
+    if (context > options_.capacity)
+      return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", options_.capacity));
+    KVPLAN_RETURN_IF_ERROR(Reset());
+    const ModelConfig& c = config_;
+    if (k_cache_.bytes() > 0) {
+      std::vector<uint16_t> noise(SlotElements());
+#pragma omp parallel for
+      for (int64_t i = 0; i < int64_t(noise.size()); ++i) noise[i] = FloatToBf16(2.0f * NoiseValue(NoiseBits(7, i)));
+      const size_t slot_bytes = noise.size() * sizeof(uint16_t);
+      for (size_t offset = 0; offset < k_cache_.bytes(); offset += slot_bytes) {
+        KVPLAN_CUDA(cudaMemcpy(k_cache_.as<char>() + offset, noise.data(), slot_bytes, cudaMemcpyHostToDevice));
+        KVPLAN_CUDA(cudaMemcpy(v_cache_.as<char>() + offset, noise.data(), slot_bytes, cudaMemcpyHostToDevice));
+      }
+    }
+    for (int l = 0; l < c.num_layers; ++l) {
+      if (compressed_[l] == nullptr) continue;
+      const DeviceLayer& layer = *compressed_[l];
+      std::vector<int32_t> dense, coded, selected;
+      std::vector<uint8_t> merged;
+      for (int s = 0; s < options_.num_sequences; ++s)
+        for (int h = 0; h < c.num_kv_heads; ++h) {
+          const HeadEntries entries = ExpectedHeadEntries(layer.policy, h, context);
+          dense.push_back(int32_t(entries.dense));
+          coded.push_back(int32_t(entries.coded));
+          merged.push_back(uint8_t(entries.merged));
+          selected.push_back(layer.policy.refresh ? int32_t(SmallCacheTokens(*layer.policy.refresh, context)) : 0);
+        }
+      DeviceBuffer lengths, d_dense, d_coded, d_merged, d_selected;
+      KVPLAN_RETURN_IF_ERROR(lengths.Upload(std::vector<int32_t>(options_.num_sequences, context)));
+      KVPLAN_RETURN_IF_ERROR(d_dense.Upload(dense));
+      KVPLAN_RETURN_IF_ERROR(d_coded.Upload(coded));
+      KVPLAN_RETURN_IF_ERROR(d_merged.Upload(merged));
+      KVPLAN_RETURN_IF_ERROR(d_selected.Upload(selected));
+      KVPLAN_CUDA(cuda::fill_compressed_noise(layer.view,
+                                              NoiseFill{.lengths = lengths.as<int32_t>(),
+                                                        .dense = d_dense.as<int32_t>(),
+                                                        .coded = d_coded.as<int32_t>(),
+                                                        .merged = d_merged.as<uint8_t>(),
+                                                        .selected = d_selected.as<int32_t>(),
+                                                        .atoms = std::max(1, layer.tables.atoms),
+                                                        .seed = uint32_t(l)},
+                                              stream_));
+      KVPLAN_CUDA(cudaStreamSynchronize(stream_));  // before the fill's arrays go
+    }
+    return absl::OkStatus();
+  }
+
+  int64_t reserved_bytes() const override {
+    int64_t total = int64_t(k_cache_.bytes() + v_cache_.bytes());
+    for (const auto& layer : compressed_)
+      if (layer != nullptr) total += layer->bytes();
+    return total;
+  }
+
+  absl::StatusOr<std::vector<HeadEntries>> ReadHeadEntries(int layer) const override {
+    if (layer < 0 || layer >= int(compressed_.size()) || compressed_[layer] == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not compressed"));
+    const DeviceLayer& storage = *compressed_[layer];
+    const int n = storage.view.head_slots;
+    std::vector<int32_t> dense(n), coded(n, 0);
+    std::vector<float> merged(n, 0.0f);
+    KVPLAN_CUDA(cudaStreamSynchronize(stream_));
+    KVPLAN_CUDA(cudaMemcpy(dense.data(), storage.dense_count.as<void>(), n * 4, cudaMemcpyDeviceToHost));
+    if (storage.coded_count.bytes() > 0)
+      KVPLAN_CUDA(cudaMemcpy(coded.data(), storage.coded_count.as<void>(), n * 4, cudaMemcpyDeviceToHost));
+    if (storage.merged_tokens.bytes() > 0)
+      KVPLAN_CUDA(cudaMemcpy(merged.data(), storage.merged_tokens.as<void>(), n * 4, cudaMemcpyDeviceToHost));
+    std::vector<HeadEntries> entries(n);
+    for (int i = 0; i < n; ++i) entries[i] = {.dense = dense[i], .coded = coded[i], .merged = merged[i] > 0.0f ? 1 : 0};
+    return entries;
+  }
+
+ private:
+  // The CUDA kernels, in the order AttendAndCompress calls them.
+  class Ops {
+   public:
+    Ops(CudaKvCacheImpl& cache, DeviceLayer& layer, int index, const float* q, __nv_bfloat16* out)
+        : cache_(cache),
+          layer_(layer),
+          step_(cache.Step()),
+          targets_{.kept = cache.metadata_.as<int32_t>() + cache.layout_.kept[index],
+                   .selected = cache.metadata_.as<int32_t>() + cache.layout_.selected[index]},
+          q_(q),
+          out_(out) {}
+
+    absl::Status DecideRefresh() {
+      return CudaStatus(cuda::refresh_decide(layer_.refresh, step_, RefreshSettingsOf(*layer_.policy.refresh), q_,
+                                             cache_.config_.num_heads, cache_.config_.head_dim, cache_.stream_),
+                        "refresh_decide");
+    }
+    absl::Status Attend(bool probabilities) {
+      const cuda::CompressedAttentionShape shape = cache_.AttentionShape(layer_);
+      float* row_stats = probabilities ? cache_.row_stats_.as<float>() : nullptr;
+      KVPLAN_CUDA(cuda::compressed_attention(layer_.view, layer_.tables_or_null(), step_, layer_.refresh_or_null(),
+                                             shape, q_, out_, row_stats, cache_.compressed_workspace_.as<void>(),
+                                             cache_.stream_));
+      if (!probabilities) return absl::OkStatus();
+      // Between RefreshKV full steps only attention-scored budgets read the probabilities.
+      const bool scores = layer_.policy.budget && layer_.policy.budget->scoring == plan::TokenBudgets::ATTENTION_SCORE;
+      return CudaStatus(
+          cuda::entry_probabilities(layer_.view, layer_.tables_or_null(), step_, layer_.refresh_or_null(), shape, q_,
+                                    row_stats, !scores, cache_.dense_probabilities_.as<float>(),
+                                    cache_.coded_probabilities_.as_or_null<float>(), cache_.stream_),
+          "entry_probabilities");
+    }
+    absl::Status UpdateScores() {
+      return CudaStatus(cuda::update_scores(layer_.view, step_, layer_.policy.budget->score_decay,
+                                            cache_.dense_probabilities_.as<float>(),
+                                            cache_.coded_probabilities_.as_or_null<float>(), cache_.stream_),
+                        "update_scores");
+    }
+    absl::Status SelectRefresh() {
+      return CudaStatus(
+          cuda::refresh_select(layer_.view, layer_.refresh, step_, targets_, RefreshSettingsOf(*layer_.policy.refresh),
+                               cache_.dense_probabilities_.as<float>(), cache_.coded_probabilities_.as_or_null<float>(),
+                               cache_.options_.capacity, cache_.position_workspace_.as<float>(), cache_.stream_),
+          "refresh_select");
+    }
+    absl::Status Evict() {
+      return CudaStatus(cuda::evict(layer_.view, layer_.tables_or_null(), step_, targets_,
+                                    EvictionSettingsOf(layer_.policy), cache_.stream_),
+                        "evict");
+    }
+    absl::Status CodeLeaving() {
+      const CodingPolicy& coding = *layer_.policy.coding;
+      const int hd = cache_.config_.head_dim, groups = step_.sequences * cache_.config_.num_kv_heads;
+      const int max_leaving = cache_.groups_.max_rows;
+      int32_t* slots = cache_.leaving_slots_.as<int32_t>();
+      int32_t* counts = cache_.leaving_count_.as<int32_t>();
+      uint32_t* key_codes = cache_.leaving_key_codes_.as<uint32_t>();
+      uint32_t* value_codes = cache_.leaving_value_codes_.as<uint32_t>();
+      KVPLAN_CUDA(cuda::gather_leaving_entries(layer_.view, layer_.tables, step_, coding.recent_window, max_leaving,
+                                               cache_.leaving_keys_.as<float>(), cache_.leaving_values_.as<float>(),
+                                               slots, counts, cache_.stream_));
+      KVPLAN_CUDA(cuda::matching_pursuit(layer_.key_atoms.as<float>(), layer_.tables.atoms, hd,
+                                         cache_.leaving_keys_.as<float>(), groups, max_leaving, counts,
+                                         coding.key_sparsity, key_codes, cache_.stream_));
+      KVPLAN_CUDA(cuda::matching_pursuit(layer_.value_atoms.as<float>(), layer_.tables.atoms, hd,
+                                         cache_.leaving_values_.as<float>(), groups, max_leaving, counts,
+                                         coding.value_sparsity, value_codes, cache_.stream_));
+      return CudaStatus(cuda::commit_leaving_entries(layer_.view, step_, max_leaving, slots, counts, key_codes,
+                                                     value_codes, cache_.stream_),
+                        "commit_leaving_entries");
+    }
+
+   private:
+    CudaKvCacheImpl& cache_;
+    DeviceLayer& layer_;
+    StepRowsView step_;
+    StepTargets targets_;
+    const float* q_;
+    __nv_bfloat16* out_;
+  };
+
+  int64_t SlotElements() const {
+    return int64_t(options_.num_sequences) * config_.num_kv_heads * options_.capacity * config_.head_dim;
+  }
+  __nv_bfloat16* SlotKeys(int slot) const { return k_cache_.as<__nv_bfloat16>() + slot * SlotElements(); }
+  __nv_bfloat16* SlotValues(int slot) const { return v_cache_.as<__nv_bfloat16>() + slot * SlotElements(); }
+  bool SharesFullLayer() const {
+    for (const LayerPolicy& layer : policy_.layers)
+      if (layer.shares() && policy_.layers[layer.donor].keeps_full_cache()) return true;
+    return false;
+  }
+
+  StepRowsView Step() const {
+    return StepRowsView{.rows = rows_,
+                        .row_sequence = row_sequence(),
+                        .row_position = row_position(),
+                        .sequences = int(groups_.sequence.size()),
+                        .sequence = metadata_.as<int32_t>() + layout_.sequence,
+                        .row_begin = metadata_.as<int32_t>() + layout_.row_begin};
+  }
+
+  cuda::CompressedAttentionShape AttentionShape(const DeviceLayer& layer) const {
+    return cuda::CompressedAttentionShape{
+        .heads = config_.num_heads,
+        .scale = 1.0f / std::sqrt(float(config_.head_dim)),
+        .merge_compensation = layer.policy.budget ? layer.policy.budget->merge_compensation : 0.0f,
+        .max_region = layer.max_region};
+  }
+
+  absl::Status DenseAttention(int slot, const float* q, __nv_bfloat16* out) {
+    const ModelConfig& c = config_;
+    return CudaStatus(
+        cuda::attention(q, row_sequence(), row_position(), rows_, c.num_heads, c.num_kv_heads, c.head_dim,
+                        options_.capacity, SlotKeys(slot), SlotValues(slot), 1.0f / std::sqrt(float(c.head_dim)),
+                        c.sliding_window, options_.capacity, dense_workspace_.as<void>(), out, stream_),
+        "attention");
+  }
+
+  absl::Status AllocateLayer(const LayerPolicy& policy, const LayerDictionaries* dictionaries, DeviceLayer& layer) {
+    const ModelConfig& c = config_;
+    const int head_slots = options_.num_sequences * c.num_kv_heads, hd = c.head_dim, n = options_.num_sequences;
+    layer.policy = policy;
+    layer.regions = PlanRegions(policy, n, c.num_kv_heads, options_.capacity, max_rows_per_sequence_);
+    const int64_t dense = layer.regions.dense_slots(), coded = layer.regions.coded_slots();
+    for (int i = 0; i < head_slots; ++i)
+      layer.max_region =
+          std::max(layer.max_region, layer.regions.dense_begin[i + 1] - layer.regions.dense_begin[i] +
+                                         layer.regions.coded_begin[i + 1] - layer.regions.coded_begin[i]);
+    layer.max_region += 1;
+    KVPLAN_RETURN_IF_ERROR(layer.dense_begin.Upload(layer.regions.dense_begin));
+    KVPLAN_RETURN_IF_ERROR(layer.coded_begin.Upload(layer.regions.coded_begin));
+    const bool budget = bool(policy.budget), refresh = bool(policy.refresh), coding = bool(policy.coding);
+    const bool merge = budget && policy.budget->merge_evicted;
+    const int sk = coding ? policy.coding->key_sparsity : 0, sv = coding ? policy.coding->value_sparsity : 0;
+    const std::pair<DeviceBuffer*, int64_t> arrays[] = {
+        {&layer.dense_count, int64_t(head_slots) * 4},
+        {&layer.dense_keys, dense * hd * 2},
+        {&layer.dense_values, dense * hd * 2},
+        {&layer.dense_positions, dense * 4},
+        {&layer.dense_scores, budget ? dense * 4 : 0},
+        {&layer.dense_selected, refresh ? dense : 0},
+        {&layer.coded_count, coding ? int64_t(head_slots) * 4 : 0},
+        {&layer.key_codes, coded * sk * 4},
+        {&layer.value_codes, coded * sv * 4},
+        {&layer.coded_positions, coded * 4},
+        {&layer.coded_scores, budget ? coded * 4 : 0},
+        {&layer.coded_selected, refresh ? coded : 0},
+        {&layer.merged_keys, merge ? int64_t(head_slots) * hd * 4 : 0},
+        {&layer.merged_values, merge ? int64_t(head_slots) * hd * 4 : 0},
+        {&layer.merged_tokens, merge ? int64_t(head_slots) * 4 : 0},
+        {&layer.refresh_position, refresh ? n * 4 : 0},
+        {&layer.steps_since_refresh, refresh ? n * 4 : 0},
+        {&layer.has_query, refresh ? n : 0},
+        {&layer.full_step, refresh ? n : 0},
+        {&layer.query, refresh ? int64_t(n) * hd * 4 : 0},
+        {&layer.step_query, refresh ? int64_t(n) * hd * 4 : 0}};
+    for (const auto& [buffer, bytes] : arrays)
+      if (bytes > 0) KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
+    if (coding) {
+      KVPLAN_RETURN_IF_ERROR(layer.key_atoms.Upload(dictionaries->key_atoms));
+      KVPLAN_RETURN_IF_ERROR(layer.value_atoms.Upload(dictionaries->value_atoms));
+    }
+    layer.view = CompressedLayer{.head_slots = head_slots,
+                                 .kv_heads = c.num_kv_heads,
+                                 .head_dim = hd,
+                                 .key_sparsity = sk,
+                                 .value_sparsity = sv,
+                                 .dense_begin = layer.dense_begin.as<int32_t>(),
+                                 .dense_count = layer.dense_count.as<int32_t>(),
+                                 .dense_keys = layer.dense_keys.as<uint16_t>(),
+                                 .dense_values = layer.dense_values.as<uint16_t>(),
+                                 .dense_positions = layer.dense_positions.as<int32_t>(),
+                                 .dense_scores = layer.dense_scores.as_or_null<float>(),
+                                 .dense_selected = layer.dense_selected.as_or_null<uint8_t>(),
+                                 .coded_begin = layer.coded_begin.as<int32_t>(),
+                                 .coded_count = layer.coded_count.as_or_null<int32_t>(),
+                                 .key_codes = layer.key_codes.as_or_null<uint32_t>(),
+                                 .value_codes = layer.value_codes.as_or_null<uint32_t>(),
+                                 .coded_positions = layer.coded_positions.as_or_null<int32_t>(),
+                                 .coded_scores = layer.coded_scores.as_or_null<float>(),
+                                 .coded_selected = layer.coded_selected.as_or_null<uint8_t>(),
+                                 .merged_keys = layer.merged_keys.as_or_null<float>(),
+                                 .merged_values = layer.merged_values.as_or_null<float>(),
+                                 .merged_tokens = layer.merged_tokens.as_or_null<float>()};
+    if (coding)
+      layer.tables = CodingTables{.atoms = dictionaries->atoms,
+                                  .key_atoms = layer.key_atoms.as<float>(),
+                                  .value_atoms = layer.value_atoms.as<float>(),
+                                  .keys_after_rope = policy.coding->keys_after_rope,
+                                  .inv_freq = inv_freq_.as<float>(),
+                                  .rope_attention_factor = float(c.rope.attention_factor)};
+    layer.refresh = RefreshStateView{.refresh_position = layer.refresh_position.as_or_null<int32_t>(),
+                                     .steps_since_refresh = layer.steps_since_refresh.as_or_null<int32_t>(),
+                                     .has_query = layer.has_query.as_or_null<uint8_t>(),
+                                     .full_step = layer.full_step.as_or_null<uint8_t>(),
+                                     .query = layer.query.as_or_null<float>(),
+                                     .step_query = layer.step_query.as_or_null<float>()};
+    return absl::OkStatus();
+  }
+
+  ModelConfig config_;
+  CachePolicy policy_;
+  CudaCacheOptions options_;
+  cudaStream_t stream_;
+  int max_rows_per_sequence_ = 0, max_groups_ = 0;
+  std::vector<int> layer_slot_;  // [layer] full-cache slot, -1 for other layers
+  DeviceBuffer k_cache_, v_cache_;
+  std::vector<std::unique_ptr<DeviceLayer>> compressed_;  // [layer], null for layers that do not compress
+  DeviceBuffer inv_freq_;
+  // Scratch shared by the layers (they run one after another on one stream).
+  DeviceBuffer dense_workspace_, compressed_workspace_, row_stats_, dense_probabilities_, coded_probabilities_;
+  DeviceBuffer position_workspace_;
+  DeviceBuffer leaving_keys_, leaving_values_, leaving_slots_, leaving_count_, leaving_key_codes_, leaving_value_codes_;
+  // The pass in flight.
+  PassLayout layout_;
+  PinnedBuffer pinned_[kPinnedSlots];
+  cudaEvent_t copied_[kPinnedSlots] = {};
+  int slot_ = 0;
+  DeviceBuffer metadata_;
+  StepGroups groups_;
+  int rows_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaKvCache>> CreateCudaKvCache(
+    const ModelConfig& config, const CachePolicy& policy,
+    const std::vector<std::shared_ptr<const LayerDictionaries>>& dictionaries, const CudaCacheOptions& options,
+    cudaStream_t stream) {
+  if (int(policy.layers.size()) != config.num_layers)
+    return absl::InvalidArgumentError(
+        absl::StrCat("cache policy for ", policy.layers.size(), " layers, model has ", config.num_layers));
+  if (options.num_sequences <= 0 || options.capacity <= 0 || options.max_rows <= 0)
+    return absl::InvalidArgumentError("num_sequences, capacity and max_rows must be positive");
+  auto cache = std::make_unique<CudaKvCacheImpl>(config, policy, options, stream);
+  KVPLAN_RETURN_IF_ERROR(cache->Init(dictionaries));
+  return cache;
+}
+
+}  // namespace kvplan

@@ -1,0 +1,632 @@
+// The compressed-cache CUDA kernels against their CPU references (kernels/cpu_reference.h) on random layers of
+// several shapes: ragged heads, coded and dense regions, merged slots, RefreshKV subsets, several sequences per
+// step. Where a kernel only moves data or makes a decision, storage must match the reference exactly, slot for
+// slot; where it computes, per element within the tolerance stated beside the check.
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "kernels/cpu_reference.h"
+#include "tests/testing/cuda_test_util.h"
+#include "tests/testing/host_layer.h"
+#include "tests/testing/matching_pursuit_check.h"
+#include "tests/testing/tolerance.h"
+
+namespace kvplan {
+namespace {
+
+using testing::AllClose;
+using testing::Device;
+using testing::HostLayer;
+using testing::HostLayerShape;
+using testing::HostStep;
+using testing::RandomVector;
+using testing::Tolerance;
+
+// Attention over bf16 dense entries and fp16 codes, bf16 output: the CPU decodes and rotates in another order
+// (double sincos against fp32 sincos of a reduced angle) and sums in double; the bf16 output rounding adds 2^-8.
+constexpr Tolerance kCompressedAttention{.atol = 1.5e-3, .rtol = 1e-2};
+// Probabilities from fast-math exp of logits computed in another order.
+constexpr Tolerance kProbabilities{.atol = 2e-5, .rtol = 2e-3};
+// Rotated values stored as bf16: an fp32 difference in the last bits can flip the rounding by one bf16 step.
+constexpr Tolerance kBf16Rotated{.atol = 1e-6, .rtol = 0x1p-7};
+// Norms and running means summed in another order.
+constexpr Tolerance kFp32Reduction{.atol = 1e-6, .rtol = 2e-5};
+// Keys rotated back to before RoPE with the same double angles.
+constexpr Tolerance kUnrotated{.atol = 2e-6, .rtol = 2e-5};
+
+// Every array of a HostLayer on the device, and back.
+class DeviceLayer {
+ public:
+  explicit DeviceLayer(const HostLayer& host)
+      : dense_begin_(host.dense_begin),
+        coded_begin_(host.coded_begin),
+        dense_count_(host.dense_count),
+        coded_count_(host.coded_count),
+        dense_keys_(host.dense_keys),
+        dense_values_(host.dense_values),
+        dense_positions_(host.dense_positions),
+        coded_positions_(host.coded_positions),
+        dense_scores_(host.dense_scores),
+        coded_scores_(host.coded_scores),
+        dense_selected_(host.dense_selected),
+        coded_selected_(host.coded_selected),
+        key_codes_(host.key_codes),
+        value_codes_(host.value_codes),
+        merged_keys_(host.merged_keys),
+        merged_values_(host.merged_values),
+        merged_tokens_(host.merged_tokens),
+        shape_(host.shape) {}
+
+  CompressedLayer View() {
+    auto data = [](auto& device, size_t n) { return n == 0 ? nullptr : device.get(); };
+    const HostLayerShape& s = shape_;
+    const bool coded = s.key_sparsity > 0;
+    return CompressedLayer{.head_slots = s.head_slots,
+                           .kv_heads = s.kv_heads,
+                           .head_dim = s.head_dim,
+                           .key_sparsity = s.key_sparsity,
+                           .value_sparsity = s.value_sparsity,
+                           .dense_begin = dense_begin_.get(),
+                           .dense_count = dense_count_.get(),
+                           .dense_keys = dense_keys_.get(),
+                           .dense_values = dense_values_.get(),
+                           .dense_positions = dense_positions_.get(),
+                           .dense_scores = data(dense_scores_, s.scores),
+                           .dense_selected = data(dense_selected_, s.selected),
+                           .coded_begin = coded_begin_.get(),
+                           .coded_count = data(coded_count_, coded),
+                           .key_codes = data(key_codes_, coded),
+                           .value_codes = data(value_codes_, coded),
+                           .coded_positions = data(coded_positions_, coded),
+                           .coded_scores = data(coded_scores_, coded && s.scores),
+                           .coded_selected = data(coded_selected_, coded && s.selected),
+                           .merged_keys = data(merged_keys_, s.merged),
+                           .merged_values = data(merged_values_, s.merged),
+                           .merged_tokens = data(merged_tokens_, s.merged)};
+  }
+
+  HostLayer Read() const {
+    HostLayer host(shape_);
+    host.dense_count = dense_count_.Read();
+    host.coded_count = coded_count_.Read();
+    host.dense_keys = dense_keys_.Read();
+    host.dense_values = dense_values_.Read();
+    host.dense_positions = dense_positions_.Read();
+    host.coded_positions = coded_positions_.Read();
+    host.dense_scores = dense_scores_.Read();
+    host.coded_scores = coded_scores_.Read();
+    host.dense_selected = dense_selected_.Read();
+    host.coded_selected = coded_selected_.Read();
+    host.key_codes = key_codes_.Read();
+    host.value_codes = value_codes_.Read();
+    host.merged_keys = merged_keys_.Read();
+    host.merged_values = merged_values_.Read();
+    host.merged_tokens = merged_tokens_.Read();
+    return host;
+  }
+
+ private:
+  Device<int32_t> dense_begin_, coded_begin_, dense_count_, coded_count_;
+  Device<uint16_t> dense_keys_, dense_values_;
+  Device<int32_t> dense_positions_, coded_positions_;
+  Device<float> dense_scores_, coded_scores_;
+  Device<uint8_t> dense_selected_, coded_selected_;
+  Device<uint32_t> key_codes_, value_codes_;
+  Device<float> merged_keys_, merged_values_, merged_tokens_;
+  HostLayerShape shape_;
+};
+
+class DeviceStep {
+ public:
+  explicit DeviceStep(const HostStep& host)
+      : row_sequence_(host.row_sequence),
+        row_position_(host.row_position),
+        sequence_(host.sequence),
+        row_begin_(host.row_begin),
+        rows_(int(host.row_sequence.size())),
+        sequences_(int(host.sequence.size())) {}
+  StepRowsView View() {
+    return StepRowsView{rows_, row_sequence_.get(), row_position_.get(), sequences_, sequence_.get(), row_begin_.get()};
+  }
+
+ private:
+  Device<int32_t> row_sequence_, row_position_, sequence_, row_begin_;
+  int rows_, sequences_;
+};
+
+// Only the live part of each region is compared: dead slots hold whatever the last move left.
+void ExpectSameLiveEntries(const HostLayer& actual, const HostLayer& expected, const std::string& context) {
+  const int hd = expected.shape.head_dim, sk = expected.shape.key_sparsity, sv = expected.shape.value_sparsity;
+  ASSERT_EQ(actual.dense_count, expected.dense_count) << context;
+  ASSERT_EQ(actual.coded_count, expected.coded_count) << context;
+  for (int i = 0; i < expected.shape.head_slots; ++i) {
+    for (int64_t slot = expected.dense_begin[i]; slot < expected.dense_begin[i] + expected.dense_count[i]; ++slot) {
+      ASSERT_EQ(actual.dense_positions[slot], expected.dense_positions[slot]) << context << " dense slot " << slot;
+      ASSERT_TRUE(std::equal(expected.dense_keys.begin() + slot * hd, expected.dense_keys.begin() + (slot + 1) * hd,
+                             actual.dense_keys.begin() + slot * hd))
+          << context << " dense key " << slot;
+      ASSERT_TRUE(std::equal(expected.dense_values.begin() + slot * hd, expected.dense_values.begin() + (slot + 1) * hd,
+                             actual.dense_values.begin() + slot * hd))
+          << context << " dense value " << slot;
+      if (expected.shape.scores) {
+        ASSERT_EQ(actual.dense_scores[slot], expected.dense_scores[slot]) << context;
+      }
+      if (expected.shape.selected) {
+        ASSERT_EQ(actual.dense_selected[slot], expected.dense_selected[slot]) << context;
+      }
+    }
+    if (sk == 0) continue;
+    for (int64_t slot = expected.coded_begin[i]; slot < expected.coded_begin[i] + expected.coded_count[i]; ++slot) {
+      ASSERT_EQ(actual.coded_positions[slot], expected.coded_positions[slot]) << context << " coded slot " << slot;
+      ASSERT_TRUE(std::equal(expected.key_codes.begin() + slot * sk, expected.key_codes.begin() + (slot + 1) * sk,
+                             actual.key_codes.begin() + slot * sk))
+          << context << " key codes " << slot;
+      ASSERT_TRUE(std::equal(expected.value_codes.begin() + slot * sv, expected.value_codes.begin() + (slot + 1) * sv,
+                             actual.value_codes.begin() + slot * sv))
+          << context << " value codes " << slot;
+      if (expected.shape.scores) {
+        ASSERT_EQ(actual.coded_scores[slot], expected.coded_scores[slot]) << context;
+      }
+      if (expected.shape.selected) {
+        ASSERT_EQ(actual.coded_selected[slot], expected.coded_selected[slot]) << context;
+      }
+    }
+  }
+}
+
+std::vector<float> UnitRows(int rows, int dim, uint32_t seed) {
+  std::vector<float> values = RandomVector(size_t(rows) * dim, seed);
+  for (int r = 0; r < rows; ++r) {
+    float norm = 0;
+    for (int d = 0; d < dim; ++d) norm += values[r * dim + d] * values[r * dim + d];
+    for (int d = 0; d < dim; ++d) values[r * dim + d] /= std::sqrt(norm);
+  }
+  return values;
+}
+
+std::vector<float> InverseFrequencies(int head_dim, double theta) {
+  std::vector<float> inv_freq(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; ++i) inv_freq[i] = float(std::pow(theta, -2.0 * i / head_dim));
+  return inv_freq;
+}
+
+struct LayerCase {
+  int sequences, kv_heads, head_dim, key_sparsity, value_sparsity, atoms;
+  bool keys_after_rope;
+  int rows_per_sequence;  // rows each stepping sequence brings (1: decode)
+  int context;            // entries already in each head before the step, about
+  std::string Name() const {
+    return absl::StrFormat("%d seq x %d kv heads, head_dim %d, codes %d+%d of %d atoms%s, %d rows, context %d",
+                           sequences, kv_heads, head_dim, key_sparsity, value_sparsity, atoms,
+                           keys_after_rope ? " (after RoPE)" : "", rows_per_sequence, context);
+  }
+};
+
+// A layer whose heads hold ragged numbers of entries: positions 0..length-1 of each sequence split between the
+// coded region (the older ones) and the dense region, some dropped as if evicted, slots shuffled; random scores
+// (distinct, so selections have no ties), selection flags and merged slots. Sequence s has length lengths[s].
+struct RandomLayer {
+  HostLayer host;
+  std::vector<int32_t> lengths;
+  std::vector<float> key_atoms, value_atoms, inv_freq;
+  CodingTables Tables() const {
+    return CodingTables{.atoms = c.atoms,
+                        .key_atoms = key_atoms.data(),
+                        .value_atoms = value_atoms.data(),
+                        .keys_after_rope = c.keys_after_rope,
+                        .inv_freq = inv_freq.data(),
+                        .rope_attention_factor = 1.0f};
+  }
+  LayerCase c;
+};
+
+RandomLayer MakeRandomLayer(const LayerCase& c, uint32_t seed) {
+  std::mt19937 generator(seed);
+  const bool coded = c.key_sparsity > 0;
+  // Room for the longest sequence (context + 16), the step's rows, and entries coded during the step.
+  const int dense_capacity = (coded ? 40 : c.context + 16) + c.rows_per_sequence + 8;
+  RandomLayer layer{HostLayer(HostLayerShape{.head_slots = c.sequences * c.kv_heads,
+                                             .kv_heads = c.kv_heads,
+                                             .head_dim = c.head_dim,
+                                             .key_sparsity = c.key_sparsity,
+                                             .value_sparsity = c.value_sparsity,
+                                             .dense_capacity = dense_capacity,
+                                             .coded_capacity = coded ? c.context + 16 + c.rows_per_sequence + 8 : 0,
+                                             .scores = true,
+                                             .selected = true,
+                                             .merged = true}),
+                    {},
+                    UnitRows(std::max(c.atoms, 1), c.head_dim, seed + 1),
+                    UnitRows(std::max(c.atoms, 1), c.head_dim, seed + 2),
+                    InverseFrequencies(c.head_dim, 10000.0),
+                    c};
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  for (int s = 0; s < c.sequences; ++s) {
+    const int length = c.context + int(generator() % 17);
+    layer.lengths.push_back(length);
+    for (int h = 0; h < c.kv_heads; ++h) {
+      const int i = s * c.kv_heads + h;
+      std::vector<int32_t> kept;
+      for (int p = 0; p < length; ++p)
+        if (p >= length - 24 || uniform(generator) < 0.85f) kept.push_back(p);  // ragged: some evicted
+      const int dense_part = coded ? std::min<int>(int(kept.size()), 24 + int(generator() % 8)) : int(kept.size());
+      const int coded_part = int(kept.size()) - dense_part;
+      std::vector<int32_t> older(kept.begin(), kept.begin() + coded_part), newer(kept.begin() + coded_part, kept.end());
+      std::shuffle(older.begin(), older.end(), generator);
+      std::shuffle(newer.begin(), newer.end(), generator);
+      for (int32_t p : older) layer.host.AddCoded(i, p, uniform(generator), c.atoms, generator);
+      for (int32_t p : newer) layer.host.AddDense(i, p, uniform(generator), generator);
+      if (i % 3 != 1) {  // most heads have a merged slot
+        layer.host.merged_tokens[i] = float(1 + generator() % 9);
+        for (int d = 0; d < c.head_dim; ++d) {
+          layer.host.merged_keys[int64_t(i) * c.head_dim + d] = uniform(generator) - 0.5f;
+          layer.host.merged_values[int64_t(i) * c.head_dim + d] = uniform(generator) - 0.5f;
+        }
+      }
+    }
+  }
+  for (auto& flag : layer.host.dense_selected) flag = uniform(generator) < 0.3f;
+  for (auto& flag : layer.host.coded_selected) flag = uniform(generator) < 0.3f;
+  return layer;
+}
+
+// Every sequence but the second steps, each with rows_per_sequence rows continuing its length.
+HostStep MakeStep(const RandomLayer& layer) {
+  HostStep step;
+  for (int s = 0; s < layer.c.sequences; ++s)
+    if (s != 1) step.AddSequence(s, layer.c.rows_per_sequence, layer.lengths[s] + layer.c.rows_per_sequence - 1);
+  return step;
+}
+
+// Appends the step's rows to both copies: the references need the new rows present before attention.
+void AppendStepRows(RandomLayer& layer, const HostStep& step, uint32_t seed) {
+  std::mt19937 generator(seed);
+  for (int j = 0; j < int(step.sequence.size()); ++j)
+    for (int r = step.row_begin[j]; r < step.row_begin[j + 1]; ++r)
+      for (int h = 0; h < layer.c.kv_heads; ++h)
+        layer.host.AddDense(step.sequence[j] * layer.c.kv_heads + h, step.row_position[r], 0.5f, generator);
+}
+
+const LayerCase kLayerCases[] = {
+    {3, 2, 64, 8, 8, 64, false, 1, 150},    {3, 2, 64, 8, 8, 64, true, 1, 150},
+    {2, 8, 128, 8, 4, 1024, false, 1, 300}, {4, 1, 64, 0, 0, 0, false, 1, 90},
+    {3, 2, 64, 4, 4, 37, false, 17, 120},   {2, 4, 128, 0, 0, 0, false, 5, 260},
+    {3, 1, 256, 16, 16, 300, false, 1, 70},
+};
+
+TEST(CudaCompressedTest, AppendMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  for (const LayerCase& c : kLayerCases) {
+    RandomLayer layer = MakeRandomLayer(c, 11);
+    const HostStep step = MakeStep(layer);
+    const int rows = int(step.row_sequence.size()), kv = c.kv_heads * c.head_dim;
+    const std::vector<float> keys = RandomVector(size_t(rows) * kv, 12, 2.0f), values = RandomVector(keys.size(), 13);
+    DeviceLayer device(layer.host);
+    DeviceStep device_step(step);
+    Device<float> d_keys(keys), d_values(values), d_freq(layer.inv_freq);
+    ASSERT_EQ(cuda::compressed_append(device.View(), device_step.View(), d_keys.get(), d_values.get(), d_freq.get(),
+                                      1.0f, true, nullptr),
+              cudaSuccess);
+    std::vector<float> rotated = keys, norms(size_t(rows) * c.kv_heads);
+    cpu::key_l2_norms(keys.data(), int64_t(norms.size()), c.head_dim, norms.data());
+    cpu::apply_rope(rotated.data(), step.row_position.data(), layer.inv_freq.data(), rows, c.kv_heads, c.head_dim,
+                    1.0f);
+    cpu::compressed_append(layer.host.View(), step.View(), rotated.data(), values.data(), norms.data());
+    const HostLayer actual = device.Read();
+    ASSERT_EQ(actual.dense_count, layer.host.dense_count) << c.Name();
+    ASSERT_EQ(actual.dense_positions, layer.host.dense_positions) << c.Name();
+    ASSERT_EQ(actual.dense_values, layer.host.dense_values) << c.Name();
+    std::vector<float> actual_keys, expected_keys;
+    for (uint16_t bits : actual.dense_keys) actual_keys.push_back(Bf16ToFloat(bits));
+    for (uint16_t bits : layer.host.dense_keys) expected_keys.push_back(Bf16ToFloat(bits));
+    EXPECT_TRUE(AllClose(actual_keys, expected_keys, kBf16Rotated)) << c.Name();
+    EXPECT_TRUE(AllClose(actual.dense_scores, layer.host.dense_scores, kFp32Reduction)) << c.Name();
+  }
+}
+
+// Attention and probabilities, with RefreshKV full steps for some sequences and subsets for the others.
+TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  for (const LayerCase& c : kLayerCases) {
+    for (const int group : {1, 4}) {
+      RandomLayer layer = MakeRandomLayer(c, 21 + group);
+      const HostStep step = MakeStep(layer);
+      AppendStepRows(layer, step, 22);
+      const int rows = int(step.row_sequence.size()), heads = c.kv_heads * group;
+      const std::vector<float> q = RandomVector(size_t(rows) * heads * c.head_dim, 23, 1.5f);
+      // Refresh state: sequence 0 on a full step, the others on subsets past a refresh position.
+      std::vector<int32_t> refresh_position(c.sequences), steps(c.sequences, 1);
+      std::vector<uint8_t> has_query(c.sequences, 1), full_step(c.sequences, 0);
+      std::vector<float> queries(size_t(c.sequences) * c.head_dim, 0.0f);
+      for (int s = 0; s < c.sequences; ++s) refresh_position[s] = layer.lengths[s] - 5;
+      full_step[0] = 1;
+      const RefreshStateView host_refresh{refresh_position.data(), steps.data(),   has_query.data(),
+                                          full_step.data(),        queries.data(), queries.data()};
+      const cpu::CompressedAttentionParams params{
+          .heads = heads, .scale = 1.0f / std::sqrt(float(c.head_dim)), .merge_compensation = 0.7f};
+      const CodingTables tables = layer.Tables();
+      std::vector<float> expected(q.size()), dense_probabilities(layer.host.dense_positions.size(), -1.0f),
+          coded_probabilities(layer.host.coded_positions.size(), -1.0f);
+      cpu::compressed_attention(layer.host.View(), &tables, step.View(), &host_refresh, params, q.data(),
+                                expected.data(), dense_probabilities.data(), coded_probabilities.data());
+
+      DeviceLayer device(layer.host);
+      DeviceStep device_step(step);
+      Device<float> d_q(q), d_key_atoms(layer.key_atoms), d_value_atoms(layer.value_atoms), d_freq(layer.inv_freq);
+      Device<int32_t> d_refresh_position(refresh_position), d_steps(steps);
+      Device<uint8_t> d_has_query(has_query), d_full_step(full_step);
+      Device<float> d_queries(queries);
+      const RefreshStateView device_refresh{d_refresh_position.get(), d_steps.get(),   d_has_query.get(),
+                                            d_full_step.get(),        d_queries.get(), d_queries.get()};
+      CodingTables device_tables = tables;
+      device_tables.key_atoms = d_key_atoms.get();
+      device_tables.value_atoms = d_value_atoms.get();
+      device_tables.inv_freq = d_freq.get();
+      const int max_region = (layer.host.dense_begin[1] - layer.host.dense_begin[0]) +
+                             (layer.host.coded_begin[1] - layer.host.coded_begin[0]) + 1;
+      const cuda::CompressedAttentionShape shape{.heads = heads,
+                                                 .scale = params.scale,
+                                                 .merge_compensation = params.merge_compensation,
+                                                 .max_region = max_region};
+      Device<uint16_t> out(q.size());
+      Device<float> row_stats(size_t(rows) * heads * 2);
+      Device<char> workspace(cuda::compressed_attention_workspace_bytes(shape, rows, c.kv_heads, c.head_dim));
+      Device<float> d_dense_probabilities(dense_probabilities.size()),
+          d_coded_probabilities(coded_probabilities.size());
+      ASSERT_EQ(cuda::compressed_attention(device.View(), &device_tables, device_step.View(), &device_refresh, shape,
+                                           d_q.get(), testing::AsBf16(out), row_stats.get(), workspace.get(), nullptr),
+                cudaSuccess);
+      ASSERT_EQ(cuda::entry_probabilities(device.View(), &device_tables, device_step.View(), &device_refresh, shape,
+                                          d_q.get(), row_stats.get(), false, d_dense_probabilities.get(),
+                                          d_coded_probabilities.get(), nullptr),
+                cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::string name = absl::StrFormat("%s, group %d", c.Name(), group);
+      EXPECT_TRUE(AllClose(testing::ReadBf16(out), expected, kCompressedAttention)) << name;
+      // Probabilities of the stepping heads' live entries (the reference leaves the rest at -1).
+      const std::vector<float> actual_dense = d_dense_probabilities.Read(), actual_coded = d_coded_probabilities.Read();
+      std::vector<float> live_actual, live_expected;
+      auto collect = [&](const std::vector<float>& expected_values, const std::vector<float>& actual_values) {
+        for (size_t slot = 0; slot < expected_values.size(); ++slot) {
+          if (expected_values[slot] < 0.0f) continue;
+          live_actual.push_back(actual_values[slot]);
+          live_expected.push_back(expected_values[slot]);
+        }
+      };
+      collect(dense_probabilities, actual_dense);
+      collect(coded_probabilities, actual_coded);
+      EXPECT_GT(live_expected.size(), 0u);
+      EXPECT_TRUE(AllClose(live_actual, live_expected, kProbabilities)) << name;
+    }
+  }
+}
+
+TEST(CudaCompressedTest, ScoresAndRefreshMatchCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  for (const LayerCase& c : kLayerCases) {
+    RandomLayer layer = MakeRandomLayer(c, 31);
+    const HostStep step = MakeStep(layer);
+    AppendStepRows(layer, step, 32);
+    std::mt19937 generator(33);
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    std::vector<float> dense_probabilities(layer.host.dense_positions.size()),
+        coded_probabilities(layer.host.coded_positions.size());
+    for (float& p : dense_probabilities) p = uniform(generator) * 0.1f;
+    for (float& p : coded_probabilities) p = uniform(generator) * 0.1f;
+
+    DeviceLayer device(layer.host);
+    DeviceStep device_step(step);
+    Device<float> d_dense(dense_probabilities), d_coded(coded_probabilities);
+    cpu::update_scores(layer.host.View(), step.View(), 0.9f, dense_probabilities.data(), coded_probabilities.data());
+    ASSERT_EQ(cuda::update_scores(device.View(), device_step.View(), 0.9f, d_dense.get(), d_coded.get(), nullptr),
+              cudaSuccess);
+    ExpectSameLiveEntries(device.Read(), layer.host, "update_scores " + c.Name());
+
+    // Decide: sequence 0 has no query yet, 2 is due by stride, 3 drifted, the rest stay on subsets.
+    const int heads = 2 * c.kv_heads, rows = int(step.row_sequence.size());
+    std::vector<float> q = RandomVector(size_t(rows) * heads * c.head_dim, 34);
+    std::vector<int32_t> refresh_position(c.sequences, 3), steps(c.sequences, 0);
+    std::vector<uint8_t> has_query(c.sequences, 1), full_step(c.sequences, 0);
+    std::vector<float> queries(size_t(c.sequences) * c.head_dim), step_query(queries.size(), 0.0f);
+    has_query[0] = 0;
+    if (c.sequences > 2) steps[2] = 7;
+    // The last full step's query: this step's mean query (no drift), reversed for sequence 3 (drift).
+    for (int j = 0; j < int(step.sequence.size()); ++j) {
+      const int s = step.sequence[j];
+      const float* last = q.data() + size_t(step.row_begin[j + 1] - 1) * heads * c.head_dim;
+      for (int d = 0; d < c.head_dim; ++d) {
+        float mean = 0.0f;
+        for (int h = 0; h < heads; ++h) mean += last[h * c.head_dim + d] / heads;
+        queries[size_t(s) * c.head_dim + d] = s == 3 ? -mean : mean;
+      }
+    }
+    const RefreshSettings settings{.refresh_stride = 8, .query_similarity_threshold = 0.85f, .pool_kernel = 5};
+    const RefreshStateView host_state{refresh_position.data(), steps.data(),   has_query.data(),
+                                      full_step.data(),        queries.data(), step_query.data()};
+    Device<int32_t> d_refresh_position(refresh_position), d_steps(steps);
+    Device<uint8_t> d_has_query(has_query), d_full_step(full_step);
+    Device<float> d_queries(queries), d_step_query(step_query), d_q(q);
+    const RefreshStateView device_state{d_refresh_position.get(), d_steps.get(),   d_has_query.get(),
+                                        d_full_step.get(),        d_queries.get(), d_step_query.get()};
+    cpu::refresh_decide(host_state, step.View(), settings, q.data(), heads, c.head_dim);
+    ASSERT_EQ(cuda::refresh_decide(device_state, device_step.View(), settings, d_q.get(), heads, c.head_dim, nullptr),
+              cudaSuccess);
+    ASSERT_EQ(d_full_step.Read(), full_step) << c.Name();
+    EXPECT_TRUE(AllClose(d_step_query.Read(), step_query, kFp32Reduction)) << c.Name();
+    EXPECT_EQ(full_step[0], 1);
+
+    // Select: each head keeps a third of its entries.
+    std::vector<int32_t> selected_counts;
+    for (int j = 0; j < int(step.sequence.size()); ++j)
+      for (int h = 0; h < c.kv_heads; ++h) {
+        const int i = step.sequence[j] * c.kv_heads + h;
+        selected_counts.push_back((layer.host.dense_count[i] + (c.key_sparsity ? layer.host.coded_count[i] : 0)) / 3);
+      }
+    Device<int32_t> d_selected_counts(selected_counts);
+    const int capacity = *std::max_element(layer.lengths.begin(), layer.lengths.end()) + c.rows_per_sequence;
+    Device<float> position_workspace(
+        cuda::refresh_select_workspace_bytes(int(step.sequence.size()), c.kv_heads, capacity) / sizeof(float));
+    cpu::refresh_select(layer.host.View(), host_state, step.View(), {.selected = selected_counts.data()}, settings,
+                        dense_probabilities.data(), coded_probabilities.data());
+    ASSERT_EQ(
+        cuda::refresh_select(device.View(), device_state, device_step.View(), {.selected = d_selected_counts.get()},
+                             settings, d_dense.get(), d_coded.get(), capacity, position_workspace.get(), nullptr),
+        cudaSuccess);
+    ExpectSameLiveEntries(device.Read(), layer.host, "refresh_select " + c.Name());
+    EXPECT_EQ(d_refresh_position.Read(), refresh_position) << c.Name();
+    EXPECT_EQ(d_steps.Read(), steps) << c.Name();
+    EXPECT_EQ(d_has_query.Read(), has_query) << c.Name();
+  }
+}
+
+TEST(CudaCompressedTest, EvictionMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  for (const LayerCase& c : kLayerCases) {
+    for (const bool keep_low_key_norms : {true, false}) {
+      for (const bool merge : {true, false}) {
+        RandomLayer layer = MakeRandomLayer(c, 41 + merge);
+        const HostStep step = MakeStep(layer);
+        AppendStepRows(layer, step, 42);
+        // Targets from a few entries under what each head holds to a good share of it.
+        std::vector<int32_t> kept;
+        for (int j = 0; j < int(step.sequence.size()); ++j)
+          for (int h = 0; h < c.kv_heads; ++h) {
+            const int i = step.sequence[j] * c.kv_heads + h;
+            const int live = layer.host.dense_count[i] + (c.key_sparsity ? layer.host.coded_count[i] : 0);
+            kept.push_back(h % 2 == 0 ? live - std::min(live, c.rows_per_sequence + 1) : live * 2 / 3);
+          }
+        const EvictionSettings settings{
+            .keep_low_key_norms = keep_low_key_norms, .sink_tokens = 4, .protected_recent = 8, .merge_evicted = merge};
+        DeviceLayer device(layer.host);
+        DeviceStep device_step(step);
+        Device<int32_t> d_kept(kept);
+        Device<float> d_key_atoms(layer.key_atoms), d_value_atoms(layer.value_atoms), d_freq(layer.inv_freq);
+        CodingTables tables = layer.Tables(), device_tables = tables;
+        device_tables.key_atoms = d_key_atoms.get();
+        device_tables.value_atoms = d_value_atoms.get();
+        device_tables.inv_freq = d_freq.get();
+        // The first case's targets are small enough that some heads could lose more than one step allows.
+        bool fits = true;
+        for (int j = 0; j < int(step.sequence.size()); ++j)
+          for (int h = 0; h < c.kv_heads; ++h) {
+            const int i = step.sequence[j] * c.kv_heads + h;
+            const int live = layer.host.dense_count[i] + (c.key_sparsity ? layer.host.coded_count[i] : 0);
+            fits &= live - kept[j * c.kv_heads + h] <= cuda::kMaxEvictionsPerStep;
+          }
+        ASSERT_TRUE(fits) << "test targets exceed one step's evictions";
+        cpu::evict(layer.host.View(), &tables, step.View(), {.kept = kept.data()}, settings);
+        ASSERT_EQ(
+            cuda::evict(device.View(), &device_tables, device_step.View(), {.kept = d_kept.get()}, settings, nullptr),
+            cudaSuccess);
+        const HostLayer actual = device.Read();
+        const std::string name =
+            absl::StrFormat("%s, %s, merge %d", c.Name(), keep_low_key_norms ? "L2" : "attention", merge);
+        ExpectSameLiveEntries(actual, layer.host, name);
+        EXPECT_EQ(actual.merged_tokens, layer.host.merged_tokens) << name;
+        EXPECT_TRUE(AllClose(actual.merged_keys, layer.host.merged_keys, kFp32Reduction)) << name;
+        EXPECT_TRUE(AllClose(actual.merged_values, layer.host.merged_values, kFp32Reduction)) << name;
+      }
+    }
+  }
+}
+
+TEST(CudaCompressedTest, CodingLeavingEntriesMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  for (const LayerCase& c : kLayerCases) {
+    if (c.key_sparsity == 0) continue;
+    RandomLayer layer = MakeRandomLayer(c, 51);
+    const HostStep step = MakeStep(layer);
+    AppendStepRows(layer, step, 52);
+    const int window = 20, max_leaving = 40 + c.rows_per_sequence;
+    const int groups = int(step.sequence.size()) * c.kv_heads, hd = c.head_dim;
+    std::vector<float> keys(size_t(groups) * max_leaving * hd), values(keys.size());
+    std::vector<int32_t> slots(size_t(groups) * max_leaving), counts(groups);
+    const CodingTables tables = layer.Tables();
+    cpu::gather_leaving_entries(layer.host.View(), tables, step.View(), window, max_leaving, keys.data(), values.data(),
+                                slots.data(), counts.data());
+    DeviceLayer device(layer.host);
+    DeviceStep device_step(step);
+    Device<float> d_key_atoms(layer.key_atoms), d_value_atoms(layer.value_atoms), d_freq(layer.inv_freq);
+    CodingTables device_tables = tables;
+    device_tables.key_atoms = d_key_atoms.get();
+    device_tables.value_atoms = d_value_atoms.get();
+    device_tables.inv_freq = d_freq.get();
+    Device<float> d_keys(keys.size()), d_values(values.size());
+    Device<int32_t> d_slots(slots.size()), d_counts(counts.size());
+    ASSERT_EQ(cuda::gather_leaving_entries(device.View(), device_tables, device_step.View(), window, max_leaving,
+                                           d_keys.get(), d_values.get(), d_slots.get(), d_counts.get(), nullptr),
+              cudaSuccess);
+    ASSERT_EQ(d_counts.Read(), counts) << c.Name();
+    const std::vector<int32_t> actual_slots = d_slots.Read();
+    const std::vector<float> actual_keys = d_keys.Read(), actual_values = d_values.Read();
+    std::vector<float> live_keys, expected_keys, live_values, expected_values;
+    for (int g = 0; g < groups; ++g)
+      for (int t = 0; t < counts[g]; ++t) {
+        const size_t row = size_t(g) * max_leaving + t;
+        ASSERT_EQ(actual_slots[row], slots[row]) << c.Name();
+        live_keys.insert(live_keys.end(), actual_keys.begin() + row * hd, actual_keys.begin() + (row + 1) * hd);
+        expected_keys.insert(expected_keys.end(), keys.begin() + row * hd, keys.begin() + (row + 1) * hd);
+        live_values.insert(live_values.end(), actual_values.begin() + row * hd, actual_values.begin() + (row + 1) * hd);
+        expected_values.insert(expected_values.end(), values.begin() + row * hd, values.begin() + (row + 1) * hd);
+      }
+    ASSERT_GT(live_keys.size(), 0u) << c.Name();
+    EXPECT_TRUE(AllClose(live_keys, expected_keys, kUnrotated)) << c.Name();
+    EXPECT_EQ(live_values, expected_values) << c.Name();
+
+    // Both commits take the CPU's codes, so the storage must come out identical.
+    std::vector<uint32_t> key_codes(size_t(groups) * max_leaving * c.key_sparsity),
+        value_codes(size_t(groups) * max_leaving * c.value_sparsity);
+    for (size_t i = 0; i < key_codes.size(); ++i) key_codes[i] = cpu::pack_code(uint16_t(i % c.atoms), 0.25f * (i % 7));
+    for (size_t i = 0; i < value_codes.size(); ++i) value_codes[i] = cpu::pack_code(uint16_t(i % c.atoms), -0.5f);
+    Device<uint32_t> d_key_codes(key_codes), d_value_codes(value_codes);
+    cpu::commit_leaving_entries(layer.host.View(), step.View(), max_leaving, slots.data(), counts.data(),
+                                key_codes.data(), value_codes.data());
+    ASSERT_EQ(cuda::commit_leaving_entries(device.View(), device_step.View(), max_leaving, d_slots.get(),
+                                           d_counts.get(), d_key_codes.get(), d_value_codes.get(), nullptr),
+              cudaSuccess);
+    ExpectSameLiveEntries(device.Read(), layer.host, "commit " + c.Name());
+  }
+}
+
+TEST(CudaCompressedTest, MatchingPursuitMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  for (auto [atoms, dim, groups, group_size, sparsity] :
+       {std::tuple{1024, 64, 3, 91, 8}, {37, 128, 5, 20, 4}, {5, 64, 2, 5, 5}, {4096, 128, 2, 40, 8}}) {
+    const std::vector<float> dictionary = UnitRows(atoms, dim, 31);
+    const std::vector<float> x = RandomVector(size_t(groups) * group_size * dim, 32);
+    std::vector<int32_t> counts(groups);
+    for (int g = 0; g < groups; ++g) counts[g] = group_size - g * 3;  // rows past a count stay untouched
+    Device<float> d_dictionary(dictionary), d_x(x);
+    Device<int32_t> d_counts(counts);
+    Device<uint32_t> codes(size_t(groups) * group_size * sparsity);
+    ASSERT_EQ(cuda::matching_pursuit(d_dictionary.get(), atoms, dim, d_x.get(), groups, group_size, d_counts.get(),
+                                     sparsity, codes.get(), nullptr),
+              cudaSuccess);
+    const std::vector<uint32_t> packed = codes.Read();
+    std::vector<float> coded_x;
+    std::vector<uint16_t> indices;
+    std::vector<float> coefficients;
+    for (int g = 0; g < groups; ++g)
+      for (int t = 0; t < group_size; ++t) {
+        const size_t row = size_t(g) * group_size + t;
+        for (int s = 0; s < sparsity; ++s) {
+          const uint32_t code = packed[row * sparsity + s];
+          if (t >= counts[g]) {
+            ASSERT_EQ(code, 0xffffffffu) << "an uncounted row was written";
+            continue;
+          }
+          indices.push_back(uint16_t(code & 0xffff));
+          coefficients.push_back(Fp16ToFloat(uint16_t(code >> 16)));
+        }
+        if (t < counts[g]) coded_x.insert(coded_x.end(), x.begin() + row * dim, x.begin() + (row + 1) * dim);
+      }
+    EXPECT_TRUE(testing::CodesMatchReference(dictionary, atoms, dim, coded_x, sparsity, indices, coefficients))
+        << atoms << " atoms, dim " << dim;
+  }
+}
+
+}  // namespace
+}  // namespace kvplan
