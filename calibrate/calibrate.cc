@@ -290,6 +290,66 @@ plan::Dictionary LearnDictionary(const std::vector<float>& samples, int dim, int
   return result;
 }
 
+// The planner's inputs every calibration shares: the model, the target and the methods' settings.
+PlannerInputs BaseInputs(const CalibrateOptions& options, const ModelConfig& config, const WeightSource& weights) {
+  PlannerInputs inputs;
+  inputs.model = FingerprintModel(config, weights);
+  inputs.target_memory_ratio = options.target_memory_ratio;
+  inputs.reference_context = int(std::min<int64_t>(config.max_position_embeddings, 2048));
+  inputs.budget_settings = options.budget_settings;
+  std::erase_if(inputs.budget_settings.exempt_layers, [](int layer) { return layer < 0; });
+  inputs.refresh_policy = options.refresh_policy;
+  inputs.refresh = options.methods.contains("refresh");
+  return inputs;
+}
+
+plan::SparseCoding CodingSettings(const CalibrateOptions& options) {
+  plan::SparseCoding coding;
+  coding.set_key_sparsity(options.key_sparsity);
+  coding.set_value_sparsity(options.value_sparsity);
+  coding.set_recent_window(options.coding_recent_window);
+  coding.set_keys_coded_after_rope(options.keys_after_rope);
+  return coding;
+}
+
+absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
+  if (options.methods.contains("share"))
+    return absl::InvalidArgumentError(
+        "layer sharing is searched on the model's outputs; a random-weight --shape has "
+        "none worth keeping (drop share from --methods)");
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, RandomModel(options.model_shape, 1));
+  const ModelConfig& config = loaded.config;
+  PlannerInputs inputs = BaseInputs(options, config, *loaded.weights);
+  inputs.calibration.set_data_path("synthetic: random weights, random unit atoms, uniform attention coverage");
+  inputs.calibration.set_tool_version("kvplan 0.1");
+  if (options.methods.contains("dict")) {
+    inputs.sparse_coding = CodingSettings(options);
+    std::mt19937 generator(11);
+    std::normal_distribution<float> normal;
+    const int hd = config.head_dim, atoms = options.dictionary_atoms;
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      auto* entry = inputs.sparse_coding.add_layers();
+      entry->set_layer(layer);
+      for (plan::Dictionary* dictionary : {entry->mutable_keys(), entry->mutable_values()}) {
+        dictionary->set_atoms(atoms);
+        dictionary->set_dim(hd);
+        std::vector<float> values(int64_t(atoms) * hd);
+        for (int a = 0; a < atoms; ++a) {
+          double norm = 0;
+          for (int d = 0; d < hd; ++d)
+            norm += double(values[int64_t(a) * hd + d] = normal(generator)) * values[int64_t(a) * hd + d];
+          for (int d = 0; d < hd; ++d) values[int64_t(a) * hd + d] /= float(std::sqrt(norm));
+        }
+        dictionary->mutable_values()->Assign(values.begin(), values.end());
+      }
+    }
+  }
+  if (options.methods.contains("budget"))
+    inputs.attention_coverage =
+        std::vector<std::vector<float>>(config.num_layers, std::vector<float>(config.num_kv_heads, 0.1f));
+  return CompilePlan(inputs);
+}
+
 }  // namespace
 
 const std::set<std::string>& KnownMethods() {
@@ -304,6 +364,10 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
           absl::StrCat("unknown method \"", method, "\" (known: ", absl::StrJoin(KnownMethods(), ", "), ")"));
   if (!(options.target_memory_ratio > 0.0f && options.target_memory_ratio <= 1.0f))
     return absl::InvalidArgumentError("--target-memory must be in (0, 1]: the plan's bytes over the full cache's");
+  if (options.model_dir.empty() == options.model_shape.empty())
+    return absl::InvalidArgumentError("give exactly one of --model and --shape");
+  if (!options.model_shape.empty()) return SyntheticPlan(options);
+  if (options.data_path.empty()) return absl::InvalidArgumentError("calibrating a checkpoint needs --data");
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(options.model_dir));
   const ModelConfig& config = loaded.config;
   if (options.dictionary_atoms > 65536) return absl::InvalidArgumentError("at most 65536 atoms (16-bit indices)");
@@ -331,19 +395,12 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     }
   }
 
-  PlannerInputs inputs;
-  inputs.model = FingerprintModel(config, *loaded.weights);
+  PlannerInputs inputs = BaseInputs(options, config, *loaded.weights);
   inputs.calibration.set_data_path(options.data_path);
   inputs.calibration.set_tokens(tokens);
   inputs.calibration.set_sequences(int(sequences.size()));
   inputs.calibration.set_sequence_length(options.sequence_length);
   inputs.calibration.set_tool_version("kvplan 0.1");
-  inputs.target_memory_ratio = options.target_memory_ratio;
-  inputs.reference_context = int(std::min<int64_t>(config.max_position_embeddings, 2048));
-  inputs.budget_settings = options.budget_settings;
-  std::erase_if(inputs.budget_settings.exempt_layers, [](int layer) { return layer < 0; });
-  inputs.refresh_policy = options.refresh_policy;
-  inputs.refresh = options.methods.contains("refresh");
 
   if (options.methods.contains("share")) {
     KVPLAN_ASSIGN_OR_RETURN(auto sharing, SearchSharing(options, config, *loaded.weights, inputs.model, sequences,
@@ -355,10 +412,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
 
   if (options.methods.contains("dict")) {
     plan::SparseCoding& coding = inputs.sparse_coding;
-    coding.set_key_sparsity(options.key_sparsity);
-    coding.set_value_sparsity(options.value_sparsity);
-    coding.set_recent_window(options.coding_recent_window);
-    coding.set_keys_coded_after_rope(options.keys_after_rope);
+    coding = CodingSettings(options);
     for (int layer = 0; layer < config.num_layers; ++layer) {
       if (progress) progress("dictionaries", layer + 1, config.num_layers);
       if (sharers.contains(layer)) continue;

@@ -15,6 +15,11 @@ namespace kvplan {
 struct CalibrateOptions {
   std::string model_dir;
   std::string data_path;
+  // Instead of a checkpoint and data: a named real shape with random weights (loader's RandomModel, seed 1, as
+  // `kvplan bench --shape` builds it). Such a model has nothing to learn from, so its plan is synthetic: random
+  // unit atoms for CSR, the same attention coverage for every head, no layer sharing; it exercises the runtime
+  // at real scale, not quality.
+  std::string model_shape;
   float target_memory_ratio = 0.2f;
   std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
   int sequences = 16;

@@ -137,7 +137,8 @@ absl::Status RunBench(const BenchCommand& command) {
                                                    .num_sequences = command.batch,
                                                    .capacity = capacity,
                                                    .max_rows = command.batch,
-                                                   .plan = PlanPointer(plan)}));
+                                                   .plan = PlanPointer(plan),
+                                                   .cuda_graphs = command.cuda_graphs}));
   std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step", "KV bytes",
               "GB/s");
   for (int context : command.contexts) {

@@ -42,6 +42,7 @@ struct BenchCommand {
   int steps = 32;
   std::string device = "auto";
   std::string plan_path;
+  bool cuda_graphs = true;
 };
 absl::Status RunBench(const BenchCommand& command);
 

@@ -44,13 +44,17 @@ int main(int argc, char** argv) {
   bench_app->add_option("--steps", bench.steps, "timed decode steps");
   bench_app->add_option("--device", bench.device, "auto | cpu | cuda");
   bench_app->add_option("--plan", bench.plan_path, "execute this cache plan");
+  bench_app->add_flag("!--no-cuda-graphs", bench.cuda_graphs, "CUDA: launch every kernel of a decode step eagerly");
 
   kvplan::CalibrateCommand calibrate;
   kvplan::CalibrateOptions& calibration = calibrate.options;
   CLI::App* calibrate_app = app.add_subcommand("calibrate", "learn a cache plan from sample text");
-  calibrate_app->add_option("--model", calibration.model_dir, "Hugging Face model directory")->required();
-  calibrate_app->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines")
-      ->required();
+  calibrate_app->add_option("--model", calibration.model_dir, "Hugging Face model directory");
+  calibrate_app->add_option("--shape", calibration.model_shape,
+                            "instead of --model: a synthetic plan for random weights of a real shape (runtime speed "
+                            "at scale, not quality): " +
+                                absl::StrJoin(kvplan::NamedModelShapes(), ", "));
+  calibrate_app->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines");
   calibrate_app->add_option("-o,--output", calibrate.output_path, "plan file to write")->required();
   calibrate_app->add_option("--target-memory", calibration.target_memory_ratio,
                             "plan KV bytes / full-cache bytes at 2K tokens, e.g. 0.2 for 5x");

@@ -33,7 +33,10 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
   if (options.backend == Backend::kCuda ||
       (options.backend == Backend::kAuto && cuda::device_available() && cuda_executes_plan)) {
     CudaModelOptions cuda_options{
-        .num_sequences = options.num_sequences, .capacity = options.capacity, .max_rows = options.max_rows};
+        .num_sequences = options.num_sequences,
+        .capacity = options.capacity,
+        .max_rows = options.max_rows,
+        .cuda_graphs = options.cuda_graphs};
     if (policies) {
       cuda_options.policy = policies->cache;
       cuda_options.dictionaries = policies->dictionaries;

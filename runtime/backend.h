@@ -18,7 +18,8 @@ struct ModelOptions {
   int num_sequences = 1;
   int capacity = 0;                  // 0: the model's max_position_embeddings
   int max_rows = 2048;               // CUDA: most rows per Forward
-  const plan::Plan* plan = nullptr;  // execute this cache plan (CPU runtime)
+  const plan::Plan* plan = nullptr;  // execute this cache plan
+  bool cuda_graphs = true;           // CUDA: decode steps as CUDA graphs
 };
 absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
                                                    const ModelOptions& options);

@@ -48,18 +48,6 @@ __device__ inline float warp_sum(float value) {
   return value;
 }
 
-__device__ int block_sum_int(int value) {
-  __shared__ int partial[kBlock / 32];
-  __syncthreads();
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
-  __syncthreads();
-  int total = 0;
-  for (int w = 0; w < kBlock / 32; ++w) total += partial[w];
-  return total;
-}
-
 // Floats as unsigned keys that order like the floats.
 __device__ inline uint32_t ordered_bits(float value) {
   const uint32_t bits = __float_as_uint(value);
@@ -69,8 +57,30 @@ __device__ inline uint32_t ordered_bits(float value) {
 // The k-th largest (1 <= k <= valid keys) of the keys key_of(e, &key) reports valid for e in [0, n), by radix
 // selection one byte at a time from the top. Keys must be unique, so exactly k keys are >= the result. Every
 // thread of the block calls it and gets the result.
+// The largest valid key (0 when none is valid).
+template <typename KeyOf>
+__device__ uint64_t block_largest(int n, KeyOf key_of) {
+  __shared__ unsigned long long warp_largest[kBlock / 32];
+  unsigned long long largest = 0;
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    uint64_t key;
+    if (key_of(e, key)) largest = max(largest, (unsigned long long)key);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) largest = max(largest, __shfl_xor_sync(0xffffffff, largest, offset));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) warp_largest[threadIdx.x / 32] = largest;
+  __syncthreads();
+  for (int w = 0; w < (int(blockDim.x) + 31) / 32; ++w) largest = max(largest, warp_largest[w]);
+  return largest;
+}
+
+// The k-th largest (1 <= k <= valid keys) of the keys key_of(e, &key) reports valid for e in [0, n), by radix
+// selection one byte at a time from the top. Keys must be unique, so exactly k keys are >= the result. Every
+// thread of the block calls it and gets the result.
 template <typename KeyOf>
 __device__ uint64_t block_kth_largest(int n, int k, KeyOf key_of) {
+  if (k == 1) return block_largest(n, key_of);  // a decode step's usual eviction: one pass, not eight
   __shared__ unsigned histogram[256];
   __shared__ uint64_t shared_prefix;
   __shared__ int shared_remaining;
@@ -678,10 +688,8 @@ __global__ void __launch_bounds__(kBlock) evict_kernel(CompressedLayer layer, Co
                      : layer.dense_positions[layer.dense_begin[head] + e - coded];
   };
   auto candidate = [&](int32_t position) { return position >= settings.sink_tokens && position < protected_from; };
-  int local = 0;
-  for (int e = threadIdx.x; e < n; e += blockDim.x) local += candidate(position_of(e));
-  excess = min(excess, block_sum_int(local));
-  if (excess == 0) return;
+  // The host's target never asks for more than the candidates (KeptTokens counts sinks and the protected window
+  // in), so the count of victims found below is the excess; taking that count keeps the kernel in bounds anyway.
   // Larger key = evicted first: the higher norm (or lower attention score), then the older position.
   auto key_of = [&](int e, uint64_t& key) {
     const int32_t position = position_of(e);
@@ -707,10 +715,12 @@ __global__ void __launch_bounds__(kBlock) evict_kernel(CompressedLayer layer, Co
     uint64_t key;
     if (!key_of(e, key) || key < threshold) continue;
     const int v = atomicAdd(&victim_count, 1);
+    if (v >= kMaxEvictionsPerStep) continue;
     victim_entry[v] = e;
     victim_position[v] = position_of(e);
   }
   __syncthreads();
+  excess = min(victim_count, kMaxEvictionsPerStep);
   // Victims ranked by position (merge order), and per region by slot (compaction order).
   if (threadIdx.x == 0) dense_victims = coded_victims = 0;
   for (int v = threadIdx.x; v < excess; v += blockDim.x) {

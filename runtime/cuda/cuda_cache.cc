@@ -155,6 +155,7 @@ class CudaKvCacheImpl : public CudaKvCache {
       KVPLAN_RETURN_IF_ERROR(pinned_[s].Allocate(words * sizeof(int32_t)));
       KVPLAN_CUDA(cudaEventCreateWithFlags(&copied_[s], cudaEventDisableTiming));
     }
+    KVPLAN_RETURN_IF_ERROR(graph_pinned_.Allocate(words * sizeof(int32_t)));
     KVPLAN_RETURN_IF_ERROR(metadata_.Allocate(words * sizeof(int32_t)));
     return Reset();
   }
@@ -162,35 +163,18 @@ class CudaKvCacheImpl : public CudaKvCache {
   int max_rows_per_sequence() const override { return max_rows_per_sequence_; }
 
   absl::Status BeginPass(const StepRows& rows, int begin, int end) override {
-    const int T = end - begin;
-    if (T <= 0 || T > options_.max_rows)
-      return absl::InvalidArgumentError(
-          absl::StrCat("a pass of ", T, " rows; the cache takes 1 to ", options_.max_rows));
-    groups_ = GroupRows(rows.sequences.data() + begin, rows.positions.data() + begin, T);
-    const int G = int(groups_.sequence.size());
-    if (G > max_groups_) return absl::InternalError("more sequences in a pass than the cache has");
-    if (max_rows_per_sequence_ > 0 && groups_.max_rows > max_rows_per_sequence_)
-      return absl::InternalError("a pass carries more rows of one sequence than the cache's chunk");
-    rows_ = T;
     slot_ = (slot_ + 1) % kPinnedSlots;
     KVPLAN_CUDA(cudaEventSynchronize(copied_[slot_]));
-    int32_t* words = pinned_[slot_].as<int32_t>();
-    std::copy_n(rows.tokens.data() + begin, T, words + layout_.tokens);
-    std::copy_n(rows.sequences.data() + begin, T, words + layout_.row_sequence);
-    std::copy_n(rows.positions.data() + begin, T, words + layout_.row_position);
-    std::copy(groups_.sequence.begin(), groups_.sequence.end(), words + layout_.sequence);
-    std::copy(groups_.row_begin.begin(), groups_.row_begin.end(), words + layout_.row_begin);
-    for (int l = 0; l < config_.num_layers; ++l) {
-      if (compressed_[l] == nullptr) continue;
-      const StepCounts counts = CountsForStep(policy_.layers[l], config_.num_kv_heads, groups_);
-      std::copy(counts.kept.begin(), counts.kept.end(), words + layout_.kept[l]);
-      std::copy(counts.selected.begin(), counts.selected.end(), words + layout_.selected[l]);
-    }
-    KVPLAN_CUDA(cudaMemcpyAsync(metadata_.as<int32_t>(), words, layout_.words * sizeof(int32_t), cudaMemcpyHostToDevice,
-                                stream_));
+    KVPLAN_RETURN_IF_ERROR(Stage(rows, begin, end, pinned_[slot_]));
+    KVPLAN_RETURN_IF_ERROR(Upload(pinned_[slot_]));
     KVPLAN_CUDA(cudaEventRecord(copied_[slot_], stream_));
     return absl::OkStatus();
   }
+
+  absl::Status StageGraphPass(const StepRows& rows) override {
+    return Stage(rows, 0, int(rows.tokens.size()), graph_pinned_);
+  }
+  absl::Status UploadGraphPass() override { return Upload(graph_pinned_); }
 
   const int32_t* tokens() const override { return metadata_.as<int32_t>() + layout_.tokens; }
   const int32_t* row_sequence() const override { return metadata_.as<int32_t>() + layout_.row_sequence; }
@@ -390,6 +374,38 @@ class CudaKvCacheImpl : public CudaKvCache {
     __nv_bfloat16* out_;
   };
 
+  // Writes the metadata of rows [begin, end) to `pinned` and remembers the pass's shape for the Layer calls.
+  absl::Status Stage(const StepRows& rows, int begin, int end, const PinnedBuffer& pinned) {
+    const int T = end - begin;
+    if (T <= 0 || T > options_.max_rows)
+      return absl::InvalidArgumentError(absl::StrCat("a pass of ", T, " rows; the cache takes 1 to ", options_.max_rows));
+    groups_ = GroupRows(rows.sequences.data() + begin, rows.positions.data() + begin, T);
+    const int G = int(groups_.sequence.size());
+    if (G > max_groups_) return absl::InternalError("more sequences in a pass than the cache has");
+    if (max_rows_per_sequence_ > 0 && groups_.max_rows > max_rows_per_sequence_)
+      return absl::InternalError("a pass carries more rows of one sequence than the cache's chunk");
+    rows_ = T;
+    int32_t* words = pinned.as<int32_t>();
+    std::copy_n(rows.tokens.data() + begin, T, words + layout_.tokens);
+    std::copy_n(rows.sequences.data() + begin, T, words + layout_.row_sequence);
+    std::copy_n(rows.positions.data() + begin, T, words + layout_.row_position);
+    std::copy(groups_.sequence.begin(), groups_.sequence.end(), words + layout_.sequence);
+    std::copy(groups_.row_begin.begin(), groups_.row_begin.end(), words + layout_.row_begin);
+    for (int l = 0; l < config_.num_layers; ++l) {
+      if (compressed_[l] == nullptr) continue;
+      const StepCounts counts = CountsForStep(policy_.layers[l], config_.num_kv_heads, groups_);
+      std::copy(counts.kept.begin(), counts.kept.end(), words + layout_.kept[l]);
+      std::copy(counts.selected.begin(), counts.selected.end(), words + layout_.selected[l]);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Upload(const PinnedBuffer& pinned) {
+    return CudaStatus(cudaMemcpyAsync(metadata_.as<int32_t>(), pinned.as<int32_t>(), layout_.words * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, stream_),
+                      "metadata upload");
+  }
+
   int64_t SlotElements() const {
     return int64_t(options_.num_sequences) * config_.num_kv_heads * options_.capacity * config_.head_dim;
   }
@@ -525,6 +541,7 @@ class CudaKvCacheImpl : public CudaKvCache {
   // The pass in flight.
   PassLayout layout_;
   PinnedBuffer pinned_[kPinnedSlots];
+  PinnedBuffer graph_pinned_;  // what captured graphs copy from
   cudaEvent_t copied_[kPinnedSlots] = {};
   int slot_ = 0;
   DeviceBuffer metadata_;

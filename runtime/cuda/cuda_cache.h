@@ -38,6 +38,10 @@ class CudaKvCache {
   // Stages rows [begin, end) of `rows` as the pass the following Layer calls run, and queues their upload on the
   // cache's stream. The device copies of the pass's tokens, sequences and positions are then these:
   virtual absl::Status BeginPass(const StepRows& rows, int begin, int end) = 0;
+  // CUDA graphs: StageGraphPass writes a whole step's metadata to the pinned memory a captured graph copies from;
+  // UploadGraphPass, called while capturing, queues that copy. A replay after StageGraphPass runs the new step.
+  virtual absl::Status StageGraphPass(const StepRows& rows) = 0;
+  virtual absl::Status UploadGraphPass() = 0;
   virtual const int32_t* tokens() const = 0;
   virtual const int32_t* row_sequence() const = 0;
   virtual const int32_t* row_position() const = 0;

@@ -4,7 +4,9 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <map>
 #include <numeric>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -23,6 +25,25 @@ CachePolicy FullCachePolicy(const ModelConfig& config) {
                      .layers = std::vector<LayerPolicy>(config.num_layers)};
 }
 
+// An instantiated CUDA graph, destroyed with its owner.
+class GraphExec {
+ public:
+  explicit GraphExec(cudaGraphExec_t exec) : exec_(exec) {}
+  GraphExec(GraphExec&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
+  GraphExec(const GraphExec&) = delete;
+  GraphExec& operator=(const GraphExec&) = delete;
+  ~GraphExec() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+  }
+  cudaGraphExec_t get() const { return exec_; }
+
+ private:
+  cudaGraphExec_t exec_;
+};
+
+// cuBLAS's recommended workspace on Hopper: set explicitly, so GEMMs captured into a graph allocate nothing.
+constexpr size_t kCublasWorkspaceBytes = 32 << 20;
+
 struct CudaLayer {
   DeviceBuffer attention_norm, q, k, v, o, mlp_norm, gate, up, down;  // bf16
   DeviceBuffer q_bias, k_bias, v_bias;                                // fp32, only with attention_bias
@@ -35,10 +56,12 @@ class CudaModel : public Model {
         num_sequences_(options.num_sequences),
         capacity_(options.capacity > 0 ? options.capacity : int(config.max_position_embeddings)),
         max_rows_(options.max_rows),
+        use_graphs_(options.cuda_graphs),
         policy_(options.policy ? *options.policy : FullCachePolicy(config)),
         dictionaries_(options.dictionaries) {}
 
   ~CudaModel() override {
+    graphs_.clear();
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
@@ -53,6 +76,9 @@ class CudaModel : public Model {
     KVPLAN_CUDA(cudaStreamCreate(&stream_));
     KVPLAN_RETURN_IF_ERROR(CublasStatus(cublasCreate(&cublas_), "cublasCreate"));
     KVPLAN_RETURN_IF_ERROR(CublasStatus(cublasSetStream(cublas_, stream_), "cublasSetStream"));
+    KVPLAN_RETURN_IF_ERROR(cublas_workspace_.Allocate(kCublasWorkspaceBytes));
+    KVPLAN_RETURN_IF_ERROR(CublasStatus(
+        cublasSetWorkspace(cublas_, cublas_workspace_.as<void>(), kCublasWorkspaceBytes), "cublasSetWorkspace"));
 
     KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, EmbeddingSpec(c), embed_));
     KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, FinalNormSpec(c), final_norm_));
@@ -149,25 +175,81 @@ class CudaModel : public Model {
       wanted_rows += wanted[t];
     }
     const size_t logits_bytes = size_t(wanted_rows) * c.vocab_size * sizeof(float);
-    if (logits_.bytes() < logits_bytes) KVPLAN_RETURN_IF_ERROR(logits_.Allocate(logits_bytes));
-    const std::vector<int> passes = ChunkRows(rows, cache_->max_rows_per_sequence());
-    int logit_rows = 0;
-    for (size_t p = 0; p + 1 < passes.size(); ++p)
-      KVPLAN_RETURN_IF_ERROR(ForwardPass(rows, passes[p], passes[p + 1], wanted, logit_rows));
-    for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
-    std::vector<float> logits(size_t(wanted_rows) * c.vocab_size);
-    KVPLAN_CUDA(cudaMemcpyAsync(logits.data(), logits_.as<float>(), logits_bytes, cudaMemcpyDeviceToHost, stream_));
+    KVPLAN_RETURN_IF_ERROR(ReserveLogits(logits_bytes));
+    if (use_graphs_ && OneRowPerSequence(rows)) {
+      KVPLAN_RETURN_IF_ERROR(ReplayDecodeGraph(rows));
+    } else {
+      const std::vector<int> passes = ChunkRows(rows, cache_->max_rows_per_sequence());
+      int logit_rows = 0;
+      for (size_t p = 0; p + 1 < passes.size(); ++p) {
+        KVPLAN_RETURN_IF_ERROR(cache_->BeginPass(rows, passes[p], passes[p + 1]));
+        KVPLAN_RETURN_IF_ERROR(EnqueuePass(passes[p], passes[p + 1], wanted, logit_rows));
+      }
+      KVPLAN_CUDA(cudaMemcpyAsync(logits_host_.as<float>(), logits_.as<float>(), logits_bytes, cudaMemcpyDeviceToHost,
+                                  stream_));
+    }
     KVPLAN_CUDA(cudaStreamSynchronize(stream_));
-    return logits;
+    for (int t = 0; t < T; ++t) lengths_[rows.sequences[t]] = rows.positions[t] + 1;
+    return std::vector<float>(logits_host_.as<float>(), logits_host_.as<float>() + size_t(wanted_rows) * c.vocab_size);
   }
 
  private:
-  // Rows [begin, end) through every layer; the wanted rows' logits land after the `logit_rows` already written.
-  absl::Status ForwardPass(const StepRows& rows, int begin, int end, const std::vector<bool>& wanted, int& logit_rows) {
+  static bool OneRowPerSequence(const StepRows& rows) {
+    for (size_t t = 1; t < rows.sequences.size(); ++t)
+      if (rows.sequences[t] == rows.sequences[t - 1]) return false;
+    return true;
+  }
+
+  // Device and pinned room for `bytes` of logits. Captured graphs write where the buffers were; new ones drop them.
+  absl::Status ReserveLogits(size_t bytes) {
+    if (logits_.bytes() >= bytes) return absl::OkStatus();
+    graphs_.clear();
+    KVPLAN_RETURN_IF_ERROR(logits_.Allocate(bytes));
+    return logits_host_.Allocate(bytes);
+  }
+
+  // A decode step (one row per sequence) as a CUDA graph: captured the first time a step of this many rows
+  // comes, replayed after that with the step's metadata staged where the graph copies it from. Launches and the
+  // kernels' host-side arguments depend on nothing but the row count, so the replay is the same work.
+  absl::Status ReplayDecodeGraph(const StepRows& rows) {
+    const int T = int(rows.tokens.size());
+    KVPLAN_RETURN_IF_ERROR(cache_->StageGraphPass(rows));
+    auto found = graphs_.find(T);
+    if (found == graphs_.end()) {
+      KVPLAN_ASSIGN_OR_RETURN(GraphExec exec, CaptureDecode(T));
+      found = graphs_.emplace(T, std::move(exec)).first;
+    }
+    return CudaStatus(cudaGraphLaunch(found->second.get(), stream_), "cudaGraphLaunch");
+  }
+
+  absl::StatusOr<GraphExec> CaptureDecode(int T) {
+    KVPLAN_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    const std::vector<bool> wanted(T, true);
+    int logit_rows = 0;
+    absl::Status status = cache_->UploadGraphPass();
+    if (status.ok()) status = EnqueuePass(0, T, wanted, logit_rows);
+    if (status.ok())
+      status = CudaStatus(cudaMemcpyAsync(logits_host_.as<float>(), logits_.as<float>(),
+                                          size_t(T) * config_.vocab_size * sizeof(float), cudaMemcpyDeviceToHost,
+                                          stream_),
+                          "logits copy");
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    KVPLAN_RETURN_IF_ERROR(status);
+    KVPLAN_CUDA(ended);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    KVPLAN_CUDA(instantiated);
+    return GraphExec(exec);
+  }
+
+  // Rows [begin, end) of the pass the cache last began through every layer; the wanted rows' logits land after
+  // the `logit_rows` already written.
+  absl::Status EnqueuePass(int begin, int end, const std::vector<bool>& wanted, int& logit_rows) {
     const ModelConfig& c = config_;
     const int T = end - begin;
     const int hidden = c.hidden_size, ffn = c.intermediate_size;
-    KVPLAN_RETURN_IF_ERROR(cache_->BeginPass(rows, begin, end));
     KVPLAN_CUDA(cuda::embed_tokens(embed_.as<__nv_bfloat16>(), cache_->tokens(), T, hidden, x_.as<float>(), stream_));
     for (int l = 0; l < c.num_layers; ++l) {
       const CudaLayer& layer = layers_[l];
@@ -255,11 +337,15 @@ class CudaModel : public Model {
 
   ModelConfig config_;
   int num_sequences_, capacity_, max_rows_;
+  bool use_graphs_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  DeviceBuffer cublas_workspace_;
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<CudaLayer> layers_;
   DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_, up_, activated_, logits_;
+  PinnedBuffer logits_host_;
+  std::map<int, GraphExec> graphs_;  // decode graphs by row count
   int64_t weight_bytes_ = 0;  // what the uploads took on the device
   CachePolicy policy_;
   std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries_;

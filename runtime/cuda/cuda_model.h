@@ -18,6 +18,8 @@ struct CudaModelOptions {
   int num_sequences = 1;
   int capacity = 0;     // 0: the model's max_position_embeddings
   int max_rows = 2048;  // most rows one Forward may carry
+  // Decode steps (one row per sequence) run as CUDA graphs, captured once per row count.
+  bool cuda_graphs = true;
   // The cache policy to execute (runtime/cache/plan_policies.h makes it and the dictionaries from a plan); none:
   // the full cache.
   std::optional<CachePolicy> policy;
