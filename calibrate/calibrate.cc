@@ -295,7 +295,9 @@ PlannerInputs BaseInputs(const CalibrateOptions& options, const ModelConfig& con
   PlannerInputs inputs;
   inputs.model = FingerprintModel(config, weights);
   inputs.target_memory_ratio = options.target_memory_ratio;
-  inputs.reference_context = int(std::min<int64_t>(config.max_position_embeddings, 2048));
+  inputs.reference_context = options.reference_context > 0
+                                 ? options.reference_context
+                                 : int(std::min<int64_t>(config.max_position_embeddings, 2048));
   inputs.budget_settings = options.budget_settings;
   std::erase_if(inputs.budget_settings.exempt_layers, [](int layer) { return layer < 0; });
   inputs.refresh_policy = options.refresh_policy;

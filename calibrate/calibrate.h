@@ -21,6 +21,7 @@ struct CalibrateOptions {
   // at real scale, not quality.
   std::string model_shape;
   float target_memory_ratio = 0.2f;
+  int reference_context = 0;  // the context the target is met at; 0: min(max positions, 2048)
   std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
   int sequences = 16;
   int sequence_length = 512;

@@ -132,13 +132,18 @@ absl::Status RunBench(const BenchCommand& command) {
   const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
   const int capacity = max_context + command.steps + 8;
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
+  const int batch = command.fit_memory_gb > 0 ? 1 : command.batch;
   KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
                                                   {.backend = backend,
-                                                   .num_sequences = command.batch,
+                                                   .num_sequences = batch,
                                                    .capacity = capacity,
-                                                   .max_rows = command.batch,
+                                                   .max_rows = batch,
                                                    .plan = PlanPointer(plan),
                                                    .cuda_graphs = command.cuda_graphs}));
+  if (command.fit_memory_gb > 0) {
+    KVPLAN_ASSIGN_OR_RETURN(const int fitted, FitBatchToMemory(*model, int64_t(command.fit_memory_gb * 1e9)));
+    std::printf("largest batch within %.1f GB of device memory: %d\n", command.fit_memory_gb, fitted);
+  }
   std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step", "KV bytes",
               "GB/s");
   for (int context : command.contexts) {

@@ -43,6 +43,7 @@ struct BenchCommand {
   std::string device = "auto";
   std::string plan_path;
   bool cuda_graphs = true;
+  double fit_memory_gb = 0;  // > 0: the largest batch whose device memory fits this many GB (replaces --batch)
 };
 absl::Status RunBench(const BenchCommand& command);
 

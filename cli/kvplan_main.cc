@@ -45,6 +45,8 @@ int main(int argc, char** argv) {
   bench_app->add_option("--device", bench.device, "auto | cpu | cuda");
   bench_app->add_option("--plan", bench.plan_path, "execute this cache plan");
   bench_app->add_flag("!--no-cuda-graphs", bench.cuda_graphs, "CUDA: launch every kernel of a decode step eagerly");
+  bench_app->add_option("--fit-memory", bench.fit_memory_gb,
+                        "CUDA: decode the largest batch whose device memory fits this many GB (instead of --batch)");
 
   kvplan::CalibrateCommand calibrate;
   kvplan::CalibrateOptions& calibration = calibrate.options;
@@ -58,6 +60,8 @@ int main(int argc, char** argv) {
   calibrate_app->add_option("-o,--output", calibrate.output_path, "plan file to write")->required();
   calibrate_app->add_option("--target-memory", calibration.target_memory_ratio,
                             "plan KV bytes / full-cache bytes at 2K tokens, e.g. 0.2 for 5x");
+  calibrate_app->add_option("--reference-context", calibration.reference_context,
+                            "the context --target-memory is met at (default: the model's positions, at most 2048)");
   calibrate_app->add_option("--methods", calibrate.methods, "comma-separated: share,dict,budget,refresh");
   calibrate_app->add_option("--sequences", calibration.sequences, "calibration sequences");
   calibrate_app->add_option("--sequence-length", calibration.sequence_length, "tokens per calibration sequence");

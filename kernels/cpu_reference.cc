@@ -45,6 +45,10 @@ void apply_rope(float* x, const int32_t* positions, const float* inv_freq, int t
   }
 }
 
+void fill_noise_bf16(uint16_t* out, int64_t n, uint32_t seed) {
+  for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16(2.0f * NoiseValue(NoiseBits(seed, i)));
+}
+
 void add_row_bias(float* x, const float* bias, int64_t rows, int dim) {
   for (int64_t r = 0; r < rows; ++r)
     for (int i = 0; i < dim; ++i) x[r * dim + i] += bias[i];

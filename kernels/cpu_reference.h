@@ -19,6 +19,9 @@ void rms_norm(const float* x, const float* weight, int64_t rows, int dim, float 
 void apply_rope(float* x, const int32_t* positions, const float* inv_freq, int tokens, int heads, int head_dim,
                 float attention_factor);
 
+// Benchmarks: out[i] = bf16(2 * NoiseValue(NoiseBits(seed, i))) (kernels/compressed_layout.h), about unit scale.
+void fill_noise_bf16(uint16_t* out, int64_t n, uint32_t seed);
+
 // x[r, :] += bias.
 void add_row_bias(float* x, const float* bias, int64_t rows, int dim);
 

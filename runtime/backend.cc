@@ -32,11 +32,10 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
   const bool cuda_executes_plan = !policies || CudaSupports(policies->cache, config).ok();
   if (options.backend == Backend::kCuda ||
       (options.backend == Backend::kAuto && cuda::device_available() && cuda_executes_plan)) {
-    CudaModelOptions cuda_options{
-        .num_sequences = options.num_sequences,
-        .capacity = options.capacity,
-        .max_rows = options.max_rows,
-        .cuda_graphs = options.cuda_graphs};
+    CudaModelOptions cuda_options{.num_sequences = options.num_sequences,
+                                  .capacity = options.capacity,
+                                  .max_rows = options.max_rows,
+                                  .cuda_graphs = options.cuda_graphs};
     if (policies) {
       cuda_options.policy = policies->cache;
       cuda_options.dictionaries = policies->dictionaries;
@@ -52,6 +51,13 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
     return CreatePlannedCpuModel(config, weights, std::make_shared<const PlanPolicies>(*std::move(policies)),
                                  cpu_options);
   return CreateCpuModel(config, weights, cpu_options);
+}
+
+absl::StatusOr<int> FitBatchToMemory([[maybe_unused]] Model& model, [[maybe_unused]] int64_t device_bytes) {
+#ifdef KVPLAN_WITH_CUDA
+  if (model.device_name().rfind("cpu", 0) != 0) return BatchToFit(model, device_bytes);
+#endif
+  return absl::UnimplementedError("fitting a batch to device memory needs the CUDA runtime");
 }
 
 }  // namespace kvplan

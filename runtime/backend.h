@@ -24,4 +24,8 @@ struct ModelOptions {
 absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, const WeightSource& weights,
                                                    const ModelOptions& options);
 
+// Resizes a GPU model to the largest batch of decoding sequences whose device memory (weights included) fits
+// in `device_bytes`; returns the batch. Unimplemented for the CPU runtime.
+absl::StatusOr<int> FitBatchToMemory(Model& model, int64_t device_bytes);
+
 }  // namespace kvplan

@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "kernels/cuda/kernels.h"
 
 namespace kvplan::cuda {
@@ -70,6 +72,11 @@ __global__ void append_kv_kernel(const float* k, const float* v, const int32_t* 
   }
 }
 
+__global__ void fill_noise_bf16_kernel(__nv_bfloat16* out, int64_t n, uint32_t seed) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(2.0f * NoiseValue(NoiseBits(seed, i)));
+}
+
 int blocks_for(int64_t n, int threads) { return int((n + threads - 1) / threads); }
 
 }  // namespace
@@ -94,6 +101,12 @@ cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq
   if (pairs == 0) return cudaSuccess;
   rope_kernel<<<blocks_for(pairs, 256), 256, 0, stream>>>(x, positions, inv_freq, rows, heads, head_dim,
                                                           attention_factor);
+  return cudaGetLastError();
+}
+
+cudaError_t fill_noise_bf16(__nv_bfloat16* out, int64_t n, uint32_t seed, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  fill_noise_bf16_kernel<<<std::min<int64_t>(blocks_for(n, 256), 132 * 16), 256, 0, stream>>>(out, n, seed);
   return cudaGetLastError();
 }
 

@@ -33,6 +33,9 @@ cudaError_t rms_norm(const float* x, const __nv_bfloat16* weight, int rows, int 
 cudaError_t apply_rope(float* x, const int32_t* positions, const float* inv_freq, int rows, int heads, int head_dim,
                        float attention_factor, cudaStream_t stream);
 
+// cpu::fill_noise_bf16: deterministic noise for benchmarks.
+cudaError_t fill_noise_bf16(__nv_bfloat16* out, int64_t n, uint32_t seed, cudaStream_t stream);
+
 // x[r, :] += bias, for the q/k/v biases of Qwen2-style attention.
 cudaError_t add_row_bias(float* x, const float* bias, int rows, int dim, cudaStream_t stream);
 

@@ -5,7 +5,6 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
-#include "base/number_formats.h"
 #include "base/status_macros.h"
 #include "kernels/cuda/kernels.h"
 #include "runtime/cache/compressed_step.h"
@@ -224,16 +223,9 @@ class CudaKvCacheImpl : public CudaKvCache {
       return absl::OutOfRangeError(absl::StrCat("context ", context, " > capacity ", options_.capacity));
     KVPLAN_RETURN_IF_ERROR(Reset());
     const ModelConfig& c = config_;
-    if (k_cache_.bytes() > 0) {
-      std::vector<uint16_t> noise(SlotElements());
-#pragma omp parallel for
-      for (int64_t i = 0; i < int64_t(noise.size()); ++i) noise[i] = FloatToBf16(2.0f * NoiseValue(NoiseBits(7, i)));
-      const size_t slot_bytes = noise.size() * sizeof(uint16_t);
-      for (size_t offset = 0; offset < k_cache_.bytes(); offset += slot_bytes) {
-        KVPLAN_CUDA(cudaMemcpy(k_cache_.as<char>() + offset, noise.data(), slot_bytes, cudaMemcpyHostToDevice));
-        KVPLAN_CUDA(cudaMemcpy(v_cache_.as<char>() + offset, noise.data(), slot_bytes, cudaMemcpyHostToDevice));
-      }
-    }
+    const int64_t elements = int64_t(k_cache_.bytes() / sizeof(__nv_bfloat16));
+    KVPLAN_CUDA(cuda::fill_noise_bf16(k_cache_.as<__nv_bfloat16>(), elements, 7, stream_));
+    KVPLAN_CUDA(cuda::fill_noise_bf16(v_cache_.as<__nv_bfloat16>(), elements, 8, stream_));
     for (int l = 0; l < c.num_layers; ++l) {
       if (compressed_[l] == nullptr) continue;
       const DeviceLayer& layer = *compressed_[l];
@@ -378,7 +370,8 @@ class CudaKvCacheImpl : public CudaKvCache {
   absl::Status Stage(const StepRows& rows, int begin, int end, const PinnedBuffer& pinned) {
     const int T = end - begin;
     if (T <= 0 || T > options_.max_rows)
-      return absl::InvalidArgumentError(absl::StrCat("a pass of ", T, " rows; the cache takes 1 to ", options_.max_rows));
+      return absl::InvalidArgumentError(
+          absl::StrCat("a pass of ", T, " rows; the cache takes 1 to ", options_.max_rows));
     groups_ = GroupRows(rows.sequences.data() + begin, rows.positions.data() + begin, T);
     const int G = int(groups_.sequence.size());
     if (G > max_groups_) return absl::InternalError("more sequences in a pass than the cache has");

@@ -109,6 +109,17 @@ class CudaModel : public Model {
     const std::vector<float> inv_freq = RopeInverseFrequencies(c);
     KVPLAN_RETURN_IF_ERROR(UploadHost(inv_freq.data(), inv_freq.size() * sizeof(float), inv_freq_));
 
+    return Batch(num_sequences_, max_rows_);
+  }
+
+  // Sizes everything that depends on the batch (activations, logits, the KV cache) for `num_sequences` sequences
+  // and passes of up to `max_rows` rows; every sequence starts empty. The weights stay.
+  absl::Status Batch(int num_sequences, int max_rows) {
+    const ModelConfig& c = config_;
+    graphs_.clear();
+    cache_.reset();
+    num_sequences_ = num_sequences;
+    max_rows_ = max_rows;
     const size_t rows = max_rows_, hidden = c.hidden_size, ffn = c.intermediate_size;
     for (auto [buffer, bytes] : {std::pair{&x_, rows * hidden * 4},
                                  {&normed_, rows * hidden * 2},
@@ -121,6 +132,7 @@ class CudaModel : public Model {
                                  {&activated_, rows * ffn * 2}}) {
       KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
     }
+    KVPLAN_RETURN_IF_ERROR(logits_.Allocate(0));
     KVPLAN_ASSIGN_OR_RETURN(
         cache_,
         CreateCudaKvCache(c, policy_, dictionaries_,
@@ -229,10 +241,10 @@ class CudaModel : public Model {
     absl::Status status = cache_->UploadGraphPass();
     if (status.ok()) status = EnqueuePass(0, T, wanted, logit_rows);
     if (status.ok())
-      status = CudaStatus(cudaMemcpyAsync(logits_host_.as<float>(), logits_.as<float>(),
-                                          size_t(T) * config_.vocab_size * sizeof(float), cudaMemcpyDeviceToHost,
-                                          stream_),
-                          "logits copy");
+      status =
+          CudaStatus(cudaMemcpyAsync(logits_host_.as<float>(), logits_.as<float>(),
+                                     size_t(T) * config_.vocab_size * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+                     "logits copy");
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
     KVPLAN_RETURN_IF_ERROR(status);
@@ -346,7 +358,7 @@ class CudaModel : public Model {
   DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_, up_, activated_, logits_;
   PinnedBuffer logits_host_;
   std::map<int, GraphExec> graphs_;  // decode graphs by row count
-  int64_t weight_bytes_ = 0;  // what the uploads took on the device
+  int64_t weight_bytes_ = 0;         // what the uploads took on the device
   CachePolicy policy_;
   std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries_;
   std::unique_ptr<CudaKvCache> cache_;
@@ -367,6 +379,31 @@ absl::Status CudaSupports(const CachePolicy& policy, const ModelConfig& config) 
           "). Run this plan with --device cpu"));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<int> BatchToFit(Model& model, int64_t device_bytes) {
+  auto* cuda_model = dynamic_cast<CudaModel*>(&model);
+  if (cuda_model == nullptr) return absl::InvalidArgumentError("not a CUDA runtime model");
+  auto used_at = [&](int batch) -> absl::StatusOr<int64_t> {
+    KVPLAN_RETURN_IF_ERROR(cuda_model->Batch(batch, batch));
+    size_t free = 0, total = 0;
+    KVPLAN_CUDA(cudaMemGetInfo(&free, &total));
+    return int64_t(total - free);
+  };
+  // Memory grows with the batch by the cache and activations of one sequence (and a little scratch that grows
+  // faster), so extrapolate from two small batches, then step down until the measurement fits.
+  KVPLAN_ASSIGN_OR_RETURN(const int64_t used_1, used_at(1));
+  KVPLAN_ASSIGN_OR_RETURN(const int64_t used_9, used_at(9));
+  const double per_sequence = double(used_9 - used_1) / 8;
+  if (used_1 > device_bytes) return absl::ResourceExhaustedError("one sequence does not fit the memory budget");
+  int batch = std::max(1, int(double(device_bytes - used_1) / per_sequence) + 1);
+  while (batch > 1) {
+    const absl::StatusOr<int64_t> used = used_at(batch);
+    if (used.ok() && *used <= device_bytes) return batch;
+    batch = std::max(1, std::min(batch - 1, int(batch * 0.97)));
+  }
+  KVPLAN_RETURN_IF_ERROR(used_at(1).status());
+  return 1;
 }
 
 absl::StatusOr<std::vector<HeadEntries>> ReadCudaHeadEntries(const Model& model, int layer) {

@@ -30,6 +30,11 @@ struct CudaModelOptions {
 // it does not.
 absl::Status CudaSupports(const CachePolicy& policy, const ModelConfig& config);
 
+// Resizes a model CreateCudaModel made to the largest batch (sequences decoded together, one row each) whose
+// device memory, weights and everything else of the process included, stays within `device_bytes`. Returns the
+// batch; every sequence starts empty.
+absl::StatusOr<int> BatchToFit(Model& model, int64_t device_bytes);
+
 // Entry counts of every head slot of a compressed layer of a model CreateCudaModel made, read back from the device
 // (tests hold them to the policy's ExpectedHeadEntries).
 absl::StatusOr<std::vector<HeadEntries>> ReadCudaHeadEntries(const Model& model, int layer);

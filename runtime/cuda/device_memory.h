@@ -41,7 +41,14 @@ class DeviceBuffer {
     if (data_ != nullptr) cudaFree(data_);
     data_ = nullptr;
     bytes_ = bytes;
-    return CudaStatus(cudaMalloc(&data_, std::max<size_t>(bytes, 1)), "cudaMalloc");
+    const cudaError_t error = cudaMalloc(&data_, std::max<size_t>(bytes, 1));
+    if (error != cudaSuccess) {
+      cudaGetLastError();  // an allocation failure must not be reported again by the next launch's check
+      data_ = nullptr;
+      bytes_ = 0;
+      return absl::ResourceExhaustedError(absl::StrCat("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(error)));
+    }
+    return absl::OkStatus();
   }
   // Allocates and copies a host vector (synchronously: for data that lives as long as the model).
   template <typename T>

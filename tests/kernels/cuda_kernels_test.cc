@@ -109,6 +109,16 @@ TEST(CudaKernelsTest, SwigluBiasAndEmbedMatchCpu) {
     for (int i = 0; i < dim; ++i) ASSERT_EQ(rows_out[r * dim + i], table[size_t(tokens[r]) * dim + i]);
 }
 
+TEST(CudaKernelsTest, NoiseFillMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  const int64_t n = 100003;
+  std::vector<uint16_t> expected(n);
+  cpu::fill_noise_bf16(expected.data(), n, 5);
+  Device<uint16_t> out(n);
+  ASSERT_EQ(cuda::fill_noise_bf16(AsBf16(out), n, 5, nullptr), cudaSuccess);
+  EXPECT_EQ(out.Read(), expected);
+}
+
 struct AttentionCase {
   int sequences, heads, kv_heads, head_dim, context, rows_per_sequence, sliding_window;
   // The bound passed as max_context; 0 means the context itself. A larger one sizes the cache and is captured
