@@ -54,9 +54,13 @@ void add_row_bias(float* x, const float* bias, int64_t rows, int dim) {
     for (int i = 0; i < dim; ++i) x[r * dim + i] += bias[i];
 }
 
-void swiglu(const float* gate, const float* up, int64_t n, float* out) {
-#pragma omp parallel for if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+void swiglu(const float* gate_up, int64_t rows, int ffn, float* out) {
+#pragma omp parallel for if (rows * ffn > 65536)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int i = 0; i < ffn; ++i) {
+      const float gate = gate_up[r * 2 * ffn + i], up = gate_up[r * 2 * ffn + ffn + i];
+      out[r * ffn + i] = gate / (1.0f + std::exp(-gate)) * up;
+    }
 }
 
 void attention(const float* q, const int32_t* query_positions, int tokens, int heads, const KvHeadView* kv,

@@ -25,8 +25,9 @@ void fill_noise_bf16(uint16_t* out, int64_t n, uint32_t seed);
 // x[r, :] += bias.
 void add_row_bias(float* x, const float* bias, int64_t rows, int dim);
 
-// out = silu(gate) * up, elementwise over n values.
-void swiglu(const float* gate, const float* up, int64_t n, float* out);
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, ffn + i]: gate and up projections stacked in one row
+// ([rows, 2 ffn], as one GEMM makes them); out: [rows, ffn].
+void swiglu(const float* gate_up, int64_t rows, int ffn, float* out);
 
 // The cached tokens of one KV head. Entries need not be contiguous in position (compressed caches evict and
 // merge), so each carries its own position; logit_bias (nullable) is added to the entry's attention logit,

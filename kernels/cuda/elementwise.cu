@@ -50,9 +50,12 @@ __global__ void rope_kernel(float* x, const int32_t* positions, const float* inv
   v[pair + half] = b * c + a * s;
 }
 
-__global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, __nv_bfloat16* out) {
+__global__ void swiglu_kernel(const float* gate_up, int64_t n, int ffn, __nv_bfloat16* out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = __float2bfloat16(gate[i] / (1.0f + __expf(-gate[i])) * up[i]);
+  if (i >= n) return;
+  const int64_t row = i / ffn, column = i % ffn;
+  const float gate = gate_up[row * 2 * ffn + column], up = gate_up[row * 2 * ffn + ffn + column];
+  out[i] = __float2bfloat16(gate / (1.0f + __expf(-gate)) * up);
 }
 
 __global__ void add_row_bias_kernel(float* x, const float* bias, int64_t n, int dim) {
@@ -110,9 +113,10 @@ cudaError_t fill_noise_bf16(__nv_bfloat16* out, int64_t n, uint32_t seed, cudaSt
   return cudaGetLastError();
 }
 
-cudaError_t swiglu(const float* gate, const float* up, int64_t n, __nv_bfloat16* out, cudaStream_t stream) {
+cudaError_t swiglu(const float* gate_up, int64_t rows, int ffn, __nv_bfloat16* out, cudaStream_t stream) {
+  const int64_t n = rows * ffn;
   if (n == 0) return cudaSuccess;
-  swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(gate, up, n, out);
+  swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(gate_up, n, ffn, out);
   return cudaGetLastError();
 }
 

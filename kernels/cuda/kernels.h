@@ -39,8 +39,8 @@ cudaError_t fill_noise_bf16(__nv_bfloat16* out, int64_t n, uint32_t seed, cudaSt
 // x[r, :] += bias, for the q/k/v biases of Qwen2-style attention.
 cudaError_t add_row_bias(float* x, const float* bias, int rows, int dim, cudaStream_t stream);
 
-// out = bf16(silu(gate) * up).
-cudaError_t swiglu(const float* gate, const float* up, int64_t n, __nv_bfloat16* out, cudaStream_t stream);
+// out = bf16(silu(gate) * up) for gate and up stacked in each row ([rows, 2 ffn]); out: [rows, ffn].
+cudaError_t swiglu(const float* gate_up, int64_t rows, int ffn, __nv_bfloat16* out, cudaStream_t stream);
 
 // Writes k, v ([rows, kv_heads, head_dim]) of row r to entry row_position[r] of sequence row_sequence[r].
 cudaError_t append_kv(const float* k, const float* v, const int32_t* row_sequence, const int32_t* row_position,

@@ -178,10 +178,7 @@ class CpuModel : public Model {
 
       cpu::rms_norm(x.data(), layer.mlp_norm.data(), T, hidden, c.rms_norm_eps, normed.data());
       MatMulTransposed(normed.data(), layer.gate_up.data(), T, hidden, 2 * ffn, gate_up.data(), false);
-      for (int t = 0; t < T; ++t) {
-        const float* row = gate_up.data() + int64_t(t) * 2 * ffn;
-        cpu::swiglu(row, row + ffn, ffn, activated.data() + int64_t(t) * ffn);
-      }
+      cpu::swiglu(gate_up.data(), T, ffn, activated.data());
       MatMulTransposed(activated.data(), layer.down.data(), T, ffn, hidden, x.data(), true);
     }
 

@@ -45,8 +45,9 @@ class GraphExec {
 constexpr size_t kCublasWorkspaceBytes = 32 << 20;
 
 struct CudaLayer {
-  DeviceBuffer attention_norm, q, k, v, o, mlp_norm, gate, up, down;  // bf16
-  DeviceBuffer q_bias, k_bias, v_bias;                                // fp32, only with attention_bias
+  DeviceBuffer attention_norm, q, k, v, o, mlp_norm, down;  // bf16
+  DeviceBuffer gate_up;                 // bf16 [2 ffn, hidden]: gate then up, so one GEMM makes both
+  DeviceBuffer q_bias, k_bias, v_bias;  // fp32, only with attention_bias
 };
 
 class CudaModel : public Model {
@@ -80,9 +81,9 @@ class CudaModel : public Model {
     KVPLAN_RETURN_IF_ERROR(CublasStatus(
         cublasSetWorkspace(cublas_, cublas_workspace_.as<void>(), kCublasWorkspaceBytes), "cublasSetWorkspace"));
 
-    KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, EmbeddingSpec(c), embed_));
-    KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, FinalNormSpec(c), final_norm_));
-    if (!c.tie_word_embeddings) KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, LmHeadSpec(c), lm_head_));
+    KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, {EmbeddingSpec(c)}, embed_));
+    KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, {FinalNormSpec(c)}, final_norm_));
+    if (!c.tie_word_embeddings) KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, {LmHeadSpec(c)}, lm_head_));
     layers_.resize(c.num_layers);
     for (int l = 0; l < c.num_layers; ++l) {
       const LayerSpecs specs = LayerTensorSpecs(c, l);
@@ -92,8 +93,6 @@ class CudaModel : public Model {
           {&specs.q, &layer.q},
           {&specs.o, &layer.o},
           {&specs.mlp_norm, &layer.mlp_norm},
-          {&specs.gate, &layer.gate},
-          {&specs.up, &layer.up},
           {&specs.down, &layer.down}};
       std::vector<std::pair<const TensorSpec*, DeviceBuffer*>> biases;
       if (c.attention_bias) biases.push_back({&specs.q_bias, &layer.q_bias});
@@ -103,7 +102,8 @@ class CudaModel : public Model {
         if (c.attention_bias)
           biases.insert(biases.end(), {{&specs.k_bias, &layer.k_bias}, {&specs.v_bias, &layer.v_bias}});
       }
-      for (auto [spec, buffer] : matrices) KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, *spec, *buffer));
+      for (auto [spec, buffer] : matrices) KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, {*spec}, *buffer));
+      KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, {specs.gate, specs.up}, layer.gate_up));
       for (auto [spec, buffer] : biases) KVPLAN_RETURN_IF_ERROR(UploadFloat(weights, *spec, *buffer));
     }
     const std::vector<float> inv_freq = RopeInverseFrequencies(c);
@@ -127,8 +127,7 @@ class CudaModel : public Model {
                                  {&k_, rows * c.kv_dim() * 4},
                                  {&v_, rows * c.kv_dim() * 4},
                                  {&attention_out_, rows * c.q_dim() * 2},
-                                 {&gate_, rows * ffn * 4},
-                                 {&up_, rows * ffn * 4},
+                                 {&gate_up_, rows * 2 * ffn * 4},
                                  {&activated_, rows * ffn * 2}}) {
       KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
     }
@@ -286,10 +285,8 @@ class CudaModel : public Model {
       KVPLAN_RETURN_IF_ERROR(Gemm(attention_out_, layer.o, T, c.q_dim(), hidden, x_, 1.0f));
       KVPLAN_CUDA(cuda::rms_norm(x_.as<float>(), layer.mlp_norm.as<__nv_bfloat16>(), T, hidden, c.rms_norm_eps,
                                  normed_.as<__nv_bfloat16>(), stream_));
-      KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.gate, T, hidden, ffn, gate_, 0.0f));
-      KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.up, T, hidden, ffn, up_, 0.0f));
-      KVPLAN_CUDA(
-          cuda::swiglu(gate_.as<float>(), up_.as<float>(), int64_t(T) * ffn, activated_.as<__nv_bfloat16>(), stream_));
+      KVPLAN_RETURN_IF_ERROR(Gemm(normed_, layer.gate_up, T, hidden, 2 * ffn, gate_up_, 0.0f));
+      KVPLAN_CUDA(cuda::swiglu(gate_up_.as<float>(), T, ffn, activated_.as<__nv_bfloat16>(), stream_));
       KVPLAN_RETURN_IF_ERROR(Gemm(activated_, layer.down, T, ffn, hidden, x_, 1.0f));
     }
 
@@ -332,11 +329,16 @@ class CudaModel : public Model {
     return CudaStatus(cudaMemcpy(buffer.as<void>(), data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
   }
 
-  absl::Status UploadBf16(const WeightSource& weights, const TensorSpec& spec, DeviceBuffer& buffer) {
-    KVPLAN_ASSIGN_OR_RETURN(std::vector<float> values, weights.Read(spec));
-    std::vector<uint16_t> bf16(values.size());
+  // The tensors, stacked in order (rows of one after the other's), as one bf16 buffer.
+  absl::Status UploadBf16(const WeightSource& weights, const std::vector<TensorSpec>& specs, DeviceBuffer& buffer) {
+    std::vector<uint16_t> bf16;
+    for (const TensorSpec& spec : specs) {
+      KVPLAN_ASSIGN_OR_RETURN(const std::vector<float> values, weights.Read(spec));
+      const size_t offset = bf16.size();
+      bf16.resize(offset + values.size());
 #pragma omp parallel for
-    for (int64_t i = 0; i < int64_t(bf16.size()); ++i) bf16[i] = FloatToBf16((values)[i]);
+      for (int64_t i = 0; i < int64_t(values.size()); ++i) bf16[offset + i] = FloatToBf16(values[i]);
+    }
     weight_bytes_ += int64_t(bf16.size() * sizeof(uint16_t));
     return UploadHost(bf16.data(), bf16.size() * sizeof(uint16_t), buffer);
   }
@@ -355,7 +357,7 @@ class CudaModel : public Model {
   DeviceBuffer cublas_workspace_;
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<CudaLayer> layers_;
-  DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_, up_, activated_, logits_;
+  DeviceBuffer x_, normed_, q_, k_, v_, attention_out_, gate_up_, activated_, logits_;
   PinnedBuffer logits_host_;
   std::map<int, GraphExec> graphs_;  // decode graphs by row count
   int64_t weight_bytes_ = 0;         // what the uploads took on the device

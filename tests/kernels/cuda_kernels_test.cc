@@ -79,12 +79,12 @@ TEST(CudaKernelsTest, RopeMatchesCpu) {
 TEST(CudaKernelsTest, SwigluBiasAndEmbedMatchCpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
   const int rows = 13, dim = 701;
-  const std::vector<float> gate = RandomVector(size_t(rows) * dim, 5), up = RandomVector(size_t(rows) * dim, 6);
-  std::vector<float> expected(gate.size());
-  cpu::swiglu(gate.data(), up.data(), int64_t(gate.size()), expected.data());
-  Device<float> device_gate(gate), device_up(up);
-  Device<uint16_t> out(gate.size());
-  ASSERT_EQ(cuda::swiglu(device_gate.get(), device_up.get(), int64_t(gate.size()), AsBf16(out), nullptr), cudaSuccess);
+  const std::vector<float> gate_up = RandomVector(size_t(rows) * 2 * dim, 5);
+  std::vector<float> expected(size_t(rows) * dim);
+  cpu::swiglu(gate_up.data(), rows, dim, expected.data());
+  Device<float> device_gate_up(gate_up);
+  Device<uint16_t> out(expected.size());
+  ASSERT_EQ(cuda::swiglu(device_gate_up.get(), rows, dim, AsBf16(out), nullptr), cudaSuccess);
   const std::vector<float> actual = ReadBf16(out);
   EXPECT_TRUE(AllClose(actual, expected, kBf16Output));
 
