@@ -24,20 +24,28 @@ for fixture in $fixtures; do
       --needle-trials 10 --json $OUT/cpu/$name.json > /tmp/cpu_$name.log 2>&1 &
   done
 done
-for fixture in $fixtures; do
+gpu_eval() {  # fixture plan: both protocols on the GPU, the full one timed
+  local fixture=$1 plan=$2
   set -- $(protocol $fixture)
-  model=$1 tokens=$2; shift 2
-  for plan in full $(ls /tmp/kv/plans | grep "^$fixture-" | sed 's/.kvplan//'); do
-    flag=""; [ $plan != full ] && flag="--plan /tmp/kv/plans/$plan.kvplan"
-    name=$plan; [ $plan = full ] && name=$fixture-full
-    start=$(date +%s.%N)
-    /tmp/kv/bin/kvplan eval --model $model --data $HELDOUT --device cuda $flag "$@" --max-tokens $tokens --json $OUT/gpu/$name.json \
-      > /tmp/gpu_$name.log 2>&1
-    echo "$name full protocol on the GPU: $(awk "BEGIN {print $(date +%s.%N) - $start}") s" | tee -a $OUT/gpu/wall_times.txt
-    /tmp/kv/bin/kvplan eval --model $model --data $HELDOUT --device cuda $flag "$@" --max-tokens 16384 \
-      --needle-trials 10 --json $OUT/gpu/$name.reduced.json > /tmp/gpu_reduced_$name.log 2>&1
-  done
-done
+  local model=$1 tokens=$2; shift 2
+  local flag="" name=$plan
+  [ $plan != full ] && flag="--plan /tmp/kv/plans/$plan.kvplan"
+  [ $plan = full ] && name=$fixture-full
+  local start=$(date +%s.%N)
+  /tmp/kv/bin/kvplan eval --model $model --data $HELDOUT --device cuda $flag "$@" --max-tokens $tokens \
+    --json $OUT/gpu/$name.json > /tmp/gpu_$name.log 2>&1
+  echo "$name full protocol on the GPU: $(awk "BEGIN {print $(date +%s.%N) - $start}") s" >> $OUT/gpu/wall_times.txt
+  /tmp/kv/bin/kvplan eval --model $model --data $HELDOUT --device cuda $flag "$@" --max-tokens 16384 \
+    --needle-trials 10 --json $OUT/gpu/$name.reduced.json > /tmp/gpu_reduced_$name.log 2>&1
+}
+export -f gpu_eval protocol
+export HELDOUT OUT
+# Three GPU evaluations at a time: one small model leaves the GPU mostly idle.
+for fixture in $fixtures; do
+  for plan in full $(ls /tmp/kv/plans | grep "^$fixture-" | sed 's/.kvplan//'); do echo "$fixture $plan"; done
+done | xargs -P 3 -L 1 bash -c 'gpu_eval $0 $1'
+cat $OUT/gpu/wall_times.txt
 wait
 for f in /tmp/gpu_*.log /tmp/cpu_*.log; do echo "== $f"; tr '\r' '\n' < $f | grep -v '\['; done > $OUT/logs.txt
 for f in $OUT/gpu/*.json $OUT/cpu/*.json; do echo "$f $(cat $f)"; done | sed "s|$OUT/||" | tee $OUT/summary.txt
+tar -C $OUT -czf $OUT/all.tar.gz gpu cpu
