@@ -1,13 +1,15 @@
 // Decode-attention kernels at real scale (Llama-3-8B heads: 32 query / 8 KV heads, head_dim 128), one layer:
-// the dense bf16 split-KV kernel against the sparse-coded kernel (keys and values as atom/coefficient pairs,
-// RoPE applied on the fly). Prints median microseconds and the bytes each read per call.
+// the dense bf16 split-KV kernel against compressed layers (keys and values as atom/coefficient pairs, coded after
+// or before RoPE; a token budget keeping a fifth of the tokens dense). Prints median microseconds and the bytes
+// each read per call.
 //   build-cuda/bench/kernel_bench [contexts...]
 //
 // The dense kernel runs decode rows at batch 1 and 16, and 512 prefill-like rows of one sequence, with
 // max_context equal to the context and 4x it (a cache sized for a longer generation, launched once into a CUDA
 // graph). Each timing replays a graph of back-to-back calls, as the layers of a decode step run, and divides by
 // the calls: "cold" rotates over enough cache copies that every call reads HBM, as a real step does (each layer
-// has its own cache); "hot" repeats one copy, which at small contexts then sits in L2.
+// has its own cache); "hot" repeats one copy, which at small contexts then sits in L2. The compressed layers run one
+// decode row at batch 1 the same way (their copies include the dictionaries), beside the dense kernel's cold time.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,45 +34,15 @@ namespace {
     }                                                                                                \
   } while (0)
 
-template <typename T>
-T* DeviceRandom(size_t n, std::mt19937& generator, float scale, bool integer_below = false, int limit = 0) {
-  std::vector<T> host(n);
+// n normal floats of standard deviation `scale`, in device memory.
+float* DeviceRandom(size_t n, std::mt19937& generator, float scale) {
+  std::vector<float> host(n);
   std::normal_distribution<float> normal(0.0f, scale);
-  for (T& value : host) {
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      value = uint16_t(generator() % limit);
-    } else if constexpr (std::is_same_v<T, __half>) {
-      value = __float2half(normal(generator));
-    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      value = __float2bfloat16(normal(generator));
-    } else {
-      value = integer_below ? T(generator() % limit) : T(normal(generator));
-    }
-  }
-  T* device;
-  CHECK(cudaMalloc(&device, n * sizeof(T)));
-  CHECK(cudaMemcpy(device, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  for (float& value : host) value = normal(generator);
+  float* device;
+  CHECK(cudaMalloc(&device, n * sizeof(float)));
+  CHECK(cudaMemcpy(device, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
   return device;
-}
-
-template <typename Launch>
-float MedianMicroseconds(Launch launch) {
-  cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 5; ++i) launch();
-  std::vector<float> times;
-  for (int i = 0; i < 50; ++i) {
-    CHECK(cudaEventRecord(start));
-    launch();
-    CHECK(cudaEventRecord(stop));
-    CHECK(cudaEventSynchronize(stop));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1000.0f);
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
 }
 
 // Median over replays of a graph that holds `calls` launches, per launch.
@@ -147,7 +119,7 @@ DenseTiming TimeDenseAttention(int batch, int rows_per_sequence, int context, in
                          head_filled, kv_heads, cudaMemcpyHostToDevice));
     }
   }
-  float* q = DeviceRandom<float>(size_t(rows) * heads * head_dim, generator, 1.0f);
+  float* q = DeviceRandom(size_t(rows) * heads * head_dim, generator, 1.0f);
   std::vector<int32_t> sequences, positions;
   for (int b = 0; b < batch; ++b)
     for (int r = 0; r < rows_per_sequence; ++r) {
@@ -196,91 +168,124 @@ T* DeviceCopy(const std::vector<T>& host) {
   return device;
 }
 
-// One decode row over a coded layer of one sequence: every KV head holds `context` tokens, the newest
-// kCodingWindow dense and the rest as codes. Median microseconds per call (eager launches, events around each).
-float TimeCodedAttention(int context, bool keys_after_rope, std::mt19937& generator) {
+template <typename T>
+T* DeviceAlloc(size_t n) {
+  T* device;
+  CHECK(cudaMalloc(&device, std::max<size_t>(n, 1) * sizeof(T)));
+  return device;
+}
+
+// One decode row over a compressed layer of one sequence at position context - 1: every KV head holds its newest
+// `dense` tokens as bf16 entries and the `coded` before them as codes (CSR kKeySparsity + kValueSparsity pairs over
+// kAtoms atoms, keys coded after RoPE or before it); a layer with merged_older also folds the tokens older than both
+// into its merged slot (a budget layer's ZeroMerge). Timed as the dense kernel is: graph replays, cold (rotating
+// over copies of the layer, dictionaries included, so every call reads HBM) and hot (one copy).
+struct CompressedCase {
+  int context, dense, coded;
+  bool keys_after_rope, merged_older;
+};
+
+// Bytes attention must read per call: dense K and V and positions, codes and positions, merged slots.
+double CompressedBytesRead(const CompressedCase& c) {
+  const double per_head = c.dense * (2.0 * kHeadDim * 2 + 4) + c.coded * ((kKeySparsity + kValueSparsity) * 4.0 + 4) +
+                          (c.merged_older ? 2.0 * kHeadDim * 4 : 0.0);
+  return kKvHeads * per_head;
+}
+
+DenseTiming TimeCompressedAttention(const CompressedCase& c, std::mt19937& generator) {
   using namespace kvplan;
-  const int coded = context - kCodingWindow;
-  std::vector<int32_t> dense_begin, coded_begin, dense_count(kKvHeads, kCodingWindow), coded_count(kKvHeads, coded);
-  std::vector<int32_t> dense_positions, coded_positions;
+  const bool coding = c.coded > 0;
+  const size_t dense_slots = size_t(kKvHeads) * std::max(c.dense, 1), coded_slots = size_t(kKvHeads) * c.coded;
+  std::vector<int32_t> dense_begin, coded_begin;
   for (int h = 0; h <= kKvHeads; ++h) {
-    dense_begin.push_back(h * kCodingWindow);
-    coded_begin.push_back(h * coded);
+    dense_begin.push_back(h * std::max(c.dense, 1));
+    coded_begin.push_back(h * c.coded);
   }
-  for (int h = 0; h < kKvHeads; ++h) {
-    for (int p = 0; p < coded; ++p) coded_positions.push_back(p);
-    for (int p = coded; p < context; ++p) dense_positions.push_back(p);
-  }
-  std::normal_distribution<float> normal(0.0f, 0.5f);
-  auto codes = [&](size_t n) {
-    std::vector<uint32_t> packed(n);
-    for (uint32_t& code : packed)
-      code = PackCode(uint16_t(generator() % kAtoms), __half_as_ushort(__float2half(normal(generator))));
-    return packed;
-  };
   const float scale = 1.0f / std::sqrt(float(kHeadDim));
-  std::vector<float> inv_freq(kHeadDim / 2);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> key_atoms(size_t(kAtoms) * kHeadDim), value_atoms(key_atoms.size()), inv_freq(kHeadDim / 2);
+  for (float& value : key_atoms) value = normal(generator) * scale;
+  for (float& value : value_atoms) value = normal(generator) * scale;
   for (int i = 0; i < kHeadDim / 2; ++i) inv_freq[i] = float(std::pow(500000.0, -2.0 * i / kHeadDim));
-  const CompressedLayer layer{.head_slots = kKvHeads,
-                              .kv_heads = kKvHeads,
-                              .head_dim = kHeadDim,
-                              .key_sparsity = kKeySparsity,
-                              .value_sparsity = kValueSparsity,
-                              .dense_begin = DeviceCopy(dense_begin),
-                              .dense_count = DeviceCopy(dense_count),
-                              .dense_keys = reinterpret_cast<uint16_t*>(DeviceRandom<__nv_bfloat16>(
-                                  size_t(kKvHeads) * kCodingWindow * kHeadDim, generator, 1.0f)),
-                              .dense_values = reinterpret_cast<uint16_t*>(DeviceRandom<__nv_bfloat16>(
-                                  size_t(kKvHeads) * kCodingWindow * kHeadDim, generator, 1.0f)),
-                              .dense_positions = DeviceCopy(dense_positions),
-                              .coded_begin = DeviceCopy(coded_begin),
-                              .coded_count = DeviceCopy(coded_count),
-                              .key_codes = DeviceCopy(codes(size_t(kKvHeads) * coded * kKeySparsity)),
-                              .value_codes = DeviceCopy(codes(size_t(kKvHeads) * coded * kValueSparsity)),
-                              .coded_positions = DeviceCopy(coded_positions)};
-  const CodingTables tables{.atoms = kAtoms,
-                            .key_atoms = DeviceRandom<float>(size_t(kAtoms) * kHeadDim, generator, scale),
-                            .value_atoms = DeviceRandom<float>(size_t(kAtoms) * kHeadDim, generator, scale),
-                            .keys_after_rope = keys_after_rope,
-                            .inv_freq = DeviceCopy(inv_freq)};
-  const std::vector<int32_t> zero = {0}, position = {context}, row_begin = {0, 1};
+  int device, l2_bytes;
+  CHECK(cudaGetDevice(&device));
+  CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  const double dictionary_bytes = coding ? 2.0 * kAtoms * kHeadDim * sizeof(float) : 0.0;
+  const int copies = int(std::ceil(2.0 * l2_bytes / (CompressedBytesRead(c) + dictionary_bytes)));
+
+  const std::vector<int32_t> lengths = {c.context}, dense(kKvHeads, c.dense), coded(kKvHeads, c.coded);
+  const std::vector<uint8_t> merged(kKvHeads, c.merged_older ? 1 : 0);
+  int32_t *fill_lengths = DeviceCopy(lengths), *fill_dense = DeviceCopy(dense), *fill_coded = DeviceCopy(coded);
+  uint8_t* fill_merged = DeviceCopy(merged);
+  std::vector<CompressedLayer> layers(copies);
+  std::vector<CodingTables> tables(copies);
+  std::vector<void*> buffers = {fill_lengths, fill_dense, fill_coded, fill_merged};
+  auto keep = [&](auto* buffer) {
+    buffers.push_back(buffer);
+    return buffer;
+  };
+  for (int copy = 0; copy < copies; ++copy) {
+    CompressedLayer& layer = layers[copy];
+    layer = CompressedLayer{.head_slots = kKvHeads,
+                            .kv_heads = kKvHeads,
+                            .head_dim = kHeadDim,
+                            .key_sparsity = coding ? kKeySparsity : 0,
+                            .value_sparsity = coding ? kValueSparsity : 0,
+                            .dense_begin = keep(DeviceCopy(dense_begin)),
+                            .dense_count = keep(DeviceAlloc<int32_t>(kKvHeads)),
+                            .dense_keys = keep(DeviceAlloc<uint16_t>(dense_slots * kHeadDim)),
+                            .dense_values = keep(DeviceAlloc<uint16_t>(dense_slots * kHeadDim)),
+                            .dense_positions = keep(DeviceAlloc<int32_t>(dense_slots))};
+    if (coding) {
+      layer.coded_begin = keep(DeviceCopy(coded_begin));
+      layer.coded_count = keep(DeviceAlloc<int32_t>(kKvHeads));
+      layer.key_codes = keep(DeviceAlloc<uint32_t>(coded_slots * kKeySparsity));
+      layer.value_codes = keep(DeviceAlloc<uint32_t>(coded_slots * kValueSparsity));
+      layer.coded_positions = keep(DeviceAlloc<int32_t>(coded_slots));
+      tables[copy] = CodingTables{.atoms = kAtoms,
+                                  .key_atoms = keep(DeviceCopy(key_atoms)),
+                                  .value_atoms = keep(DeviceCopy(value_atoms)),
+                                  .keys_after_rope = c.keys_after_rope,
+                                  .inv_freq = keep(DeviceCopy(inv_freq))};
+    }
+    if (c.merged_older) {
+      layer.merged_keys = keep(DeviceAlloc<float>(size_t(kKvHeads) * kHeadDim));
+      layer.merged_values = keep(DeviceAlloc<float>(size_t(kKvHeads) * kHeadDim));
+      layer.merged_tokens = keep(DeviceAlloc<float>(kKvHeads));
+    }
+    CHECK(cuda::fill_compressed_noise(layer,
+                                      {.lengths = fill_lengths,
+                                       .dense = fill_dense,
+                                       .coded = fill_coded,
+                                       .merged = fill_merged,
+                                       .atoms = kAtoms,
+                                       .seed = uint32_t(copy)},
+                                      nullptr));
+  }
+  const std::vector<int32_t> zero = {0}, position = {c.context - 1}, row_begin = {0, 1};
   const StepRowsView step{.rows = 1,
-                          .row_sequence = DeviceCopy(zero),
-                          .row_position = DeviceCopy(position),
+                          .row_sequence = keep(DeviceCopy(zero)),
+                          .row_position = keep(DeviceCopy(position)),
                           .sequences = 1,
-                          .sequence = DeviceCopy(zero),
-                          .row_begin = DeviceCopy(row_begin)};
-  const cuda::CompressedAttentionShape shape{.heads = kHeads, .scale = scale, .max_region = context + 1};
-  float* q = DeviceRandom<float>(kHeads * kHeadDim, generator, 1.0f);
-  __nv_bfloat16* out;
-  void* workspace;
-  CHECK(cudaMalloc(&out, kHeads * kHeadDim * sizeof(__nv_bfloat16)));
-  CHECK(cudaMalloc(&workspace, cuda::compressed_attention_workspace_bytes(shape, 1, kKvHeads, kHeadDim)));
-  const float us = MedianMicroseconds([&] {
-    CHECK(cuda::compressed_attention(layer, &tables, step, nullptr, shape, q, out, nullptr, workspace, nullptr));
-  });
-  for (const void* buffer : {static_cast<const void*>(layer.dense_begin),
-                             static_cast<const void*>(layer.dense_count),
-                             static_cast<const void*>(layer.dense_keys),
-                             static_cast<const void*>(layer.dense_values),
-                             static_cast<const void*>(layer.dense_positions),
-                             static_cast<const void*>(layer.coded_begin),
-                             static_cast<const void*>(layer.coded_count),
-                             static_cast<const void*>(layer.key_codes),
-                             static_cast<const void*>(layer.value_codes),
-                             static_cast<const void*>(layer.coded_positions),
-                             static_cast<const void*>(tables.key_atoms),
-                             static_cast<const void*>(tables.value_atoms),
-                             static_cast<const void*>(tables.inv_freq),
-                             static_cast<const void*>(step.row_sequence),
-                             static_cast<const void*>(step.row_position),
-                             static_cast<const void*>(step.sequence),
-                             static_cast<const void*>(step.row_begin),
-                             static_cast<const void*>(q),
-                             static_cast<const void*>(out),
-                             static_cast<const void*>(workspace)})
-    CHECK(cudaFree(const_cast<void*>(buffer)));
-  return us;
+                          .sequence = keep(DeviceCopy(zero)),
+                          .row_begin = keep(DeviceCopy(row_begin))};
+  const cuda::CompressedAttentionShape shape{
+      .heads = kHeads, .scale = scale, .merge_compensation = 1.0f, .max_region = c.dense + c.coded + 1};
+  float* q = keep(DeviceRandom(kHeads * kHeadDim, generator, 1.0f));
+  __nv_bfloat16* out = keep(DeviceAlloc<__nv_bfloat16>(kHeads * kHeadDim));
+  void* workspace = keep(
+      DeviceAlloc<char>(cuda::compressed_attention_workspace_bytes(shape, 1, kKvHeads, kHeadDim, coding ? kAtoms : 0)));
+  CHECK(cudaDeviceSynchronize());
+  auto call = [&](int copy, cudaStream_t stream) {
+    CHECK(cuda::compressed_attention(layers[copy], coding ? &tables[copy] : nullptr, step, nullptr, shape, q, out,
+                                     nullptr, workspace, stream));
+  };
+  const int calls = std::max(copies, 8);
+  DenseTiming timing;
+  timing.cold_us = GraphMicrosecondsPerCall(calls, [&](int i, cudaStream_t stream) { call(i % copies, stream); });
+  timing.hot_us = GraphMicrosecondsPerCall(calls, [&](int, cudaStream_t stream) { call(0, stream); });
+  for (void* buffer : buffers) CHECK(cudaFree(buffer));
+  return timing;
 }
 
 int main(int argc, char** argv) {
@@ -291,6 +296,7 @@ int main(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) contexts.push_back(std::atoi(argv[i]));
   }
   std::mt19937 generator(3);
+  std::vector<float> dense_decode_us;  // batch 1, max_context = context, cold: the reference for compressed layers
   std::printf("dense bf16 split-KV, per call (cold: every call reads HBM; hot: one cache, repeated)\n");
   std::printf("%6s %5s %8s %12s %10s %10s %10s %10s %10s\n", "batch", "rows", "context", "max_context", "MB read",
               "cold us", "cold GB/s", "hot us", "hot GB/s");
@@ -305,6 +311,7 @@ int main(int argc, char** argv) {
       for (int max_context : {context, 4 * context}) {
         const DenseTiming timing = TimeDenseAttention(batch, rows_per_sequence, context, max_context, kHeads, kKvHeads,
                                                       kHeadDim, host_k, host_v, generator);
+        if (batch == 1 && rows_per_sequence == 1 && max_context == context) dense_decode_us.push_back(timing.cold_us);
         const double mb = batch * kKvHeads * HeadBytes(LayerPolicy{}, kHeadDim, {.dense = context}) / 1e6;
         std::printf("%6d %5d %8d %12d %10.2f %10.1f %10.0f %10.1f %10.0f\n", batch, batch * rows_per_sequence, context,
                     max_context, mb, timing.cold_us, mb / timing.cold_us * 1e3, timing.hot_us,
@@ -313,16 +320,25 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\ncoded layer (CSR %d+%d pairs over %d atoms, 64 newest dense), batch 1\n%8s %12s %14s %14s\n",
-              kKeySparsity, kValueSparsity, kAtoms, "context", "MB read", "pre-RoPE us", "post-RoPE us");
-  for (int context : contexts) {
-    const float pre_rope_us = TimeCodedAttention(context, false, generator);
-    const float post_rope_us = TimeCodedAttention(context, true, generator);
-    LayerPolicy coded_layer;
-    coded_layer.coding = CodingPolicy{.key_sparsity = kKeySparsity, .value_sparsity = kValueSparsity};
-    const double mb =
-        kKvHeads * HeadBytes(coded_layer, kHeadDim, {.dense = kCodingWindow, .coded = context - kCodingWindow}) / 1e6;
-    std::printf("%8d %12.2f %14.1f %14.1f\n", context, mb, pre_rope_us, post_rope_us);
+  std::printf(
+      "\ncompressed layers, batch 1, one decode row, per call; coded: CSR %d+%d pairs over %d atoms, the newest %d "
+      "tokens dense; budget: 20%% of the tokens dense, the rest merged. MB read: codes, positions, dense K/V, merged "
+      "slots (not the dictionaries)\n%8s %-18s %10s %10s %10s %10s %14s %10s\n",
+      kKeySparsity, kValueSparsity, kAtoms, kCodingWindow, "context", "layer", "MB read", "cold us", "cold GB/s",
+      "hot us", "dense cold us", "speedup");
+  for (size_t i = 0; i < contexts.size(); ++i) {
+    const int context = contexts[i], budget_dense = context / 5;
+    const std::pair<const char*, CompressedCase> cases[] = {
+        {"coded after RoPE", {context, kCodingWindow, context - kCodingWindow, true, false}},
+        {"coded before RoPE", {context, kCodingWindow, context - kCodingWindow, false, false}},
+        {"budget 20% dense", {context, budget_dense, 0, false, true}},
+    };
+    for (const auto& [name, c] : cases) {
+      const DenseTiming timing = TimeCompressedAttention(c, generator);
+      const double mb = CompressedBytesRead(c) / 1e6;
+      std::printf("%8d %-18s %10.2f %10.1f %10.0f %10.1f %14.1f %9.2fx\n", context, name, mb, timing.cold_us,
+                  mb / timing.cold_us * 1e3, timing.hot_us, dense_decode_us[i], dense_decode_us[i] / timing.cold_us);
+    }
   }
   return 0;
 }

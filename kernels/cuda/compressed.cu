@@ -54,9 +54,6 @@ __device__ inline uint32_t ordered_bits(float value) {
   return bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
 }
 
-// The k-th largest (1 <= k <= valid keys) of the keys key_of(e, &key) reports valid for e in [0, n), by radix
-// selection one byte at a time from the top. Keys must be unique, so exactly k keys are >= the result. Every
-// thread of the block calls it and gets the result.
 // The largest valid key (0 when none is valid).
 template <typename KeyOf>
 __device__ uint64_t block_largest(int n, KeyOf key_of) {
@@ -333,6 +330,10 @@ struct ViewFilter {
   __device__ bool sees(const Reader& reader, int e, int32_t position) const {
     return !subset || position >= refresh_position || reader.selected(e);
   }
+  // The same for a slot of a region whose selection flags are `selected`.
+  __device__ bool sees_slot(const uint8_t* selected, int64_t slot, int32_t position) const {
+    return !subset || position >= refresh_position || selected[slot];
+  }
 };
 
 __device__ inline ViewFilter view_filter(const RefreshStateView& refresh, bool has_refresh, int sequence) {
@@ -356,6 +357,13 @@ struct AttentionLaunch {
   float* row_stats;
   PartialView partial;
   int splits;
+  // The split path only (see below): its launches cover rows [first_row, first_row + grid rows) of the step.
+  int first_row;
+  float* table;              // [rows, kv_heads, table_stride]: the query-atom table, group_width values per atom
+  int table_stride;          // floats per (row, KV head) of the table
+  float* weights;            // [rows, heads, splits, atoms]: each split's softmax weight per value atom
+  float* combine_partials;   // [rows, heads, atom chunks + 1, head_dim]: the combine blocks' shares of the output
+  int32_t* combined_blocks;  // [rows, kv_heads]: combine blocks finished, so the last one writes the output
 };
 
 // Grid (splits, kv_heads, rows). kWarps warps walk the split's entries of the head, each with its own online
@@ -460,6 +468,909 @@ void launch_compressed_attention(const AttentionLaunch& launch, int group, cudaS
     compressed_attention_kernel<kPairs, 4><<<grid, kThreads, 0, stream>>>(launch);
   else
     compressed_attention_kernel<kPairs, kMaxGroup><<<grid, kThreads, 0, stream>>>(launch);
+}
+
+// --- Attention: the split path --------------------------------------------------------------------------------------
+//
+// Layers with no coded entries, and layers whose keys were coded after RoPE, take this path; the kernel above
+// rebuilds every coded key and value from its dictionary rows in every lane, which makes a coded entry cost more than
+// a dense one. Here:
+// - a coded key's logit is sum_s c_s * T[atom_s], where T = (scale * q) . key_atoms is computed once per step and
+//   query head by a small tiled kernel (every head shares the dictionary) and gathered from shared memory;
+// - a coded value is never rebuilt: each split adds its softmax weights per value atom (w_a += p * c_s) in shared
+//   memory, and the combine applies the value dictionary once per query head: out = (acc + sum_a w_a v_a) / sum;
+// - dense entries are read as the dense kernel reads its cache: a group of head_dim / 8 lanes owns an entry, one
+//   16-byte load each for K and V, several entries in flight per warp.
+// Launches: table (coded layers only), split kernel, combine, each after the first a programmatic dependent of the one
+// before. Their grids depend only on the rows, kv_heads and max_region; each block reads its head's counts from device
+// memory. bench/coded_attention_tuning.md has the measurements behind the choices.
+
+constexpr int kSplitWarps = 8;
+constexpr int kSplitThreads = kSplitWarps * 32;
+// A dense entry reads 512 bytes at head_dim 128 and a coded one about 70 (codes and position) plus its shared-memory
+// gathers, so for sizing splits a dense entry counts as kDenseEntryWork coded ones. A split takes at least kSplitWork:
+// 64 dense entries, as the dense kernel's chunks, or 512 coded ones, so that the per-split atom weights it leaves for
+// the combine (group * atoms floats) stay small next to the codes it read. (Against 1024, 512 took 4K from 34.2 to
+// 29.5 us and left 32K alone, where the wave bounds the splits; 256 measured no better.)
+constexpr int kDenseEntryWork = 8;
+constexpr int kSplitWork = 512;
+constexpr int kMaxSplits = 256;            // bounds the combine's per-split factors in shared memory
+constexpr int kCodedEntriesPerThread = 2;  // coded entries each thread holds per tile of the coded pass
+constexpr int kRowsPerTableLaunch = 32;    // bounds the table and weights in the workspace for prefill-sized steps
+constexpr int kTableTile = 32;             // atoms, and query vectors, per block of the table kernel
+constexpr int kTableDims = 128;            // dimensions staged per step of the table kernel: head_dim 128 in one
+constexpr int kCombineAtoms = 64;          // value atoms per combine block
+constexpr int kWeightBits = 30;            // the atom weights' fixed-point units stay under 2^kWeightBits
+constexpr int kInitialWeightExponent = 100;
+
+// Group sizes the kernels are built for: the GQA group rounded up to 1, 2, 4 or 8 query heads.
+KVPLAN_HOST_DEVICE constexpr int group_width(int group) {
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kMaxGroup;
+}
+// Two blocks per SM where the group's query and accumulator registers allow (at most 128 per thread), else one.
+KVPLAN_HOST_DEVICE constexpr int split_blocks_per_sm(int group_width) { return group_width <= 4 ? 2 : 1; }
+KVPLAN_HOST_DEVICE constexpr int round_up_4(int n) { return (n + 3) / 4 * 4; }
+
+// The split kernel's dynamic shared memory, in 4-byte words: the query-atom table for the group (reused for the
+// warps' softmax states once the coded pass is done), the atom weights, each warp's per-tile maxima and coefficient
+// sum (two tiles' worth, by parity), and the per-warp coded sums.
+struct SplitSharedLayout {
+  int weights, tile_stats, coded_sums, floats;
+};
+KVPLAN_HOST_DEVICE inline SplitSharedLayout split_shared_layout(int head_dim, int width, int atoms, bool coded) {
+  const int states = kSplitWarps * width * (head_dim + 2);  // WarpSoftmaxStates<kSplitWarps, width, head_dim>
+  const int table = coded ? round_up_4(width * atoms) : 0;
+  SplitSharedLayout layout;
+  layout.weights = round_up_4(states > table ? states : table);
+  layout.tile_stats = layout.weights + (coded ? round_up_4(width * atoms) : 0);
+  layout.coded_sums = layout.tile_stats + 2 * kSplitWarps * (width + 1);
+  layout.floats = layout.coded_sums + kSplitWarps * width;
+  return layout;
+}
+
+// The workspace of one launch of the split path, carved from `base` (nullptr: only its size).
+struct SplitWorkspace {
+  PartialView partial;
+  float* table;
+  int table_stride;
+  float* weights;
+  float* combine_partials;
+  int32_t* combined_blocks;
+  size_t bytes;
+};
+inline SplitWorkspace split_workspace(void* base, int rows, int heads, int kv_heads, int head_dim, int atoms,
+                                      int splits) {
+  const int width = group_width(heads / kv_heads), atom_chunks = (atoms + kCombineAtoms - 1) / kCombineAtoms;
+  SplitWorkspace workspace{};
+  workspace.table_stride = round_up_4(width * atoms);
+  char* cursor = static_cast<char*>(base);
+  size_t offset = 0;
+  auto take = [&](size_t bytes) {
+    char* start = cursor == nullptr ? nullptr : cursor + offset;
+    offset += (bytes + 15) / 16 * 16;
+    return start;
+  };
+  const int64_t slots = int64_t(rows) * heads * splits;
+  float* partial = reinterpret_cast<float*>(take(slots * (2 + head_dim) * sizeof(float)));
+  workspace.partial = base == nullptr ? PartialView{} : partial_view(partial, rows, heads, splits);
+  if (atoms > 0) {
+    workspace.table = reinterpret_cast<float*>(take(int64_t(rows) * kv_heads * workspace.table_stride * sizeof(float)));
+    workspace.weights = reinterpret_cast<float*>(take(slots * atoms * sizeof(float)));
+    workspace.combine_partials =
+        reinterpret_cast<float*>(take(int64_t(rows) * heads * (atom_chunks + 1) * head_dim * sizeof(float)));
+    workspace.combined_blocks = reinterpret_cast<int32_t*>(take(int64_t(rows) * kv_heads * sizeof(int32_t)));
+  }
+  workspace.bytes = offset;
+  return workspace;
+}
+
+int multiprocessors() {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+// Splits per (row, KV head): as many as one wave of resident blocks holds, no more than max_region allows at the
+// least work per split (all dense, the worst case), at most kMaxSplits.
+int split_path_splits(int sms, int rows, int kv_heads, int group, int max_region) {
+  const int wave = sms * split_blocks_per_sm(group_width(group));
+  const int wanted = std::max(1, wave / (rows * kv_heads));
+  const int dense_per_split = kSplitWork / kDenseEntryWork;
+  const int most = std::min(kMaxSplits, std::max(1, (max_region + dense_per_split - 1) / dense_per_split));
+  return std::min(wanted, most);
+}
+
+// How a head's entries fall to the splits: the used splits take equal shares of its coded entries and of its dense
+// ones; how many are used follows the head's work. The split kernel and the combine both derive it from the counts.
+struct SplitShare {
+  int used;
+  int coded_begin, coded_end, dense_begin, dense_end;
+};
+__device__ inline SplitShare split_share(int coded, int dense, int splits, int split) {
+  const int64_t work = int64_t(dense) * kDenseEntryWork + coded;
+  const int used = int(min(int64_t(splits), max(int64_t(1), (work + kSplitWork - 1) / kSplitWork)));
+  const int coded_chunk = (coded + used - 1) / used, dense_chunk = (dense + used - 1) / used;
+  return {used, min(coded, split * coded_chunk), min(coded, (split + 1) * coded_chunk), min(dense, split * dense_chunk),
+          min(dense, (split + 1) * dense_chunk)};
+}
+
+struct HeadCounts {
+  int coded, dense;
+  bool merged;
+};
+__device__ inline HeadCounts head_counts(const CompressedLayer& layer, int64_t head) {
+  return {layer.coded_count != nullptr ? layer.coded_count[head] : 0, layer.dense_count[head],
+          layer.merged_tokens != nullptr && layer.merged_tokens[head] > 0.0f};
+}
+
+__device__ inline void unpack_bf16x8(const uint4& raw, float (&out)[8]) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// kWidth consecutive floats at a 4 * kWidth-byte aligned address, in as few loads as the vector widths allow.
+template <int kWidth>
+__device__ inline void load_group(const float* source, float (&out)[kWidth]) {
+  if constexpr (kWidth == 1) {
+    out[0] = source[0];
+  } else if constexpr (kWidth == 2) {
+    const float2 pair = *reinterpret_cast<const float2*>(source);
+    out[0] = pair.x;
+    out[1] = pair.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWidth; i += 4) {
+      const float4 quad = *reinterpret_cast<const float4*>(source + i);
+      out[i] = quad.x;
+      out[i + 1] = quad.y;
+      out[i + 2] = quad.z;
+      out[i + 3] = quad.w;
+    }
+  }
+}
+
+__device__ inline uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+__device__ inline void copy_async_16(void* shared_target, const void* global_source) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_target));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_source));
+}
+__device__ inline void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Programmatic dependent launch: the next kernel of the chain (launched by launch_dependent) may start its prologue,
+// which reads nothing this kernel writes, once every block of this one has allowed it; it waits for this kernel's
+// completion, and the visibility of its writes, before reading them.
+__device__ inline void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ inline void wait_for_prerequisite() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
+__device__ inline void prefetch_to_l2(const void* address) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(address));
+}
+
+__device__ inline float warp_max(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffff, value, offset));
+  return value;
+}
+
+// Grid (atom tiles, query tiles). T[row, kv_head, atom, g] = (scale * q[row, kv_head * group + g]) . key_atoms[atom]
+// for the launch's rows, 0 for the padding heads of a group narrower than its width. A block stages kTableTile query
+// vectors and kTableTile dictionary rows through shared memory kTableDims dimensions at a time; a thread owns one
+// atom (its lane) for four query vectors (its warp's). Rows padded by 4 floats keep the 16-byte row reads of the 8
+// lanes of each phase on distinct banks. Block (0, 0) also clears the combine's counters for this launch.
+// Every block lets the split kernel start at once: its prologue and first codes load while the table is computed.
+__global__ void __launch_bounds__(kSplitThreads) query_atom_table_kernel(AttentionLaunch p, int rows) {
+  __shared__ __align__(16) float queries[kTableTile][kTableDims + 4];
+  __shared__ __align__(16) float atoms[kTableTile][kTableDims + 4];
+  const int kv_heads = p.layer.kv_heads, head_dim = p.layer.head_dim, atom_count = p.tables.atoms;
+  const int group = p.shape.heads / kv_heads, width = group_width(group);
+  const int vectors = rows * kv_heads * width;
+  const int atom_base = blockIdx.x * kTableTile, vector_base = blockIdx.y * kTableTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  allow_dependent_launch();
+  if (blockIdx.x == 0 && blockIdx.y == 0)
+    for (int i = threadIdx.x; i < rows * kv_heads; i += blockDim.x) p.combined_blocks[i] = 0;
+
+  // Query vector v of the launch: (row, KV head, g) = v's digits in (rows, kv_heads, width).
+  auto query_source = [&](int v) -> const float* {
+    const int g = v % width, pair = v / width;
+    if (v >= vectors || g >= group) return nullptr;
+    const int row = p.first_row + pair / kv_heads, kv_head = pair % kv_heads;
+    return p.q + (int64_t(row) * p.shape.heads + kv_head * group + g) * head_dim;
+  };
+  float acc[4] = {};
+  for (int d0 = 0; d0 < head_dim; d0 += kTableDims) {
+    __syncthreads();  // the last step's reads are done
+    // Dimensions past head_dim (head_dim 64 fills half a step) stage as zeros, which add nothing to the dots.
+    for (int i = threadIdx.x; i < kTableTile * kTableDims / 4; i += blockDim.x) {
+      const int r = i / (kTableDims / 4), d = d0 + i % (kTableDims / 4) * 4;
+      const float* query = d < head_dim ? query_source(vector_base + r) : nullptr;
+      float4 q4 = query != nullptr ? *reinterpret_cast<const float4*>(query + d) : float4{};
+      q4 = {q4.x * p.shape.scale, q4.y * p.shape.scale, q4.z * p.shape.scale, q4.w * p.shape.scale};
+      *reinterpret_cast<float4*>(&queries[r][d - d0]) = q4;
+      const int atom = atom_base + r;
+      *reinterpret_cast<float4*>(&atoms[r][d - d0]) =
+          atom < atom_count && d < head_dim
+              ? *reinterpret_cast<const float4*>(p.tables.key_atoms + int64_t(atom) * head_dim + d)
+              : float4{};
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int d = 0; d < kTableDims; d += 4) {
+      const float4 a4 = *reinterpret_cast<const float4*>(&atoms[lane][d]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float4 q4 = *reinterpret_cast<const float4*>(&queries[warp * 4 + j][d]);
+        acc[j] += q4.x * a4.x + q4.y * a4.y + q4.z * a4.z + q4.w * a4.w;
+      }
+    }
+  }
+  const int atom = atom_base + lane;
+  if (atom >= atom_count) return;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int v = vector_base + warp * 4 + j;
+    if (v >= vectors) break;
+    const int g = v % width, pair = v / width;
+    p.table[int64_t(pair) * p.table_stride + int64_t(atom) * width + g] = acc[j];
+  }
+}
+
+// Grid (splits, kv_heads, rows of the launch), kSplitThreads threads. One split of one (row, KV head): its share of
+// the coded entries, then its share of the dense entries (and on split 0 the merged slot), merged into one partial
+// softmax state per query head of the group (max, sum, unnormalised dense output and, on coded layers, the weight of
+// every value atom, all relative to that max). Coded first, so that the dense pass's query and accumulator registers
+// are not held across the coded pass (they made it spill at group 4).
+//
+// The coded pass goes in tiles of kSplitThreads * kCodedEntriesPerThread entries, one entry per thread at a time:
+// logits from the table, then the block's running max (one barrier; the atom weights are rescaled in the rare tile
+// that raises it, behind a second), then every visible entry adds p * c to the weights of its value atoms.
+// kMaxCodes bounds the sparsities (multiples of 4: codes load 16 bytes at a time).
+//
+// The atom weights are fixed point, w = units * 2^-exponent, added with native integer atomics: a float atomic add
+// on shared memory is a compare-and-swap loop that the hardware runs one lane at a time (about 17 us per tile of 512
+// entries, measured). Each p <= 1 (relative to the running max), so the units' magnitudes stay under bound *
+// 2^exponent, bound being the sum of |c| over the value codes added so far; the exponent keeps that under 2^30
+// (resolution about 2^-30 of the bound, no overflow) and falls, with a rescale, as the bound grows.
+template <int kHeadDim, int kGroup, bool kCoded, int kMaxCodes>
+__global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
+    compressed_split_kernel(AttentionLaunch p) {
+  constexpr int kLanesPerEntry = kHeadDim / 8;
+  constexpr int kEntriesPerStep = 32 / kLanesPerEntry;
+  // Entries per lane group in flight: as the dense kernel, fewer on coded layers, whose dense entries are few.
+  constexpr int kUnroll = kGroup <= 4 && !kCoded ? 4 : 2;
+  constexpr int kEntriesPerWarpTile = kEntriesPerStep * kUnroll;
+  constexpr int kBlockTileStride = kSplitWarps * kEntriesPerWarpTile;
+  constexpr int kCodeVectors = kMaxCodes / 4;
+  using States = WarpSoftmaxStates<kSplitWarps, kGroup, kHeadDim>;
+  extern __shared__ __align__(16) float shared[];
+
+  const int split = blockIdx.x, kv_head = blockIdx.y, launch_row = blockIdx.z, row = p.first_row + launch_row;
+  const int heads = p.shape.heads, group = heads / p.layer.kv_heads;
+  const int sequence = p.step.row_sequence[row];
+  const int32_t query_position = p.step.row_position[row];
+  const int64_t head = int64_t(sequence) * p.layer.kv_heads + kv_head;
+  const HeadCounts counts = head_counts(p.layer, head);
+  const SplitShare share = split_share(counts.coded, counts.dense, p.splits, split);
+  allow_dependent_launch();
+  if (split >= share.used) return;
+  const ViewFilter filter = view_filter(p.refresh, p.has_refresh, sequence);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int atoms = p.tables.atoms;
+  const int entry_slot = lane / kLanesPerEntry, dim_base = (lane % kLanesPerEntry) * 8;
+  const int64_t dense_base = p.layer.dense_begin[head];
+  const int warp_begin = share.dense_begin + warp * kEntriesPerWarpTile;
+  const SplitSharedLayout layout = split_shared_layout(kHeadDim, kGroup, atoms, kCoded);
+  float* table = shared;                                                   // [atoms][kGroup]
+  int32_t* weights = reinterpret_cast<int32_t*>(shared + layout.weights);  // [kGroup][atoms], fixed point
+
+  // On coded layers the dense share's first tile heads for L2 during the coded pass (the query rows are there: the
+  // table kernel read them), and the table kernel may still be running until the first tile of codes has loaded.
+  if constexpr (kCoded) {
+    for (int i = threadIdx.x; i < kGroup * atoms; i += kSplitThreads) weights[i] = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t slot = dense_base + warp_begin + u * kEntriesPerStep + entry_slot;
+      if (warp_begin + u * kEntriesPerStep + entry_slot >= share.dense_end) break;
+      prefetch_to_l2(p.layer.dense_keys + slot * kHeadDim + dim_base);
+      prefetch_to_l2(p.layer.dense_values + slot * kHeadDim + dim_base);
+      prefetch_to_l2(p.layer.dense_positions + slot);
+    }
+  }
+
+  // Coded entries. `reference` is the block's running max of the coded logits, and `weight_exponent` and
+  // `coefficient_bound` the weights' scale (all the same in every thread): the atom weights and each thread's
+  // coded_sum are relative to the reference.
+  float reference[kGroup], coded_sum[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    reference[g] = -INFINITY;
+    coded_sum[g] = 0.0f;
+  }
+  int weight_exponent = kInitialWeightExponent;
+  float* tile_stats = shared + layout.tile_stats;  // [2][kSplitWarps][kGroup + 1], by tile parity
+  float* coded_sums = shared + layout.coded_sums;  // [kSplitWarps][kGroup]
+  if constexpr (kCoded) {
+    const int key_sparsity = p.layer.key_sparsity, value_sparsity = p.layer.value_sparsity;
+    const int64_t coded_base = p.layer.coded_begin[head];
+    float coefficient_bound = 0.0f;
+    int parity = 0;
+    for (int tile = share.coded_begin; tile < share.coded_end;
+         tile += kSplitThreads * kCodedEntriesPerThread, parity ^= 1) {
+      uint4 key_codes[kCodedEntriesPerThread][kCodeVectors], value_codes[kCodedEntriesPerThread][kCodeVectors];
+      int32_t position[kCodedEntriesPerThread];
+      bool visible[kCodedEntriesPerThread];
+#pragma unroll
+      for (int k = 0; k < kCodedEntriesPerThread; ++k) {
+        const int entry = tile + k * kSplitThreads + threadIdx.x;
+        const bool valid = entry < share.coded_end;
+        const int64_t slot = coded_base + entry;
+#pragma unroll
+        for (int c = 0; c < kCodeVectors; ++c) {
+          key_codes[k][c] = valid && 4 * c < key_sparsity
+                                ? __ldg(reinterpret_cast<const uint4*>(p.layer.key_codes + slot * key_sparsity) + c)
+                                : make_uint4(0, 0, 0, 0);
+          value_codes[k][c] =
+              valid && 4 * c < value_sparsity
+                  ? __ldg(reinterpret_cast<const uint4*>(p.layer.value_codes + slot * value_sparsity) + c)
+                  : make_uint4(0, 0, 0, 0);
+        }
+        position[k] = valid ? p.layer.coded_positions[slot] : INT32_MAX;
+        visible[k] = position[k] <= query_position && filter.sees_slot(p.layer.coded_selected, slot, position[k]);
+      }
+      if (tile == share.coded_begin) {
+        wait_for_prerequisite();
+        const float* source = p.table + (int64_t(launch_row) * p.layer.kv_heads + kv_head) * p.table_stride;
+        for (int i = threadIdx.x * 4; i < kGroup * atoms; i += kSplitThreads * 4) copy_async_16(table + i, source + i);
+        wait_async_copies();
+        __syncthreads();
+      }
+      float logit[kCodedEntriesPerThread][kGroup], coefficient_sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kCodedEntriesPerThread; ++k) {
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) logit[k][g] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kCodeVectors; ++c) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (4 * c + i >= key_sparsity) break;
+            const uint32_t code = word(key_codes[k][c], i);
+            float row[kGroup];
+            load_group<kGroup>(table + code_atom(code) * kGroup, row);
+            const float coefficient = code_coefficient(code);
+#pragma unroll
+            for (int g = 0; g < kGroup; ++g) logit[k][g] += coefficient * row[g];
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < kCodeVectors; ++c) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (4 * c + i < value_sparsity && visible[k])
+              coefficient_sum += fabsf(code_coefficient(word(value_codes[k][c], i)));
+        }
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) logit[k][g] = visible[k] ? logit[k][g] : -INFINITY;
+      }
+      // The tile's max and coefficient sum over the block.
+      float* stats = tile_stats + (parity * kSplitWarps + warp) * (kGroup + 1);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        float thread_max = logit[0][g];
+#pragma unroll
+        for (int k = 1; k < kCodedEntriesPerThread; ++k) thread_max = fmaxf(thread_max, logit[k][g]);
+        thread_max = warp_max(thread_max);
+        if (lane == 0) stats[g] = thread_max;
+      }
+      coefficient_sum = warp_sum(coefficient_sum);
+      if (lane == 0) stats[kGroup] = coefficient_sum;
+      __syncthreads();
+      float factor[kGroup];
+      bool rescale = false;
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        float tile_max = -INFINITY;
+        for (int w = 0; w < kSplitWarps; ++w)
+          tile_max = fmaxf(tile_max, tile_stats[(parity * kSplitWarps + w) * (kGroup + 1) + g]);
+        const float new_reference = fmaxf(reference[g], tile_max);
+        factor[g] = new_reference > reference[g] ? __expf(reference[g] - new_reference) : 1.0f;
+        rescale |= new_reference > reference[g] && reference[g] > -INFINITY;
+        reference[g] = new_reference;
+        coded_sum[g] *= factor[g];
+      }
+      for (int w = 0; w < kSplitWarps; ++w)
+        coefficient_bound += tile_stats[(parity * kSplitWarps + w) * (kGroup + 1) + kGroup];
+      int exponent = weight_exponent;
+      if (coefficient_bound > 0.0f) {
+        int bound_exponent;  // coefficient_bound < 2^bound_exponent
+        frexpf(coefficient_bound, &bound_exponent);
+        exponent = min(exponent, kWeightBits - bound_exponent);
+      }
+      if (rescale || exponent < weight_exponent) {  // the same in every thread
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          const float scale = ldexpf(factor[g], exponent - weight_exponent);
+          for (int a = threadIdx.x; a < atoms; a += kSplitThreads)
+            weights[g * atoms + a] = __float2int_rn(float(weights[g * atoms + a]) * scale);
+        }
+        __syncthreads();
+      }
+      weight_exponent = exponent;
+      const float unit = ldexpf(1.0f, weight_exponent);
+#pragma unroll
+      for (int k = 0; k < kCodedEntriesPerThread; ++k) {
+        if (!visible[k]) continue;
+        float probability[kGroup];
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          probability[g] = __expf(logit[k][g] - reference[g]);
+          coded_sum[g] += probability[g];
+        }
+#pragma unroll
+        for (int c = 0; c < kCodeVectors; ++c) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (4 * c + i >= value_sparsity) break;
+            const uint32_t code = word(value_codes[k][c], i);
+            const float units = code_coefficient(code) * unit;
+#pragma unroll
+            for (int g = 0; g < kGroup; ++g)
+              if (g < group) atomicAdd(&weights[g * atoms + code_atom(code)], __float2int_rn(probability[g] * units));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const float warp_total = warp_sum(coded_sum[g]);
+      coded_sum[g] = warp_total;
+    }
+    // A split without coded entries still waits for the table kernel, so that this kernel's completion (which the
+    // combine waits for) implies that kernel's: the combine's counters are cleared there.
+    if (share.coded_begin == share.coded_end) wait_for_prerequisite();
+    __syncthreads();  // every gather from the table is done before the states overwrite it
+  }
+
+  // Dense entries, as the dense kernel reads them; out-of-share entries load as zeros and score -inf.
+  float query[kGroup][8], acc[kGroup][8], running_max[kGroup], running_sum[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    running_max[g] = -FLT_MAX;
+    running_sum[g] = 0.0f;
+    const float4* source = reinterpret_cast<const float4*>(
+        p.q + (int64_t(row) * heads + kv_head * group + (g < group ? g : 0)) * kHeadDim + dim_base);
+    const float4 low = source[0], high = source[1];
+    const float loaded[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      acc[g][i] = 0.0f;
+      query[g][i] = loaded[i] * p.shape.scale;
+    }
+  }
+  const uint16_t* keys = p.layer.dense_keys + dense_base * kHeadDim + dim_base;
+  const uint16_t* values = p.layer.dense_values + dense_base * kHeadDim + dim_base;
+  auto load_tile = [&](const uint16_t* cache, int first_entry, uint4(&bits)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int entry = first_entry + u * kEntriesPerStep + entry_slot;
+      bits[u] = entry < share.dense_end ? __ldg(reinterpret_cast<const uint4*>(cache + int64_t(entry) * kHeadDim))
+                                        : make_uint4(0, 0, 0, 0);
+    }
+  };
+  // Keys run one tile ahead: the next tile's keys load while this tile's values are summed.
+  uint4 key_bits[kUnroll];
+  load_tile(keys, warp_begin, key_bits);
+  for (int tile = warp_begin; tile < share.dense_end; tile += kBlockTileStride) {
+    uint4 value_bits[kUnroll];
+    load_tile(values, tile, value_bits);
+    bool visible[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int entry = tile + u * kEntriesPerStep + entry_slot;
+      const int32_t position = entry < share.dense_end ? p.layer.dense_positions[dense_base + entry] : INT32_MAX;
+      visible[u] = position <= query_position && filter.sees_slot(p.layer.dense_selected, dense_base + entry, position);
+    }
+    float score[kUnroll][kGroup];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float key[8];
+      unpack_bf16x8(key_bits[u], key);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot += query[g][i] * key[i];
+#pragma unroll
+        for (int offset = kLanesPerEntry / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+        score[u][g] = visible[u] ? dot : -INFINITY;
+      }
+    }
+    load_tile(keys, tile + kBlockTileStride, key_bits);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      float tile_max = score[0][g];
+#pragma unroll
+      for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, score[u][g]);
+      const float new_max = fmaxf(running_max[g], tile_max);
+      const float correction = __expf(running_max[g] - new_max);
+      running_max[g] = new_max;
+      running_sum[g] *= correction;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= correction;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float value[8];
+      unpack_bf16x8(value_bits[u], value);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        const float weight = __expf(score[u][g] - running_max[g]);
+        running_sum[g] += weight;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
+      }
+    }
+  }
+  // The merged slot (fp32, seen by every row, with its logit bias) joins entry slot 0 of warp 0 on split 0.
+  if (split == 0 && counts.merged && warp == 0) {
+    const float bias = p.shape.merge_compensation * logf(p.layer.merged_tokens[head]);
+    float key[8], value[8];
+    load_group<8>(p.layer.merged_keys + head * kHeadDim + dim_base, key);
+    load_group<8>(p.layer.merged_values + head * kHeadDim + dim_base, value);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot += query[g][i] * key[i];
+#pragma unroll
+      for (int offset = kLanesPerEntry / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+      if (entry_slot != 0) continue;
+      const float logit = dot + bias, new_max = fmaxf(running_max[g], logit);
+      const float correction = __expf(running_max[g] - new_max), weight = __expf(logit - new_max);
+      running_max[g] = new_max;
+      running_sum[g] = running_sum[g] * correction + weight;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * correction + weight * value[i];
+    }
+  }
+  // Merge the entry slots of the warp.
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int offset = kLanesPerEntry; offset < 32; offset *= 2) {
+      const float other_max = __shfl_xor_sync(0xffffffff, running_max[g], offset);
+      const float other_sum = __shfl_xor_sync(0xffffffff, running_sum[g], offset);
+      const float new_max = fmaxf(running_max[g], other_max);
+      const float mine = __expf(running_max[g] - new_max), theirs = __expf(other_max - new_max);
+      running_sum[g] = running_sum[g] * mine + other_sum * theirs;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        acc[g][i] = acc[g][i] * mine + __shfl_xor_sync(0xffffffff, acc[g][i], offset) * theirs;
+      running_max[g] = new_max;
+    }
+  }
+
+  States& states = *reinterpret_cast<States*>(shared);
+  if (lane < kLanesPerEntry) {
+    states.publish(warp, lane, running_max, running_sum);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      float4* target = reinterpret_cast<float4*>(&states.acc[warp][g][dim_base]);
+      target[0] = float4{acc[g][0], acc[g][1], acc[g][2], acc[g][3]};
+      target[1] = float4{acc[g][4], acc[g][5], acc[g][6], acc[g][7]};
+    }
+  }
+  if (kCoded && lane == 0)
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) coded_sums[warp * kGroup + g] = coded_sum[g];
+  __syncthreads();
+
+  // The split's state per query head: the dense part (merged over warps) and the coded part brought to one max.
+  // Every thread derives the factors it needs; the first `group` threads publish max and sum.
+  float dense_factor[kGroup], coded_factor[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    float dense_max = -FLT_MAX, dense_sum = 0.0f, coded_total = 0.0f;
+    for (int w = 0; w < kSplitWarps; ++w) dense_max = fmaxf(dense_max, states.max[w][g]);
+    for (int w = 0; w < kSplitWarps; ++w) {
+      if (states.sum[w][g] > 0.0f) dense_sum += states.sum[w][g] * __expf(states.max[w][g] - dense_max);
+      if (kCoded) coded_total += coded_sums[w * kGroup + g];
+    }
+    float split_max = dense_sum > 0.0f ? dense_max : -FLT_MAX;
+    if (coded_total > 0.0f) split_max = fmaxf(split_max, reference[g]);
+    dense_factor[g] = dense_sum > 0.0f ? __expf(dense_max - split_max) : 0.0f;
+    coded_factor[g] = coded_total > 0.0f ? __expf(reference[g] - split_max) : 0.0f;
+    if (threadIdx.x == g && g < group) {
+      const int64_t slot = (int64_t(launch_row) * heads + kv_head * group + g) * p.splits + split;
+      p.partial.max[slot] = split_max;
+      p.partial.sum[slot] = dense_sum * dense_factor[g] + coded_total * coded_factor[g];
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (g >= group) break;
+    const int64_t slot = (int64_t(launch_row) * heads + kv_head * group + g) * p.splits + split;
+    for (int d = threadIdx.x; d < kHeadDim; d += kSplitThreads)
+      p.partial.acc[slot * kHeadDim + d] = states.merge(g, d).acc * dense_factor[g];
+    if constexpr (kCoded) {
+      const float scale = ldexpf(coded_factor[g], -weight_exponent);
+      for (int a = threadIdx.x; a < atoms; a += kSplitThreads)
+        p.weights[slot * atoms + a] = float(weights[g * atoms + a]) * scale;
+    }
+  }
+}
+
+// Grid (atom chunks + group, kv_heads, rows of the launch), kSplitThreads threads. Every block weighs the row's splits
+// per query head (exp(split max - max)); block x < atom chunks merges the splits' weights of its kCombineAtoms value
+// atoms and multiplies them into those dictionary rows, block atom chunks + g merges query head g's dense
+// accumulators. Each leaves its share of the output in the workspace and the last block to finish (a counter the
+// table kernel cleared) adds the shares and writes the bf16 output and row_stats. Without coded entries (no atom
+// chunks) each head's block writes its output itself. Loads over the splits are spread across the block's threads so
+// that they are in flight together: a loop of dependent L2 round trips per thread would cost more than the merging.
+template <int kHeadDim, int kGroup>
+__global__ void __launch_bounds__(kSplitThreads) compressed_combine_kernel(AttentionLaunch p) {
+  constexpr int kDimsPerLane = kHeadDim / 32;
+  constexpr int kWeightSlices = kSplitThreads / kCombineAtoms;  // threads per atom merging weights
+  constexpr int kAtomSlices = kSplitThreads / kHeadDim;         // threads per output dimension applying them
+  const int heads = p.shape.heads, group = heads / p.layer.kv_heads;
+  const int chunk = blockIdx.x, chunks = gridDim.x - group, kv_head = blockIdx.y, launch_row = blockIdx.z;
+  const int row = p.first_row + launch_row;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, atoms = p.tables.atoms;
+  const int64_t head = int64_t(p.step.row_sequence[row]) * p.layer.kv_heads + kv_head;
+  const HeadCounts counts = head_counts(p.layer, head);
+  const int used = split_share(counts.coded, counts.dense, p.splits, 0).used;
+  const int64_t first_slot = (int64_t(launch_row) * heads + kv_head * group) * p.splits;  // query head g: + g * splits
+  // An atom block's dictionary rows load before the split kernel has finished: thread (d, slice) takes dimension d
+  // of atoms slice, slice + kAtomSlices, ...
+  const int first_atom = chunk * kCombineAtoms, chunk_atoms = min(kCombineAtoms, atoms - first_atom);
+  const int dim = threadIdx.x % kHeadDim, atom_slice = threadIdx.x / kHeadDim;
+  float value[kCombineAtoms / kAtomSlices];
+#pragma unroll
+  for (int i = 0; i < kCombineAtoms / kAtomSlices; ++i) {
+    const int a = atom_slice + i * kAtomSlices;
+    value[i] =
+        chunk < chunks && a < chunk_atoms ? p.tables.value_atoms[int64_t(first_atom + a) * kHeadDim + dim] : 0.0f;
+  }
+  wait_for_prerequisite();
+
+  __shared__ float split_factor[kGroup][kMaxSplits];
+  __shared__ float head_max[kGroup], head_sum[kGroup];
+  if (warp < group) {
+    const int64_t base = first_slot + int64_t(warp) * p.splits;
+    float max = -FLT_MAX;
+    for (int s = lane; s < used; s += 32)
+      if (p.partial.sum[base + s] > 0.0f) max = fmaxf(max, p.partial.max[base + s]);
+    max = warp_max(max);
+    float sum = 0.0f;
+    for (int s = lane; s < used; s += 32) {
+      const float split_sum = p.partial.sum[base + s];
+      const float factor = split_sum > 0.0f ? __expf(p.partial.max[base + s] - max) : 0.0f;
+      split_factor[warp][s] = factor;
+      sum += split_sum * factor;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      head_max[warp] = max;
+      head_sum[warp] = sum;
+    }
+  }
+  __syncthreads();
+
+  auto write_output = [&](int g, int d, float total) {
+    const int64_t query_head = int64_t(row) * heads + kv_head * group + g;
+    p.out[query_head * kHeadDim + d] = __float2bfloat16(head_sum[g] > 0.0f ? total / head_sum[g] : 0.0f);
+    if (d == 0 && p.row_stats != nullptr) {
+      p.row_stats[query_head * 2] = head_max[g];
+      p.row_stats[query_head * 2 + 1] = head_sum[g];
+    }
+  };
+  // Share x of query head g's output: x < chunks from the atom blocks, x == chunks the dense accumulators.
+  auto share_of = [&](int g, int x) {
+    return p.combine_partials + ((int64_t(launch_row) * heads + kv_head * group + g) * (chunks + 1) + x) * kHeadDim;
+  };
+  if (chunk >= chunks) {
+    // Query head g's dense accumulators: warp w takes splits w, w + kSplitWarps, ..., lane l dimensions
+    // [l * kDimsPerLane, (l + 1) * kDimsPerLane).
+    const int g = chunk - chunks;
+    __shared__ __align__(16) float warp_totals[kSplitWarps][kHeadDim];
+    float total[kDimsPerLane] = {};
+    for (int s = warp; s < used; s += kSplitWarps) {
+      float acc[kDimsPerLane];
+      load_group<kDimsPerLane>(
+          p.partial.acc + (first_slot + int64_t(g) * p.splits + s) * kHeadDim + lane * kDimsPerLane, acc);
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) total[i] += split_factor[g][s] * acc[i];
+    }
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) warp_totals[warp][lane * kDimsPerLane + i] = total[i];
+    __syncthreads();
+    for (int d = threadIdx.x; d < kHeadDim; d += kSplitThreads) {
+      float merged = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kSplitWarps; ++w) merged += warp_totals[w][d];
+      if (chunks == 0)
+        write_output(g, d, merged);
+      else
+        share_of(g, chunks)[d] = merged;
+    }
+    if (chunks == 0) return;
+  } else {
+    __shared__ float slice_weights[kWeightSlices][kGroup][kCombineAtoms];
+    __shared__ float merged_weights[kGroup][kCombineAtoms];
+    __shared__ float slice_totals[kAtomSlices][kGroup][kHeadDim];
+    {
+      const int a = threadIdx.x % kCombineAtoms, slice = threadIdx.x / kCombineAtoms;
+      float total[kGroup] = {};
+      if (a < chunk_atoms) {
+        for (int s = slice; s < used; s += kWeightSlices) {
+#pragma unroll
+          for (int g = 0; g < kGroup; ++g)
+            if (g < group)
+              total[g] +=
+                  split_factor[g][s] * p.weights[(first_slot + int64_t(g) * p.splits + s) * atoms + first_atom + a];
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) slice_weights[slice][g][a] = total[g];
+    }
+    __syncthreads();
+    for (int index = threadIdx.x; index < kGroup * kCombineAtoms; index += kSplitThreads) {
+      const int g = index / kCombineAtoms, a = index % kCombineAtoms;
+      float total = 0.0f;
+#pragma unroll
+      for (int slice = 0; slice < kWeightSlices; ++slice) total += slice_weights[slice][g][a];
+      merged_weights[g][a] = total;
+    }
+    __syncthreads();
+    float total[kGroup] = {};
+#pragma unroll
+    for (int i = 0; i < kCombineAtoms / kAtomSlices; ++i)
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) total[g] += merged_weights[g][atom_slice + i * kAtomSlices] * value[i];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) slice_totals[atom_slice][g][dim] = total[g];
+    __syncthreads();
+    for (int index = threadIdx.x; index < group * kHeadDim; index += kSplitThreads) {
+      const int g = index / kHeadDim, d = index % kHeadDim;
+      float sum = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kAtomSlices; ++s) sum += slice_totals[s][g][d];
+      share_of(g, chunk)[d] = sum;
+    }
+  }
+
+  // The last of the row's blocks adds the shares in a fixed order.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    last = atomicAdd(&p.combined_blocks[int64_t(launch_row) * p.layer.kv_heads + kv_head], 1) == chunks + group - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int index = threadIdx.x; index < group * kHeadDim; index += kSplitThreads) {
+    const int g = index / kHeadDim, d = index % kHeadDim;
+    float total = 0.0f;
+    for (int x = 0; x <= chunks; ++x) total += __ldcg(share_of(g, x) + d);
+    write_output(g, d, total);
+  }
+}
+
+// Whether a layer takes the split path, and with which code bound: uncoded layers always; coded ones when their keys
+// were coded after RoPE, their sparsities are multiples of 4 up to 16, and the group's table and atom weights fit in
+// shared memory beside the merge area.
+struct SplitPathChoice {
+  bool taken;
+  int max_codes;  // 0: no coded entries
+  size_t shared_bytes;
+};
+SplitPathChoice choose_split_path(const CompressedLayer& layer, const CodingTables* tables, int group) {
+  const bool coded = layer.coded_count != nullptr && layer.key_sparsity > 0;
+  const int width = group_width(group);
+  if (!coded) return {true, 0, split_shared_layout(layer.head_dim, width, 0, false).floats * sizeof(float)};
+  const int most_codes = std::max(layer.key_sparsity, layer.value_sparsity);
+  if (tables == nullptr || !tables->keys_after_rope || layer.key_sparsity % 4 != 0 || layer.value_sparsity % 4 != 0 ||
+      most_codes > 16)
+    return {false, 0, 0};
+  const size_t bytes = split_shared_layout(layer.head_dim, width, tables->atoms, true).floats * sizeof(float);
+  int device = 0, limit = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      bytes > size_t(limit))
+    return {false, 0, 0};
+  return {true, most_codes <= 8 ? 8 : 16, bytes};
+}
+
+// Launches `kernel` as a programmatic dependent of the kernel before it in the stream: it may start once every block
+// of that kernel has called allow_dependent_launch(), and calls wait_for_prerequisite() before reading its results.
+// This hides most of a launch and the prologue of each kernel of the chain behind the one before.
+template <typename Kernel>
+cudaError_t launch_dependent(Kernel kernel, dim3 grid, size_t shared_bytes, cudaStream_t stream,
+                             const AttentionLaunch& launch) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kSplitThreads);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, launch);
+}
+
+// The split kernel follows the table kernel as a programmatic dependent on coded layers; without codes the kernel
+// before it is the caller's, whose results its first reads need, so it launches plainly.
+template <int kHeadDim, int kGroup, bool kCoded, int kMaxCodes>
+cudaError_t launch_split_kernel(const AttentionLaunch& launch, int rows, size_t shared_bytes, cudaStream_t stream) {
+  const auto kernel = compressed_split_kernel<kHeadDim, kGroup, kCoded, kMaxCodes>;
+  if (shared_bytes > 48 * 1024) {
+    if (const cudaError_t error =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
+        error != cudaSuccess)
+      return error;
+  }
+  const dim3 grid(launch.splits, launch.layer.kv_heads, rows);
+  if (kCoded) return launch_dependent(kernel, grid, shared_bytes, stream, launch);
+  kernel<<<grid, kSplitThreads, shared_bytes, stream>>>(launch);
+  return cudaGetLastError();
+}
+
+template <int kHeadDim, int kGroup>
+cudaError_t launch_split_path(AttentionLaunch launch, const SplitPathChoice& choice, void* workspace,
+                              cudaStream_t stream) {
+  const int kv_heads = launch.layer.kv_heads, heads = launch.shape.heads, group = heads / kv_heads;
+  const int atoms = choice.max_codes > 0 ? launch.tables.atoms : 0;
+  const int atom_chunks = (atoms + kCombineAtoms - 1) / kCombineAtoms;
+  const int rows_per_launch = atoms > 0 ? kRowsPerTableLaunch : launch.step.rows, sms = multiprocessors();
+  for (int first_row = 0; first_row < launch.step.rows; first_row += rows_per_launch) {
+    const int rows = std::min(rows_per_launch, launch.step.rows - first_row);
+    launch.first_row = first_row;
+    launch.splits = split_path_splits(sms, rows, kv_heads, group, launch.shape.max_region);
+    const SplitWorkspace carved = split_workspace(workspace, rows, heads, kv_heads, kHeadDim, atoms, launch.splits);
+    launch.partial = carved.partial;
+    launch.table = carved.table;
+    launch.table_stride = carved.table_stride;
+    launch.weights = carved.weights;
+    launch.combine_partials = carved.combine_partials;
+    launch.combined_blocks = carved.combined_blocks;
+    cudaError_t error = cudaSuccess;
+    if (atoms > 0) {
+      const int vectors = rows * kv_heads * group_width(group);
+      query_atom_table_kernel<<<dim3((atoms + kTableTile - 1) / kTableTile, (vectors + kTableTile - 1) / kTableTile),
+                                kSplitThreads, 0, stream>>>(launch, rows);
+      if ((error = cudaGetLastError()) != cudaSuccess) return error;
+    }
+    if (choice.max_codes == 0)
+      error = launch_split_kernel<kHeadDim, kGroup, false, 8>(launch, rows, choice.shared_bytes, stream);
+    else if (choice.max_codes == 8)
+      error = launch_split_kernel<kHeadDim, kGroup, true, 8>(launch, rows, choice.shared_bytes, stream);
+    else
+      error = launch_split_kernel<kHeadDim, kGroup, true, 16>(launch, rows, choice.shared_bytes, stream);
+    if (error != cudaSuccess) return error;
+    const dim3 combine_grid(atom_chunks + group, kv_heads, rows);
+    error = launch_dependent(compressed_combine_kernel<kHeadDim, kGroup>, combine_grid, 0, stream, launch);
+    if (error != cudaSuccess) return error;
+  }
+  return cudaSuccess;
+}
+
+template <int kHeadDim>
+cudaError_t launch_split_path_for_group(const AttentionLaunch& launch, const SplitPathChoice& choice, void* workspace,
+                                        cudaStream_t stream) {
+  switch (group_width(launch.shape.heads / launch.layer.kv_heads)) {
+    case 1: return launch_split_path<kHeadDim, 1>(launch, choice, workspace, stream);
+    case 2: return launch_split_path<kHeadDim, 2>(launch, choice, workspace, stream);
+    case 4: return launch_split_path<kHeadDim, 4>(launch, choice, workspace, stream);
+    default: return launch_split_path<kHeadDim, kMaxGroup>(launch, choice, workspace, stream);
+  }
 }
 
 // --- Probabilities ------------------------------------------------------------------------------------------------
@@ -976,12 +1887,21 @@ bool compressed_attention_supported(int heads, int kv_heads, int head_dim) {
          heads / kv_heads <= kMaxGroup;
 }
 
-size_t compressed_attention_workspace_bytes(const CompressedAttentionShape& shape, int rows, int kv_heads,
-                                            int head_dim) {
-  int64_t slots = 0;  // r rows take r * splits partial states per query head
-  for (int r = 1; r <= rows; ++r)
-    slots = std::max<int64_t>(slots, int64_t(r) * compressed_splits(r, kv_heads, shape.max_region));
-  return size_t(slots) * shape.heads * (2 + head_dim) * sizeof(float);
+size_t compressed_attention_workspace_bytes(const CompressedAttentionShape& shape, int rows, int kv_heads, int head_dim,
+                                            int atoms) {
+  // Whichever path the layer takes: the general kernel's r rows take r * splits partial states per query head; the
+  // split path's launches hold at most kRowsPerTableLaunch rows when they carry atom tables and weights.
+  const int group = shape.heads / kv_heads, sms = multiprocessors();
+  size_t bytes = 0;
+  for (int r = 1; r <= rows; ++r) {
+    const int64_t general_slots = int64_t(r) * compressed_splits(r, kv_heads, shape.max_region) * shape.heads;
+    bytes = std::max(bytes, size_t(general_slots) * (2 + head_dim) * sizeof(float));
+    const int splits = split_path_splits(sms, r, kv_heads, group, shape.max_region);
+    bytes = std::max(bytes, split_workspace(nullptr, r, shape.heads, kv_heads, head_dim, 0, splits).bytes);
+    if (atoms > 0 && r <= kRowsPerTableLaunch)
+      bytes = std::max(bytes, split_workspace(nullptr, r, shape.heads, kv_heads, head_dim, atoms, splits).bytes);
+  }
+  return bytes;
 }
 
 cudaError_t compressed_attention(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
@@ -1000,8 +1920,15 @@ cudaError_t compressed_attention(const CompressedLayer& layer, const CodingTable
                          row_stats,
                          {},
                          compressed_splits(step.rows, layer.kv_heads, shape.max_region)};
-  launch.partial = partial_view(workspace, step.rows, shape.heads, launch.splits);
   const int group = shape.heads / layer.kv_heads;
+  if (const SplitPathChoice choice = choose_split_path(layer, tables, group); choice.taken) {
+    switch (layer.head_dim) {
+      case 64: return launch_split_path_for_group<64>(launch, choice, workspace, stream);
+      case 128: return launch_split_path_for_group<128>(launch, choice, workspace, stream);
+      default: return launch_split_path_for_group<256>(launch, choice, workspace, stream);
+    }
+  }
+  launch.partial = partial_view(workspace, step.rows, shape.heads, launch.splits);
   switch (layer.head_dim) {
     case 64: launch_compressed_attention<1>(launch, group, stream); break;
     case 128: launch_compressed_attention<2>(launch, group, stream); break;

@@ -89,9 +89,10 @@ struct CompressedAttentionShape {
   int max_region = 0;  // most entries (dense + coded + merged) a head slot can hold
 };
 bool compressed_attention_supported(int heads, int kv_heads, int head_dim);
-// Workspace for compressed_attention with at most `rows` rows.
-size_t compressed_attention_workspace_bytes(const CompressedAttentionShape& shape, int rows, int kv_heads,
-                                            int head_dim);
+// Workspace for compressed_attention with at most `rows` rows; atoms: the layer's dictionary size (0 for a layer
+// that codes nothing). Its contents need no initialising.
+size_t compressed_attention_workspace_bytes(const CompressedAttentionShape& shape, int rows, int kv_heads, int head_dim,
+                                            int atoms);
 // cpu::compressed_attention's output in bf16 (the O projection's input), split-KV so one decode row fills the
 // GPU. row_stats ([rows, heads, 2]: softmax max and sum, nullable) feed entry_probabilities.
 cudaError_t compressed_attention(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,

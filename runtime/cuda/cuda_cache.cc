@@ -105,8 +105,9 @@ class CudaKvCacheImpl : public CudaKvCache {
         most_value_sparsity = std::max<int64_t>(most_value_sparsity, policy.coding->value_sparsity);
       }
       attention_workspace =
-          std::max(attention_workspace, cuda::compressed_attention_workspace_bytes(
-                                            AttentionShape(*layer), options_.max_rows, c.num_kv_heads, c.head_dim));
+          std::max(attention_workspace,
+                   cuda::compressed_attention_workspace_bytes(AttentionShape(*layer), options_.max_rows, c.num_kv_heads,
+                                                              c.head_dim, layer->tables.atoms));
       refreshes |= bool(policy.refresh);
       probabilities |= NeedsProbabilities(policy);
       compressed_[l] = std::move(layer);

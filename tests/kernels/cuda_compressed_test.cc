@@ -327,11 +327,29 @@ TEST(CudaCompressedTest, AppendMatchesCpu) {
   }
 }
 
+// Attention cases, each at several GQA groups: every layer case at groups 1 and 4, then cases for the attention's
+// paths. Keys coded after RoPE take the table path (1024 and 4096 atoms; at 4096 atoms and group 8 its shared memory
+// does not fit and the general kernel runs) over contexts past 4096 that use several splits, and in steps of 17 rows
+// per sequence (more rows than one table launch takes); budget-only layers keep thousands of dense entries; a
+// sparsity that is no multiple of 4 falls back to the general kernel.
+std::vector<std::pair<LayerCase, std::vector<int>>> AttentionCases() {
+  std::vector<std::pair<LayerCase, std::vector<int>>> cases;
+  for (const LayerCase& c : kLayerCases) cases.push_back({c, {1, 4}});
+  const LayerCase path_cases[] = {
+      {3, 2, 128, 8, 8, 1024, true, 1, 4500}, {3, 1, 128, 8, 8, 4096, true, 1, 5000},
+      {3, 2, 128, 8, 4, 1024, true, 17, 700}, {3, 1, 256, 16, 12, 300, true, 1, 2100},
+      {3, 2, 128, 0, 0, 0, false, 1, 6000},   {3, 2, 64, 0, 0, 0, false, 17, 1500},
+      {3, 2, 64, 6, 6, 200, true, 1, 300},
+  };
+  for (const LayerCase& c : path_cases) cases.push_back({c, {2, 4, 8}});
+  return cases;
+}
+
 // Attention and probabilities, with RefreshKV full steps for some sequences and subsets for the others.
 TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  for (const LayerCase& c : kLayerCases) {
-    for (const int group : {1, 4}) {
+  for (const auto& [c, groups] : AttentionCases()) {
+    for (const int group : groups) {
       RandomLayer layer = MakeRandomLayer(c, 21 + group);
       const HostStep step = MakeStep(layer);
       AppendStepRows(layer, step, 22);
@@ -373,7 +391,8 @@ TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
                                                  .max_region = max_region};
       Device<uint16_t> out(q.size());
       Device<float> row_stats(size_t(rows) * heads * 2);
-      Device<char> workspace(cuda::compressed_attention_workspace_bytes(shape, rows, c.kv_heads, c.head_dim));
+      Device<char> workspace(cuda::compressed_attention_workspace_bytes(shape, rows, c.kv_heads, c.head_dim,
+                                                                        c.key_sparsity ? c.atoms : 0));
       Device<float> d_dense_probabilities(dense_probabilities.size()),
           d_coded_probabilities(coded_probabilities.size());
       ASSERT_EQ(cuda::compressed_attention(device.View(), &device_tables, device_step.View(), &device_refresh, shape,
