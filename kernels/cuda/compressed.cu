@@ -1767,45 +1767,50 @@ __global__ void commit_leaving_kernel(CompressedLayer layer, StepRowsView step, 
   }
 }
 
-// One block per vector: correlations with every atom, block argmax (lowest index on ties, as the CPU oracle's
-// strict comparison), fp16 rounding, residual update. Grid (group_size, groups).
-__global__ void matching_pursuit_kernel(const float* dictionary, int atoms, int dim, const float* x, int group_size,
-                                        const int32_t* counts, int sparsity, uint32_t* codes) {
+// One block per vector, a warp per atom at a time: the warp's lanes read the atom's row coalesced and reduce the
+// correlation with shuffles, several atoms in flight per warp; then a block argmax (lowest index on ties, as the
+// CPU oracle's strict comparison), fp16 rounding and the residual update. Grid (group_size, groups).
+constexpr int kPursuitWarps = 32;
+constexpr int kPursuitAtomsInFlight = 4;
+
+__global__ void __launch_bounds__(kPursuitWarps * 32)
+    matching_pursuit_kernel(const float* dictionary, int atoms, int dim, const float* x, int group_size,
+                            const int32_t* counts, int sparsity, uint32_t* codes) {
   extern __shared__ float residual[];
-  __shared__ float best_value[32];
-  __shared__ int best_index[32];
+  __shared__ float best_value[kPursuitWarps];
+  __shared__ int best_index[kPursuitWarps];
   if (counts != nullptr && int(blockIdx.x) >= counts[blockIdx.y]) return;
   const int64_t vector = int64_t(blockIdx.y) * group_size + blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int d = threadIdx.x; d < dim; d += blockDim.x) residual[d] = x[vector * dim + d];
   __syncthreads();
   for (int s = 0; s < sparsity; ++s) {
     float my_value = 0.0f;
     int my_index = 0x7fffffff;
-    for (int a = threadIdx.x; a < atoms; a += blockDim.x) {
-      const float* atom = dictionary + int64_t(a) * dim;
-      float correlation = 0.0f;
-      for (int d = 0; d < dim; ++d) correlation += residual[d] * atom[d];
-      if (fabsf(correlation) > fabsf(my_value) || my_index == 0x7fffffff) {
-        my_value = correlation;
-        my_index = a;
+    for (int first = warp * kPursuitAtomsInFlight; first < atoms; first += kPursuitWarps * kPursuitAtomsInFlight) {
+      float correlation[kPursuitAtomsInFlight] = {};
+#pragma unroll
+      for (int k = 0; k < kPursuitAtomsInFlight; ++k) {
+        if (first + k >= atoms) break;
+        const float* atom = dictionary + int64_t(first + k) * dim;
+        for (int d = lane; d < dim; d += 32) correlation[k] += residual[d] * atom[d];
+      }
+#pragma unroll
+      for (int k = 0; k < kPursuitAtomsInFlight; ++k) {
+        const float value = warp_sum(correlation[k]);
+        if (first + k < atoms && (fabsf(value) > fabsf(my_value) || my_index == 0x7fffffff)) {
+          my_value = value;
+          my_index = first + k;
+        }
       }
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const float other_value = __shfl_xor_sync(0xffffffff, my_value, offset);
-      const int other_index = __shfl_xor_sync(0xffffffff, my_index, offset);
-      if (fabsf(other_value) > fabsf(my_value) || (fabsf(other_value) == fabsf(my_value) && other_index < my_index)) {
-        my_value = other_value;
-        my_index = other_index;
-      }
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     if (lane == 0) {
       best_value[warp] = my_value;
       best_index[warp] = my_index;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      for (int w = 1; w < warps; ++w)
+      for (int w = 1; w < kPursuitWarps; ++w)
         if (fabsf(best_value[w]) > fabsf(best_value[0]) ||
             (fabsf(best_value[w]) == fabsf(best_value[0]) && best_index[w] < best_index[0])) {
           best_value[0] = best_value[w];
@@ -2022,7 +2027,7 @@ cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsV
 cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int groups, int group_size,
                              const int32_t* counts, int sparsity, uint32_t* codes, cudaStream_t stream) {
   if (groups == 0 || group_size == 0) return cudaSuccess;
-  matching_pursuit_kernel<<<dim3(group_size, groups), 256, dim * sizeof(float), stream>>>(
+  matching_pursuit_kernel<<<dim3(group_size, groups), kPursuitWarps * 32, dim * sizeof(float), stream>>>(
       dictionary, atoms, dim, x, group_size, counts, sparsity, codes);
   return cudaGetLastError();
 }
