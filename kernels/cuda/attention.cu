@@ -8,6 +8,7 @@
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/softmax_merge.cuh"
 #include "kernels/cuda/split_kv.cuh"
+#include "kernels/cuda/vector_loads.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -47,16 +48,6 @@ __device__ inline SplitRange split_range(int position, int sliding_window, int s
   const int chunk = (length + wanted - 1) / wanted;
   const int begin = first + split * chunk;
   return {begin, min(begin + chunk, position + 1), (length + chunk - 1) / chunk};
-}
-
-__device__ inline void unpack_bf16x8(const uint4& raw, float* out) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
 }
 
 // Grid (splits, kv_heads, rows). A group of kHeadDim/8 lanes owns one cache entry at a time (one 16-byte load
@@ -196,27 +187,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocksPerSm)
     if (d == 0) {
       partial.max[slot] = merged.max;
       partial.sum[slot] = merged.sum;
-    }
-  }
-}
-
-// n consecutive floats at a 4n-byte aligned address, in as few loads as the vector widths allow.
-template <int n>
-__device__ inline void load_floats(const float* source, float* out) {
-  if constexpr (n == 1) {
-    out[0] = *source;
-  } else if constexpr (n == 2) {
-    const float2 pair = *reinterpret_cast<const float2*>(source);
-    out[0] = pair.x;
-    out[1] = pair.y;
-  } else {
-#pragma unroll
-    for (int i = 0; i < n; i += 4) {
-      const float4 quad = *reinterpret_cast<const float4*>(source + i);
-      out[i] = quad.x;
-      out[i + 1] = quad.y;
-      out[i + 2] = quad.z;
-      out[i + 3] = quad.w;
     }
   }
 }

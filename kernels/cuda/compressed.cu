@@ -9,6 +9,7 @@
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/softmax_merge.cuh"
 #include "kernels/cuda/split_kv.cuh"
+#include "kernels/cuda/vector_loads.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -603,37 +604,6 @@ __device__ inline HeadCounts head_counts(const CompressedLayer& layer, int64_t h
           layer.merged_tokens != nullptr && layer.merged_tokens[head] > 0.0f};
 }
 
-__device__ inline void unpack_bf16x8(const uint4& raw, float (&out)[8]) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
-// kWidth consecutive floats at a 4 * kWidth-byte aligned address, in as few loads as the vector widths allow.
-template <int kWidth>
-__device__ inline void load_group(const float* source, float (&out)[kWidth]) {
-  if constexpr (kWidth == 1) {
-    out[0] = source[0];
-  } else if constexpr (kWidth == 2) {
-    const float2 pair = *reinterpret_cast<const float2*>(source);
-    out[0] = pair.x;
-    out[1] = pair.y;
-  } else {
-#pragma unroll
-    for (int i = 0; i < kWidth; i += 4) {
-      const float4 quad = *reinterpret_cast<const float4*>(source + i);
-      out[i] = quad.x;
-      out[i + 1] = quad.y;
-      out[i + 2] = quad.z;
-      out[i + 3] = quad.w;
-    }
-  }
-}
-
 __device__ inline uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
 __device__ inline void copy_async_16(void* shared_target, const void* global_source) {
@@ -842,7 +812,7 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
             if (4 * c + i >= key_sparsity) break;
             const uint32_t code = word(key_codes[k][c], i);
             float row[kGroup];
-            load_group<kGroup>(table + code_atom(code) * kGroup, row);
+            load_floats<kGroup>(table + code_atom(code) * kGroup, row);
             const float coefficient = code_coefficient(code);
 #pragma unroll
             for (int g = 0; g < kGroup; ++g) logit[k][g] += coefficient * row[g];
@@ -1021,8 +991,8 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
   if (split == 0 && counts.merged && warp == 0) {
     const float bias = p.shape.merge_compensation * logf(p.layer.merged_tokens[head]);
     float key[8], value[8];
-    load_group<8>(p.layer.merged_keys + head * kHeadDim + dim_base, key);
-    load_group<8>(p.layer.merged_values + head * kHeadDim + dim_base, value);
+    load_floats<8>(p.layer.merged_keys + head * kHeadDim + dim_base, key);
+    load_floats<8>(p.layer.merged_values + head * kHeadDim + dim_base, value);
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       float dot = 0.0f;
@@ -1182,7 +1152,7 @@ __global__ void __launch_bounds__(kSplitThreads) compressed_combine_kernel(Atten
     float total[kDimsPerLane] = {};
     for (int s = warp; s < used; s += kSplitWarps) {
       float acc[kDimsPerLane];
-      load_group<kDimsPerLane>(
+      load_floats<kDimsPerLane>(
           p.partial.acc + (first_slot + int64_t(g) * p.splits + s) * kHeadDim + lane * kDimsPerLane, acc);
 #pragma unroll
       for (int i = 0; i < kDimsPerLane; ++i) total[i] += split_factor[g][s] * acc[i];
