@@ -84,7 +84,7 @@ void attention(const float* q, const int32_t* query_positions, int tokens, int h
         const float* key = cache.keys + int64_t(j) * head_dim;
         float dot = 0.0f;
         for (int d = 0; d < head_dim; ++d) dot += query[d] * key[d];
-        logits[j] = dot * scale + (cache.logit_bias ? cache.logit_bias[j] : 0.0f);
+        logits[j] = dot * scale;
         max_logit = std::max(max_logit, logits[j]);
       }
       std::fill(result, result + head_dim, 0.0f);

@@ -29,14 +29,11 @@ void add_row_bias(float* x, const float* bias, int64_t rows, int dim);
 // ([rows, 2 ffn], as one GEMM makes them); out: [rows, ffn].
 void swiglu(const float* gate_up, int64_t rows, int ffn, float* out);
 
-// The cached tokens of one KV head. Entries need not be contiguous in position (compressed caches evict and
-// merge), so each carries its own position; logit_bias (nullable) is added to the entry's attention logit,
-// which is how merged entries stand for the several tokens they replaced.
+// The cached tokens of one KV head of the full cache, each with its position.
 struct KvHeadView {
   const float* keys = nullptr;         // [length, head_dim]
   const float* values = nullptr;       // [length, head_dim]
   const int32_t* positions = nullptr;  // [length]
-  const float* logit_bias = nullptr;   // [length] or null
   int length = 0;
 };
 
@@ -47,7 +44,7 @@ struct KvHeadView {
 void attention(const float* q, const int32_t* query_positions, int tokens, int heads, const KvHeadView* kv,
                int kv_heads, int head_dim, float scale, int sliding_window, float* out);
 
-// --- Compressed caches -------------------------------------------------------------------------------------
+// --- Sparse coding -----------------------------------------------------------------------------------------
 
 // Nearest fp16-representable value (ties to even), saturating at the fp16 range: the precision of stored
 // sparse-code coefficients.

@@ -38,7 +38,7 @@ class DenseLayerCache : public LayerCache {
     std::vector<cpu::KvHeadView> views(config_.num_kv_heads);
     for (int h = 0; h < config_.num_kv_heads; ++h)
       views[h] = {keys_.data() + Offset(sequence, h), values_.data() + Offset(sequence, h), entry_positions_.data(),
-                  nullptr, lengths_[sequence]};
+                  lengths_[sequence]};
     cpu::attention(q, positions, rows, config_.num_heads, views.data(), config_.num_kv_heads, config_.head_dim,
                    1.0f / std::sqrt(float(config_.head_dim)), config_.sliding_window, out);
   }

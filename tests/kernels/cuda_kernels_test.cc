@@ -178,7 +178,7 @@ void CheckAttention(const AttentionCase& c) {
           keys[h].insert(keys[h].end(), k.begin() + source, k.begin() + source + c.head_dim);
           values[h].insert(values[h].end(), v.begin() + source, v.begin() + source + c.head_dim);
         }
-        views[h] = {keys[h].data(), values[h].data(), entry_positions.data(), nullptr, c.context};
+        views[h] = {keys[h].data(), values[h].data(), entry_positions.data(), c.context};
       }
       const size_t offset = size_t(s) * c.rows_per_sequence * c.heads * c.head_dim;
       cpu::attention(q.data() + offset, positions.data() + s * c.rows_per_sequence, c.rows_per_sequence, c.heads,
