@@ -230,6 +230,19 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
   return sharing;
 }
 
+// Scales every atom ([atoms, dim] rows) to unit length; a dead atom becomes a basis vector.
+void NormaliseAtoms(std::vector<float>& dictionary, int dim) {
+  const int64_t atoms = int64_t(dictionary.size()) / dim;
+  for (int64_t a = 0; a < atoms; ++a) {
+    float* atom = dictionary.data() + a * dim;
+    double norm = 0;
+    for (int d = 0; d < dim; ++d) norm += double(atom[d]) * atom[d];
+    const float inverse = norm > 1e-20 ? float(1.0 / std::sqrt(norm)) : 0.0f;
+    for (int d = 0; d < dim; ++d) atom[d] *= inverse;
+    if (inverse == 0.0f) atom[a % dim] = 1.0f;
+  }
+}
+
 // Dictionary learning: FAISS k-means initialisation, then alternating matching-pursuit coding and a
 // per-atom preconditioned gradient step on the reconstruction error (each atom moves toward the residual it
 // explains, scaled by its squared coefficients), renormalised to unit length.
@@ -242,17 +255,7 @@ plan::Dictionary LearnDictionary(const std::vector<float>& samples, int dim, int
   atoms = int(std::min<int64_t>(atoms, n));
   std::vector<float> dictionary(int64_t(atoms) * dim);
   faiss::kmeans_clustering(dim, n, atoms, train, dictionary.data());
-  auto normalise = [&]() {
-    for (int a = 0; a < atoms; ++a) {
-      float* atom = dictionary.data() + int64_t(a) * dim;
-      double norm = 0;
-      for (int d = 0; d < dim; ++d) norm += double(atom[d]) * atom[d];
-      const float inverse = norm > 1e-20 ? float(1.0 / std::sqrt(norm)) : 0.0f;
-      for (int d = 0; d < dim; ++d) atom[d] *= inverse;
-      if (inverse == 0.0f) atom[a % dim] = 1.0f;  // a dead atom becomes a basis vector
-    }
-  };
-  normalise();
+  NormaliseAtoms(dictionary, dim);
   std::vector<float> residual(n * dim), reconstruction(dim);
   for (int epoch = 0; epoch < epochs; ++epoch) {
     const SparseCodes codes = MatchingPursuit(dictionary.data(), atoms, dim, train, n, sparsity);
@@ -270,7 +273,7 @@ plan::Dictionary LearnDictionary(const std::vector<float>& samples, int dim, int
     for (int a = 0; a < atoms; ++a)
       if (weight[a] > 0)
         for (int d = 0; d < dim; ++d) dictionary[int64_t(a) * dim + d] += float(step[int64_t(a) * dim + d] / weight[a]);
-    normalise();
+    NormaliseAtoms(dictionary, dim);
   }
   const SparseCodes codes = MatchingPursuit(dictionary.data(), atoms, dim, test, held_back, sparsity);
   double error = 0, norm = 0;
@@ -336,12 +339,8 @@ absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
         dictionary->set_atoms(atoms);
         dictionary->set_dim(hd);
         std::vector<float> values(int64_t(atoms) * hd);
-        for (int a = 0; a < atoms; ++a) {
-          double norm = 0;
-          for (int d = 0; d < hd; ++d)
-            norm += double(values[int64_t(a) * hd + d] = normal(generator)) * values[int64_t(a) * hd + d];
-          for (int d = 0; d < hd; ++d) values[int64_t(a) * hd + d] /= float(std::sqrt(norm));
-        }
+        for (float& value : values) value = normal(generator);
+        NormaliseAtoms(values, hd);
         dictionary->mutable_values()->Assign(values.begin(), values.end());
       }
     }
