@@ -10,19 +10,6 @@
 namespace kvplan {
 namespace {
 
-// Host arrays behind one layer's CompressedLayer view.
-struct HostStorage {
-  std::vector<int32_t> dense_count, coded_count;
-  std::vector<uint16_t> dense_keys, dense_values;
-  std::vector<int32_t> dense_positions, coded_positions;
-  std::vector<float> dense_scores, coded_scores;
-  std::vector<uint8_t> dense_selected, coded_selected;
-  std::vector<uint32_t> key_codes, value_codes;
-  std::vector<float> merged_keys, merged_values, merged_tokens;
-  // Scratch the operations share within a step.
-  std::vector<float> dense_probabilities, coded_probabilities;
-};
-
 struct HostRefreshState {
   std::vector<int32_t> refresh_position, steps_since_refresh;
   std::vector<uint8_t> has_query, full_step;
@@ -44,55 +31,12 @@ class CompressedLayerCache : public LayerCache {
         max_step_rows_(max_step_rows),
         dictionaries_(std::move(dictionaries)),
         inv_freq_(RopeInverseFrequencies(config)),
-        regions_(PlanRegions(policy, num_sequences, config.num_kv_heads, capacity, max_step_rows)) {
-    const int head_slots = num_sequences * config.num_kv_heads, hd = config.head_dim;
-    const int64_t dense = regions_.dense_slots(), coded = regions_.coded_slots();
-    HostStorage& s = storage_;
-    s.dense_count.resize(head_slots);
-    s.dense_keys.resize(dense * hd);
-    s.dense_values.resize(dense * hd);
-    s.dense_positions.resize(dense);
-    if (policy.budget) s.dense_scores.resize(dense);
-    if (policy.refresh) s.dense_selected.resize(dense);
-    if (policy.coding) {
-      s.coded_count.resize(head_slots);
-      s.key_codes.resize(coded * policy.coding->key_sparsity);
-      s.value_codes.resize(coded * policy.coding->value_sparsity);
-      s.coded_positions.resize(coded);
-      if (policy.budget) s.coded_scores.resize(coded);
-      if (policy.refresh) s.coded_selected.resize(coded);
-    }
-    if (policy.budget && policy.budget->merge_evicted) {
-      s.merged_keys.resize(int64_t(head_slots) * hd);
-      s.merged_values.resize(int64_t(head_slots) * hd);
-      s.merged_tokens.resize(head_slots);
-    }
+        storage_(MakeStorage(config, policy, num_sequences, capacity, max_step_rows)),
+        layer_(storage_.View()) {
     if (NeedsProbabilities(policy)) {
-      s.dense_probabilities.resize(dense);
-      s.coded_probabilities.resize(coded);
+      dense_probabilities_.resize(storage_.dense_begin.back());
+      coded_probabilities_.resize(storage_.coded_begin.back());
     }
-    layer_ = CompressedLayer{.head_slots = head_slots,
-                             .kv_heads = config.num_kv_heads,
-                             .head_dim = hd,
-                             .key_sparsity = policy.coding ? policy.coding->key_sparsity : 0,
-                             .value_sparsity = policy.coding ? policy.coding->value_sparsity : 0,
-                             .dense_begin = regions_.dense_begin.data(),
-                             .dense_count = s.dense_count.data(),
-                             .dense_keys = s.dense_keys.data(),
-                             .dense_values = s.dense_values.data(),
-                             .dense_positions = s.dense_positions.data(),
-                             .dense_scores = DataOrNull(s.dense_scores),
-                             .dense_selected = DataOrNull(s.dense_selected),
-                             .coded_begin = regions_.coded_begin.data(),
-                             .coded_count = DataOrNull(s.coded_count),
-                             .key_codes = DataOrNull(s.key_codes),
-                             .value_codes = DataOrNull(s.value_codes),
-                             .coded_positions = DataOrNull(s.coded_positions),
-                             .coded_scores = DataOrNull(s.coded_scores),
-                             .coded_selected = DataOrNull(s.coded_selected),
-                             .merged_keys = DataOrNull(s.merged_keys),
-                             .merged_values = DataOrNull(s.merged_values),
-                             .merged_tokens = DataOrNull(s.merged_tokens)};
     if (dictionaries_)
       tables_ = CodingTables{.atoms = dictionaries_->atoms,
                              .key_atoms = dictionaries_->key_atoms.data(),
@@ -106,8 +50,8 @@ class CompressedLayerCache : public LayerCache {
       r.steps_since_refresh.resize(num_sequences);
       r.has_query.resize(num_sequences);
       r.full_step.resize(num_sequences);
-      r.query.resize(int64_t(num_sequences) * hd);
-      r.step_query.resize(int64_t(num_sequences) * hd);
+      r.query.resize(int64_t(num_sequences) * config.head_dim);
+      r.step_query.resize(int64_t(num_sequences) * config.head_dim);
       refresh_view_ = RefreshStateView{.refresh_position = r.refresh_position.data(),
                                        .steps_since_refresh = r.steps_since_refresh.data(),
                                        .has_query = r.has_query.data(),
@@ -214,7 +158,6 @@ class CompressedLayerCache : public LayerCache {
       return absl::OkStatus();
     }
     absl::Status Attend(bool probabilities) {
-      HostStorage& s = cache_.storage_;
       // Between RefreshKV full steps only attention-scored budgets read the probabilities.
       const bool scores =
           cache_.policy_.budget && cache_.policy_.budget->scoring == plan::TokenBudgets::ATTENTION_SCORE;
@@ -222,19 +165,19 @@ class CompressedLayerCache : public LayerCache {
       const bool wanted = probabilities && (scores || full_step);
       cpu::compressed_attention(cache_.layer_, cache_.Tables(), step_.view,
                                 cache_.policy_.refresh ? &cache_.refresh_view_ : nullptr, cache_.AttentionParams(), q_,
-                                out_, wanted ? s.dense_probabilities.data() : nullptr,
-                                wanted ? s.coded_probabilities.data() : nullptr);
+                                out_, wanted ? cache_.dense_probabilities_.data() : nullptr,
+                                wanted ? cache_.coded_probabilities_.data() : nullptr);
       return absl::OkStatus();
     }
     absl::Status UpdateScores() {
       cpu::update_scores(cache_.layer_, step_.view, cache_.policy_.budget->score_decay,
-                         cache_.storage_.dense_probabilities.data(), cache_.storage_.coded_probabilities.data());
+                         cache_.dense_probabilities_.data(), cache_.coded_probabilities_.data());
       return absl::OkStatus();
     }
     absl::Status SelectRefresh() {
       cpu::refresh_select(cache_.layer_, cache_.refresh_view_, step_.view, targets_,
-                          RefreshSettingsOf(*cache_.policy_.refresh), cache_.storage_.dense_probabilities.data(),
-                          cache_.storage_.coded_probabilities.data());
+                          RefreshSettingsOf(*cache_.policy_.refresh), cache_.dense_probabilities_.data(),
+                          cache_.coded_probabilities_.data());
       return absl::OkStatus();
     }
     absl::Status Evict() {
@@ -285,6 +228,13 @@ class CompressedLayerCache : public LayerCache {
     StepTargets targets_;
   };
 
+  static HostCompressedLayer MakeStorage(const ModelConfig& config, const LayerPolicy& policy, int num_sequences,
+                                         int capacity, int max_step_rows) {
+    CompressedRegions regions = PlanRegions(policy, num_sequences, config.num_kv_heads, capacity, max_step_rows);
+    return HostCompressedLayer(ArrayShapeOf(policy, num_sequences, config.num_kv_heads, config.head_dim),
+                               std::move(regions.dense_begin), std::move(regions.coded_begin));
+  }
+
   const CodingTables* Tables() const { return dictionaries_ ? &tables_ : nullptr; }
   cpu::CompressedAttentionParams AttentionParams() const {
     return cpu::CompressedAttentionParams{
@@ -298,8 +248,8 @@ class CompressedLayerCache : public LayerCache {
   int num_sequences_, max_step_rows_;
   std::shared_ptr<const LayerDictionaries> dictionaries_;  // null unless the policy codes
   std::vector<float> inv_freq_;
-  CompressedRegions regions_;
-  HostStorage storage_;
+  HostCompressedLayer storage_;
+  std::vector<float> dense_probabilities_, coded_probabilities_;  // scratch the operations share within a step
   HostRefreshState refresh_;
   CompressedLayer layer_;
   CodingTables tables_;

@@ -22,6 +22,17 @@ CompressedRegions PlanRegions(const LayerPolicy& policy, int num_sequences, int 
   return regions;
 }
 
+CompressedArrayShape ArrayShapeOf(const LayerPolicy& policy, int num_sequences, int kv_heads, int head_dim) {
+  return CompressedArrayShape{.head_slots = num_sequences * kv_heads,
+                              .kv_heads = kv_heads,
+                              .head_dim = head_dim,
+                              .key_sparsity = policy.coding ? policy.coding->key_sparsity : 0,
+                              .value_sparsity = policy.coding ? policy.coding->value_sparsity : 0,
+                              .scores = bool(policy.budget),
+                              .selected = bool(policy.refresh),
+                              .merged = policy.budget && policy.budget->merge_evicted};
+}
+
 StepGroups GroupRows(const int32_t* row_sequence, const int32_t* row_position, int rows) {
   StepGroups groups;
   for (int r = 0; r < rows; ++r) {

@@ -10,6 +10,7 @@
 #include "base/status_macros.h"
 #include "kernels/compressed_layout.h"
 #include "plans/cache_policy.h"
+#include "runtime/cache/host_compressed_layer.h"
 
 namespace kvplan {
 
@@ -25,6 +26,10 @@ struct CompressedRegions {
 // max_step_rows: the most rows one step appends to one sequence (the runtimes' chunk).
 CompressedRegions PlanRegions(const LayerPolicy& policy, int num_sequences, int kv_heads, int capacity,
                               int max_step_rows);
+
+// The arrays a layer of `policy` keeps for num_sequences sequences: codes with CSR, scores with budgets, selection
+// flags with RefreshKV, a merged slot with ZeroMerge.
+CompressedArrayShape ArrayShapeOf(const LayerPolicy& policy, int num_sequences, int kv_heads, int head_dim);
 
 // A step's rows grouped by sequence, as host arrays behind a StepRowsView.
 struct StepGroups {

@@ -104,9 +104,8 @@ class CudaKvCacheImpl : public CudaKvCache {
         most_key_sparsity = std::max<int64_t>(most_key_sparsity, policy.coding->key_sparsity);
         most_value_sparsity = std::max<int64_t>(most_value_sparsity, policy.coding->value_sparsity);
       }
-      attention_workspace =
-          std::max(attention_workspace,
-                   cuda::compressed_attention_workspace_bytes(AttentionShape(*layer), options_.max_rows, c.num_kv_heads,
+      attention_workspace = std::max(attention_workspace, cuda::compressed_attention_workspace_bytes(
+                                                              AttentionShape(*layer), options_.max_rows, c.num_kv_heads,
                                                               c.head_dim, layer->tables.atoms));
       refreshes |= bool(policy.refresh);
       probabilities |= NeedsProbabilities(policy);
@@ -450,21 +449,22 @@ class CudaKvCacheImpl : public CudaKvCache {
     layer.max_region += 1;
     KVPLAN_RETURN_IF_ERROR(layer.dense_begin.Upload(layer.regions.dense_begin));
     KVPLAN_RETURN_IF_ERROR(layer.coded_begin.Upload(layer.regions.coded_begin));
-    const bool budget = bool(policy.budget), refresh = bool(policy.refresh), coding = bool(policy.coding);
-    const bool merge = budget && policy.budget->merge_evicted;
-    const int sk = coding ? policy.coding->key_sparsity : 0, sv = coding ? policy.coding->value_sparsity : 0;
+    // The host storage's shape (ArrayShapeOf) says which arrays exist; the device holds the same ones.
+    const CompressedArrayShape shape = ArrayShapeOf(policy, n, c.num_kv_heads, hd);
+    const bool scores = shape.scores, refresh = shape.selected, coding = shape.key_sparsity > 0, merge = shape.merged;
+    const int sk = shape.key_sparsity, sv = shape.value_sparsity;
     const std::pair<DeviceBuffer*, int64_t> arrays[] = {
         {&layer.dense_count, int64_t(head_slots) * 4},
         {&layer.dense_keys, dense * hd * 2},
         {&layer.dense_values, dense * hd * 2},
         {&layer.dense_positions, dense * 4},
-        {&layer.dense_scores, budget ? dense * 4 : 0},
+        {&layer.dense_scores, scores ? dense * 4 : 0},
         {&layer.dense_selected, refresh ? dense : 0},
         {&layer.coded_count, coding ? int64_t(head_slots) * 4 : 0},
         {&layer.key_codes, coded * sk * 4},
         {&layer.value_codes, coded * sv * 4},
         {&layer.coded_positions, coded * 4},
-        {&layer.coded_scores, budget ? coded * 4 : 0},
+        {&layer.coded_scores, scores ? coded * 4 : 0},
         {&layer.coded_selected, refresh ? coded : 0},
         {&layer.merged_keys, merge ? int64_t(head_slots) * hd * 4 : 0},
         {&layer.merged_values, merge ? int64_t(head_slots) * hd * 4 : 0},

@@ -58,11 +58,11 @@ class DeviceLayer {
         merged_keys_(host.merged_keys),
         merged_values_(host.merged_values),
         merged_tokens_(host.merged_tokens),
-        shape_(host.shape) {}
+        host_(host) {}
 
   CompressedLayer View() {
     auto data = [](auto& device, size_t n) { return n == 0 ? nullptr : device.get(); };
-    const HostLayerShape& s = shape_;
+    const CompressedArrayShape& s = host_.shape;
     const bool coded = s.key_sparsity > 0;
     return CompressedLayer{.head_slots = s.head_slots,
                            .kv_heads = s.kv_heads,
@@ -89,7 +89,7 @@ class DeviceLayer {
   }
 
   HostLayer Read() const {
-    HostLayer host(shape_);
+    HostLayer host = host_;
     host.dense_count = dense_count_.Read();
     host.coded_count = coded_count_.Read();
     host.dense_keys = dense_keys_.Read();
@@ -116,7 +116,7 @@ class DeviceLayer {
   Device<uint8_t> dense_selected_, coded_selected_;
   Device<uint32_t> key_codes_, value_codes_;
   Device<float> merged_keys_, merged_values_, merged_tokens_;
-  HostLayerShape shape_;
+  HostLayer host_;  // the layer it was made from: shape and regions
 };
 
 class DeviceStep {

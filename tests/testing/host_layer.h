@@ -1,5 +1,5 @@
-// A compressed layer's arrays (kernels/compressed_layout.h) in host vectors, for tests of the CPU references and
-// of the CUDA kernels (which copy them to the device and back).
+// Compressed layers made by hand for tests of the CPU references and of the CUDA kernels: regions of one capacity
+// and helpers to fill them.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 
 #include "base/number_formats.h"
 #include "kernels/compressed_layout.h"
+#include "runtime/cache/host_compressed_layer.h"
 
 namespace kvplan::testing {
 
@@ -18,59 +19,24 @@ struct HostLayerShape {
   bool scores = false, selected = false, merged = false;
 };
 
-struct HostLayer {
-  explicit HostLayer(const HostLayerShape& shape) : shape(shape) {
-    const int n = shape.head_slots, hd = shape.head_dim;
-    for (int i = 0; i <= n; ++i) {
-      dense_begin.push_back(i * shape.dense_capacity);
-      coded_begin.push_back(i * shape.coded_capacity);
-    }
-    const int64_t dense = int64_t(n) * shape.dense_capacity, coded = int64_t(n) * shape.coded_capacity;
-    dense_count.assign(n, 0);
-    dense_keys.assign(dense * hd, 0);
-    dense_values.assign(dense * hd, 0);
-    dense_positions.assign(dense, -1);
-    if (shape.scores) dense_scores.assign(dense, 0.0f);
-    if (shape.selected) dense_selected.assign(dense, 0);
-    if (shape.key_sparsity > 0) {
-      coded_count.assign(n, 0);
-      key_codes.assign(coded * shape.key_sparsity, 0);
-      value_codes.assign(coded * shape.value_sparsity, 0);
-      coded_positions.assign(coded, -1);
-      if (shape.scores) coded_scores.assign(coded, 0.0f);
-      if (shape.selected) coded_selected.assign(coded, 0);
-    }
-    if (shape.merged) {
-      merged_keys.assign(int64_t(n) * hd, 0.0f);
-      merged_values.assign(int64_t(n) * hd, 0.0f);
-      merged_tokens.assign(n, 0.0f);
-    }
-  }
+// A layer whose head slots all own regions of the same capacity.
+struct HostLayer : HostCompressedLayer {
+  explicit HostLayer(const HostLayerShape& shape)
+      : HostCompressedLayer(CompressedArrayShape{.head_slots = shape.head_slots,
+                                                 .kv_heads = shape.kv_heads,
+                                                 .head_dim = shape.head_dim,
+                                                 .key_sparsity = shape.key_sparsity,
+                                                 .value_sparsity = shape.value_sparsity,
+                                                 .scores = shape.scores,
+                                                 .selected = shape.selected,
+                                                 .merged = shape.merged},
+                            UniformRegions(shape.head_slots, shape.dense_capacity),
+                            UniformRegions(shape.head_slots, shape.coded_capacity)) {}
 
-  CompressedLayer View() {
-    auto data = [](auto& values) { return values.empty() ? nullptr : values.data(); };
-    return CompressedLayer{.head_slots = shape.head_slots,
-                           .kv_heads = shape.kv_heads,
-                           .head_dim = shape.head_dim,
-                           .key_sparsity = shape.key_sparsity,
-                           .value_sparsity = shape.value_sparsity,
-                           .dense_begin = dense_begin.data(),
-                           .dense_count = dense_count.data(),
-                           .dense_keys = dense_keys.data(),
-                           .dense_values = dense_values.data(),
-                           .dense_positions = dense_positions.data(),
-                           .dense_scores = data(dense_scores),
-                           .dense_selected = data(dense_selected),
-                           .coded_begin = coded_begin.data(),
-                           .coded_count = data(coded_count),
-                           .key_codes = data(key_codes),
-                           .value_codes = data(value_codes),
-                           .coded_positions = data(coded_positions),
-                           .coded_scores = data(coded_scores),
-                           .coded_selected = data(coded_selected),
-                           .merged_keys = data(merged_keys),
-                           .merged_values = data(merged_values),
-                           .merged_tokens = data(merged_tokens)};
+  static std::vector<int32_t> UniformRegions(int head_slots, int capacity) {
+    std::vector<int32_t> begin;
+    for (int i = 0; i <= head_slots; ++i) begin.push_back(i * capacity);
+    return begin;
   }
 
   // Adds a dense entry to head slot i with the given position and score and random bf16 K/V.
@@ -106,15 +72,6 @@ struct HostLayer {
   std::vector<int32_t> CodedPositions(int i) const {
     return {coded_positions.begin() + coded_begin[i], coded_positions.begin() + coded_begin[i] + coded_count[i]};
   }
-
-  HostLayerShape shape;
-  std::vector<int32_t> dense_begin, coded_begin, dense_count, coded_count;
-  std::vector<uint16_t> dense_keys, dense_values;
-  std::vector<int32_t> dense_positions, coded_positions;
-  std::vector<float> dense_scores, coded_scores;
-  std::vector<uint8_t> dense_selected, coded_selected;
-  std::vector<uint32_t> key_codes, value_codes;
-  std::vector<float> merged_keys, merged_values, merged_tokens;
 };
 
 // A step of one row per listed sequence (decode), or of `rows` rows of sequence 0 ending at `last_position`.
