@@ -112,57 +112,17 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocksPerSm)
       unpack_bf16x8(key_bits[u], key);
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kVector; ++i) dot += query[g][i] * key[i];
-#pragma unroll
-        for (int offset = kLanesPerEntry / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+        const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
         score[u][g] = tile + u * kEntriesPerStep + entry_slot < range.end ? dot : -INFINITY;
       }
     }
     load_tile(keys, tile + kBlockTileStride, key_bits);
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      float tile_max = score[0][g];
-#pragma unroll
-      for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, score[u][g]);
-      const float new_max = fmaxf(running_max[g], tile_max);
-      const float correction = __expf(running_max[g] - new_max);
-      running_max[g] = new_max;
-      running_sum[g] *= correction;
-#pragma unroll
-      for (int i = 0; i < kVector; ++i) acc[g][i] *= correction;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float value[kVector];
-      unpack_bf16x8(value_bits[u], value);
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        const float weight = __expf(score[u][g] - running_max[g]);
-        running_sum[g] += weight;
-#pragma unroll
-        for (int i = 0; i < kVector; ++i) acc[g][i] += weight * value[i];
-      }
-    }
+    rescale_to_tile(score, running_max, running_sum, acc);
+    add_tile_values(score, value_bits, running_max, running_sum, acc);
   }
 
-  // Merge the entry slots of the warp, then the warps of the block, with the usual max-rescaling.
-#pragma unroll
-  for (int g = 0; g < kGroup; ++g) {
-#pragma unroll
-    for (int offset = kLanesPerEntry; offset < 32; offset *= 2) {
-      const float other_max = __shfl_xor_sync(0xffffffff, running_max[g], offset);
-      const float other_sum = __shfl_xor_sync(0xffffffff, running_sum[g], offset);
-      const float new_max = fmaxf(running_max[g], other_max);
-      const float mine = __expf(running_max[g] - new_max), theirs = __expf(other_max - new_max);
-      running_sum[g] = running_sum[g] * mine + other_sum * theirs;
-#pragma unroll
-      for (int i = 0; i < kVector; ++i)
-        acc[g][i] = acc[g][i] * mine + __shfl_xor_sync(0xffffffff, acc[g][i], offset) * theirs;
-      running_max[g] = new_max;
-    }
-  }
+  // Merge the entry slots of the warp, then the warps of the block.
+  merge_entry_slots<kLanesPerEntry>(running_max, running_sum, acc);
   __shared__ __align__(16) WarpSoftmaxStates<kWarps, kGroup, kHeadDim> states;  // float4 stores below
   if (lane < kLanesPerEntry) {
     states.publish(warp, lane, running_max, running_sum);

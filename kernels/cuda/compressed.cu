@@ -953,39 +953,13 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
       unpack_bf16x8(key_bits[u], key);
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dot += query[g][i] * key[i];
-#pragma unroll
-        for (int offset = kLanesPerEntry / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+        const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
         score[u][g] = visible[u] ? dot : -INFINITY;
       }
     }
     load_tile(keys, tile + kBlockTileStride, key_bits);
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      float tile_max = score[0][g];
-#pragma unroll
-      for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, score[u][g]);
-      const float new_max = fmaxf(running_max[g], tile_max);
-      const float correction = __expf(running_max[g] - new_max);
-      running_max[g] = new_max;
-      running_sum[g] *= correction;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] *= correction;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float value[8];
-      unpack_bf16x8(value_bits[u], value);
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        const float weight = __expf(score[u][g] - running_max[g]);
-        running_sum[g] += weight;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
-      }
-    }
+    rescale_to_tile(score, running_max, running_sum, acc);
+    add_tile_values(score, value_bits, running_max, running_sum, acc);
   }
   // The merged slot (fp32, seen by every row, with its logit bias) joins entry slot 0 of warp 0 on split 0.
   if (split == 0 && counts.merged && warp == 0) {
@@ -995,11 +969,7 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
     load_floats<8>(p.layer.merged_values + head * kHeadDim + dim_base, value);
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) dot += query[g][i] * key[i];
-#pragma unroll
-      for (int offset = kLanesPerEntry / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+      const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
       if (entry_slot != 0) continue;
       const float logit = dot + bias, new_max = fmaxf(running_max[g], logit);
       const float correction = __expf(running_max[g] - new_max), weight = __expf(logit - new_max);
@@ -1010,21 +980,7 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
     }
   }
   // Merge the entry slots of the warp.
-#pragma unroll
-  for (int g = 0; g < kGroup; ++g) {
-#pragma unroll
-    for (int offset = kLanesPerEntry; offset < 32; offset *= 2) {
-      const float other_max = __shfl_xor_sync(0xffffffff, running_max[g], offset);
-      const float other_sum = __shfl_xor_sync(0xffffffff, running_sum[g], offset);
-      const float new_max = fmaxf(running_max[g], other_max);
-      const float mine = __expf(running_max[g] - new_max), theirs = __expf(other_max - new_max);
-      running_sum[g] = running_sum[g] * mine + other_sum * theirs;
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        acc[g][i] = acc[g][i] * mine + __shfl_xor_sync(0xffffffff, acc[g][i], offset) * theirs;
-      running_max[g] = new_max;
-    }
-  }
+  merge_entry_slots<kLanesPerEntry>(running_max, running_sum, acc);
 
   States& states = *reinterpret_cast<States*>(shared);
   if (lane < kLanesPerEntry) {

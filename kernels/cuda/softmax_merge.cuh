@@ -2,9 +2,87 @@
 // disjoint cache entries.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cfloat>
 
+#include "kernels/cuda/vector_loads.cuh"
+
 namespace kvplan::cuda {
+
+// --- A warp walking a cache in tiles: lane groups of kLanesPerEntry lanes each own one entry and kWidth of its
+// dimensions, kUnroll entries per tile, one running online-softmax state per query head of the GQA group.
+
+// query . key over the entry's dimensions, summed across the lane group.
+template <int kLanesPerEntry, int kWidth>
+__device__ __forceinline__ float lane_group_dot(const float (&query)[kWidth], const float (&key)[kWidth]) {
+  float dot = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) dot += query[i] * key[i];
+#pragma unroll
+  for (int offset = kLanesPerEntry / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+  return dot;
+}
+
+// Raises each running max to the tile's (scores [kUnroll][kGroup], -INFINITY for entries not seen), rescaling
+// the running sum and accumulators once per tile rather than once per entry.
+template <int kUnroll, int kGroup, int kWidth>
+__device__ __forceinline__ void rescale_to_tile(const float (&score)[kUnroll][kGroup], float (&running_max)[kGroup],
+                                                float (&running_sum)[kGroup], float (&acc)[kGroup][kWidth]) {
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    float tile_max = score[0][g];
+#pragma unroll
+    for (int u = 1; u < kUnroll; ++u) tile_max = fmaxf(tile_max, score[u][g]);
+    const float new_max = fmaxf(running_max[g], tile_max);
+    const float correction = __expf(running_max[g] - new_max);
+    running_max[g] = new_max;
+    running_sum[g] *= correction;
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) acc[g][i] *= correction;
+  }
+}
+
+// Adds the tile's values (8 bf16 dimensions per lane, as loaded) with their softmax weights at the running max.
+template <int kUnroll, int kGroup>
+__device__ __forceinline__ void add_tile_values(const float (&score)[kUnroll][kGroup],
+                                                const uint4 (&value_bits)[kUnroll], const float (&running_max)[kGroup],
+                                                float (&running_sum)[kGroup], float (&acc)[kGroup][8]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    float value[8];
+    unpack_bf16x8(value_bits[u], value);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const float weight = __expf(score[u][g] - running_max[g]);
+      running_sum[g] += weight;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
+    }
+  }
+}
+
+// Merges the states of a warp's entry slots (lane groups), with the usual max-rescaling, so every lane group
+// ends with the warp's state for its dimensions.
+template <int kLanesPerEntry, int kGroup, int kWidth>
+__device__ __forceinline__ void merge_entry_slots(float (&running_max)[kGroup], float (&running_sum)[kGroup],
+                                                  float (&acc)[kGroup][kWidth]) {
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+    for (int offset = kLanesPerEntry; offset < 32; offset *= 2) {
+      const float other_max = __shfl_xor_sync(0xffffffff, running_max[g], offset);
+      const float other_sum = __shfl_xor_sync(0xffffffff, running_sum[g], offset);
+      const float new_max = fmaxf(running_max[g], other_max);
+      const float mine = __expf(running_max[g] - new_max), theirs = __expf(other_max - new_max);
+      running_sum[g] = running_sum[g] * mine + other_sum * theirs;
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i)
+        acc[g][i] = acc[g][i] * mine + __shfl_xor_sync(0xffffffff, acc[g][i], offset) * theirs;
+      running_max[g] = new_max;
+    }
+  }
+}
 
 struct SoftmaxState {
   float max;

@@ -60,8 +60,7 @@ __global__ void combine_partials_kernel(PartialView partial, int heads, int head
 
 inline cudaError_t combine_partials(const PartialView& partial, int rows, int heads, int head_dim, int splits,
                                     __nv_bfloat16* out, float* row_stats, cudaStream_t stream) {
-  combine_partials_kernel<<<dim3(heads, rows), head_dim, 0, stream>>>(partial, heads, head_dim, splits, out,
-                                                                       row_stats);
+  combine_partials_kernel<<<dim3(heads, rows), head_dim, 0, stream>>>(partial, heads, head_dim, splits, out, row_stats);
   return cudaGetLastError();
 }
 
