@@ -120,7 +120,6 @@ struct EvictionSettings {
   int sink_tokens = 0;
   int protected_recent = 0;  // ProtectedRecentTokens
   bool merge_evicted = false;
-  float score_decay = 1.0f;
 };
 struct RefreshSettings {
   int refresh_stride = 1;

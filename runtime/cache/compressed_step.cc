@@ -74,8 +74,7 @@ EvictionSettings EvictionSettingsOf(const LayerPolicy& policy) {
   return EvictionSettings{.keep_low_key_norms = budget.scoring == plan::TokenBudgets::KEY_L2_NORM,
                           .sink_tokens = budget.sink_tokens,
                           .protected_recent = int(ProtectedRecentTokens(policy)),
-                          .merge_evicted = budget.merge_evicted,
-                          .score_decay = budget.score_decay};
+                          .merge_evicted = budget.merge_evicted};
 }
 
 RefreshSettings RefreshSettingsOf(const RefreshPolicy& refresh) {
