@@ -124,15 +124,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocksPerSm)
   // Merge the entry slots of the warp, then the warps of the block.
   merge_entry_slots<kLanesPerEntry>(running_max, running_sum, acc);
   __shared__ __align__(16) WarpSoftmaxStates<kWarps, kGroup, kHeadDim> states;  // float4 stores below
-  if (lane < kLanesPerEntry) {
-    states.publish(warp, lane, running_max, running_sum);
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      float4* target = reinterpret_cast<float4*>(&states.acc[warp][g][dim_base]);
-      target[0] = float4{acc[g][0], acc[g][1], acc[g][2], acc[g][3]};
-      target[1] = float4{acc[g][4], acc[g][5], acc[g][6], acc[g][7]};
-    }
-  }
+  if (lane < kLanesPerEntry) states.publish_lane_group(warp, lane, dim_base, running_max, running_sum, acc);
   __syncthreads();
   for (int index = threadIdx.x; index < group * kHeadDim; index += blockDim.x) {
     const int g = index / kHeadDim, d = index % kHeadDim;

@@ -983,15 +983,7 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
   merge_entry_slots<kLanesPerEntry>(running_max, running_sum, acc);
 
   States& states = *reinterpret_cast<States*>(shared);
-  if (lane < kLanesPerEntry) {
-    states.publish(warp, lane, running_max, running_sum);
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      float4* target = reinterpret_cast<float4*>(&states.acc[warp][g][dim_base]);
-      target[0] = float4{acc[g][0], acc[g][1], acc[g][2], acc[g][3]};
-      target[1] = float4{acc[g][4], acc[g][5], acc[g][6], acc[g][7]};
-    }
-  }
+  if (lane < kLanesPerEntry) states.publish_lane_group(warp, lane, dim_base, running_max, running_sum, acc);
   if (kCoded && lane == 0)
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) coded_sums[warp * kGroup + g] = coded_sum[g];

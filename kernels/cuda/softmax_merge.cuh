@@ -108,6 +108,19 @@ struct WarpSoftmaxStates {
     }
   }
 
+  // A warp's state after merge_entry_slots, from the lanes of its first lane group: each owns 8 dimensions from
+  // dim_base (16-byte aligned, so the stores are float4).
+  __device__ void publish_lane_group(int warp, int lane, int dim_base, const float (&running_max)[kGroup],
+                                     const float (&running_sum)[kGroup], const float (&acc)[kGroup][8]) {
+    publish(warp, lane, running_max, running_sum);
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      float4* target = reinterpret_cast<float4*>(&this->acc[warp][g][dim_base]);
+      target[0] = float4{acc[g][0], acc[g][1], acc[g][2], acc[g][3]};
+      target[1] = float4{acc[g][4], acc[g][5], acc[g][6], acc[g][7]};
+    }
+  }
+
   // Query head g of the group, dimension d; each warp's state rescaled to the common max.
   __device__ SoftmaxState merge(int g, int d) const {
     SoftmaxState merged{-FLT_MAX, 0.0f, 0.0f};
