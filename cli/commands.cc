@@ -6,12 +6,11 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "base/status_macros.h"
 #include "cli/progress.h"
 #include "eval/bench.h"
+#include "eval/eval_report.h"
 #include "eval/evaluate.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
@@ -31,6 +30,27 @@ absl::StatusOr<std::optional<plan::Plan>> OptionalPlan(const std::string& path) 
 }
 
 const plan::Plan* PlanPointer(const std::optional<plan::Plan>& plan) { return plan ? &*plan : nullptr; }
+
+// `line` and a newline.
+absl::Status WriteTextFile(const std::string& path, const std::string& line) {
+  std::ofstream out(path);
+  out << line << "\n";
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
+  return absl::OkStatus();
+}
+
+// A progress bar for each stage a long command reports, started when the stage begins.
+StageProgressCallback ProgressBarPerStage() {
+  auto bar = std::make_shared<std::unique_ptr<ProgressBar>>();
+  auto stage = std::make_shared<std::string>();
+  return [bar, stage](const std::string& name, int64_t done, int64_t total) {
+    if (name != *stage) {
+      *stage = name;
+      *bar = std::make_unique<ProgressBar>(name);
+    }
+    (*bar)->Update(done, total);
+  };
+}
 
 }  // namespace
 
@@ -61,65 +81,33 @@ absl::Status RunEval(const EvalCommand& command) {
   int capacity = command.window;
   for (int length : command.needle_lengths) capacity = std::max(capacity, length);
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(
-      auto model,
-      CreateModel(loaded.config, *loaded.weights,
-                  {.backend = backend, .capacity = capacity, .max_rows = capacity, .plan = PlanPointer(plan)}));
-  std::vector<std::string> json_fields = {absl::StrFormat("\"device\": \"%s\"", model->device_name())};
-  std::printf("model %s on %s\n", command.model_dir.c_str(), model->device_name().c_str());
+  const ModelOptions full_cache = {.backend = backend, .capacity = capacity, .max_rows = capacity};
+  ModelOptions planned = full_cache;
+  planned.plan = PlanPointer(plan);
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights, planned));
+  std::unique_ptr<Model> reference;
+  if (plan && !command.no_reference) {
+    KVPLAN_ASSIGN_OR_RETURN(reference, CreateModel(loaded.config, *loaded.weights, full_cache));
+  }
+  std::printf("model %s on %s%s\n", command.model_dir.c_str(), model->device_name().c_str(),
+              reference ? ", compared with the full cache" : "");
+  EvalOptions options;
+  std::vector<int32_t> tokens;
   if (!command.skip_perplexity) {
     KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(command.data_path));
-    const std::vector<int32_t> tokens =
-        TokenizeDocuments(*tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
-    ProgressBar bar("perplexity");
-    KVPLAN_ASSIGN_OR_RETURN(
-        auto perplexity,
-        EvaluatePerplexity(*model, tokens, {.window = command.window, .max_tokens = command.max_tokens},
-                           [&](int64_t done, int64_t total) { bar.Update(done, total); }));
-    std::printf("held-out perplexity %.4f over %lld tokens (%d windows of %d)\n", perplexity.perplexity,
-                (long long)perplexity.scored_tokens, perplexity.windows, command.window);
-    json_fields.push_back(absl::StrFormat("\"perplexity\": %.6f, \"scored_tokens\": %d", perplexity.perplexity,
-                                          perplexity.scored_tokens));
+    tokens = TokenizeDocuments(*tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
+    options.perplexity = PerplexityOptions{.window = command.window, .max_tokens = command.max_tokens};
   }
-  if (!command.needle_prompts_path.empty()) {
-    std::ofstream out(command.needle_prompts_path);
-    std::vector<std::string> entries;
-    for (const NeedleTrial& trial :
-         NeedleTrials(*tokenizer, loaded.config.bos_token_id,
-                      {.context_lengths = command.needle_lengths, .trials = command.needle_trials}))
-      entries.push_back(absl::StrFormat("{\"length\": %d, \"key\": %d, \"ids\": [%s]}", trial.context_length,
-                                        trial.pass_key, absl::StrJoin(trial.prompt, ",")));
-    out << "[" << absl::StrJoin(entries, ",\n") << "]\n";
-    if (!out) return absl::InternalError(absl::StrCat("cannot write ", command.needle_prompts_path));
-  }
-  if (!command.skip_needle) {
-    ProgressBar bar("needle");
-    KVPLAN_ASSIGN_OR_RETURN(
-        auto needles,
-        EvaluateNeedle(*model, *tokenizer, {.context_lengths = command.needle_lengths, .trials = command.needle_trials},
-                       [&](int64_t done, int64_t total) { bar.Update(done, total); }));
-    std::vector<std::string> needle_fields;
-    for (const NeedleResult& result : needles) {
-      std::printf("needle @%d: %d/%d = %.3f\n", result.context_length, result.correct, result.trials,
-                  result.accuracy());
-      needle_fields.push_back(absl::StrFormat("\"%d\": %.4f", result.context_length, result.accuracy()));
-    }
-    json_fields.push_back(absl::StrCat("\"needle\": {", absl::StrJoin(needle_fields, ", "), "}"));
-  }
-  // The cache as the last needle trial (or perplexity window) left it, against a full bf16 cache of the same
-  // number of tokens.
-  const int64_t full_bytes = FullCacheBytes(loaded.config.num_layers, loaded.config.num_kv_heads,
-                                            loaded.config.head_dim, model->cached_positions());
-  const int64_t held_bytes = model->kv_cache_bytes();
-  std::printf("KV cache at %lld tokens: %lld bytes (full bf16 cache %lld, %.2fx smaller)\n",
-              (long long)model->cached_positions(), (long long)held_bytes, (long long)full_bytes,
-              double(full_bytes) / std::max<int64_t>(1, held_bytes));
-  json_fields.push_back(absl::StrFormat("\"kv_bytes\": %d, \"full_kv_bytes\": %d", held_bytes, full_bytes));
-  if (!command.json_path.empty()) {
-    std::ofstream out(command.json_path);
-    out << "{" << absl::StrJoin(json_fields, ", ") << "}\n";
-    if (!out) return absl::InternalError(absl::StrCat("cannot write ", command.json_path));
-  }
+  const NeedleOptions needle = {.context_lengths = command.needle_lengths, .trials = command.needle_trials};
+  if (!command.needle_prompts_path.empty())
+    KVPLAN_RETURN_IF_ERROR(WriteTextFile(
+        command.needle_prompts_path, NeedleTrialsJson(NeedleTrials(*tokenizer, loaded.config.bos_token_id, needle))));
+  if (!command.skip_needle) options.needle = needle;
+  KVPLAN_ASSIGN_OR_RETURN(EvalReport report,
+                          Evaluate(*model, reference.get(), *tokenizer, tokens, options, ProgressBarPerStage()));
+  report.plan_path = command.plan_path;
+  std::printf("%s", EvalReportText(report).c_str());
+  if (!command.json_path.empty()) KVPLAN_RETURN_IF_ERROR(WriteTextFile(command.json_path, EvalReportJson(report)));
   return absl::OkStatus();
 }
 

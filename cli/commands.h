@@ -29,6 +29,7 @@ struct EvalCommand {
   bool skip_perplexity = false;
   std::string device = "auto";
   std::string plan_path;
+  bool no_reference = false;        // with a plan: skip the full cache's run (no KL divergence or top-1 agreement)
   std::string json_path;            // also write the results here when set
   std::string needle_prompts_path;  // write the needle trials (ids, pass key) as JSON, for cross-checking
 };

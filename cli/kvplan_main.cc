@@ -19,7 +19,8 @@ int main(int argc, char** argv) {
   generate_app->add_option("--plan", generate.plan_path, "execute this cache plan");
 
   kvplan::EvalCommand eval;
-  CLI::App* eval_app = app.add_subcommand("eval", "held-out perplexity and pass-key (needle) accuracy");
+  CLI::App* eval_app = app.add_subcommand(
+      "eval", "held-out perplexity and pass-key (needle) accuracy; with --plan, against the full cache too");
   eval_app->add_option("--model", eval.model_dir, "Hugging Face model directory")->required();
   eval_app->add_option("--data", eval.data_path, "held-out text, documents separated by <|doc|> lines");
   eval_app->add_option("--window", eval.window, "perplexity window in tokens");
@@ -30,6 +31,8 @@ int main(int argc, char** argv) {
   eval_app->add_flag("--skip-perplexity", eval.skip_perplexity, "only needle");
   eval_app->add_option("--device", eval.device, "auto | cpu | cuda");
   eval_app->add_option("--plan", eval.plan_path, "execute this cache plan");
+  eval_app->add_flag("--no-reference", eval.no_reference,
+                     "with --plan: skip the full-cache run it is compared with (KL divergence, top-1 agreement)");
   eval_app->add_option("--json", eval.json_path, "also write results as JSON to this file");
   eval_app->add_option("--needle-prompts", eval.needle_prompts_path,
                        "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
