@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 stage=$(mktemp -d)
 mkdir -p $stage/bin $stage/lib $stage/plans $stage/shared/models $stage/shared/data
 build=${BUILD:-build-cuda}
-cp $build/cli/kvplan $build/tests/cuda_*_test $build/bench/kernel_bench $stage/bin/
+cp $build/cli/kvplan $build/tests/cuda_*_test $build/bench/kernel_bench $build/bench/dictionary_bench $stage/bin/
 if [ -n "${KVPLAN_BEFORE:-}" ]; then cp "$KVPLAN_BEFORE" $stage/bin/kvplan-before; fi
 for binary in $stage/bin/*; do ldd $binary; done | awk '/=>/ {print $1, $3}' | sort -u |
   grep -vE '^(libc\.|libm\.|libpthread|libdl|librt|ld-linux|libcublas|libcuda\.)' | awk '{print $2}' |
