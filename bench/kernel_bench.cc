@@ -10,6 +10,7 @@
 // the calls: "cold" rotates over enough cache copies that every call reads HBM, as a real step does (each layer
 // has its own cache); "hot" repeats one copy, which at small contexts then sits in L2. The compressed layers run one
 // decode row at batch 1 the same way (their copies include the dictionaries), beside the dense kernel's cold time.
+// Last, the matching pursuit that codes the tokens leaving the window, per call at decode and prefill shapes.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -288,6 +289,30 @@ DenseTiming TimeCompressedAttention(const CompressedCase& c, std::mt19937& gener
   return timing;
 }
 
+// Matching pursuit of `vectors` head vectors (dim kHeadDim, kKeySparsity atoms each) over `atoms` fp32 atoms, as
+// a step codes the tokens leaving the window; cold: each call codes against another copy of the dictionary, as
+// each layer has its own.
+float TimeMatchingPursuit(int vectors, int atoms, std::mt19937& generator) {
+  int device, l2_bytes;
+  CHECK(cudaGetDevice(&device));
+  CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  const size_t dictionary_values = size_t(atoms) * kHeadDim;
+  const int copies = int(std::max<size_t>(1, 2 * size_t(l2_bytes) / (dictionary_values * sizeof(float)) + 1));
+  std::vector<float*> dictionaries(copies);
+  for (float*& dictionary : dictionaries) dictionary = DeviceRandom(dictionary_values, generator, 1.0f);
+  float* x = DeviceRandom(size_t(vectors) * kHeadDim, generator, 1.0f);
+  uint32_t* codes;
+  CHECK(cudaMalloc(&codes, size_t(vectors) * kKeySparsity * sizeof(uint32_t)));
+  const float us = GraphMicrosecondsPerCall(std::max(copies, 8), [&](int i, cudaStream_t stream) {
+    CHECK(kvplan::cuda::matching_pursuit(dictionaries[i % copies], atoms, kHeadDim, x, vectors, 1, nullptr,
+                                         kKeySparsity, codes, stream));
+  });
+  for (float* dictionary : dictionaries) CHECK(cudaFree(dictionary));
+  CHECK(cudaFree(x));
+  CHECK(cudaFree(codes));
+  return us;
+}
+
 int main(int argc, char** argv) {
   using namespace kvplan;
   std::vector<int> contexts = {4096, 32768};
@@ -340,5 +365,12 @@ int main(int argc, char** argv) {
                   mb / timing.cold_us * 1e3, timing.hot_us, dense_decode_us[i], dense_decode_us[i] / timing.cold_us);
     }
   }
+
+  std::printf("\nmatching pursuit, %d atoms of %d per vector, per call (cold dictionary)\n%8s %8s %10s\n", kKeySparsity,
+              kHeadDim, "vectors", "atoms", "us");
+  // A decode step at batch 1 and 16 (one vector per KV head and sequence), a 128-row prefill pass.
+  for (int vectors : {kKvHeads, 16 * kKvHeads, 128 * kKvHeads})
+    for (int atoms : {1024, 4096})
+      std::printf("%8d %8d %10.1f\n", vectors, atoms, TimeMatchingPursuit(vectors, atoms, generator));
   return 0;
 }

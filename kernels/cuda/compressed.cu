@@ -6,6 +6,8 @@
 #include <cfloat>
 #include <cstdint>
 
+#include <cooperative_groups.h>
+
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/softmax_merge.cuh"
 #include "kernels/cuda/split_kv.cuh"
@@ -1620,16 +1622,33 @@ __global__ void gather_leaving_kernel(CompressedLayer layer, CodingTables tables
   const int j = blockIdx.x, h = blockIdx.y, hd = layer.head_dim, half = hd / 2;
   const int64_t head = head_slot(layer, step, j, h), group = int64_t(j) * layer.kv_heads + h;
   const int32_t leaves_before = step_length(step, j) - coding_window;
+  // Slot order is the order both backends code in: the leaving slots are compacted in order, a block-wide
+  // stretch of the dense region at a time, each thread's place counted from the ballots of the lanes before it.
   __shared__ int count;
-  // Slot order is the order both backends code in; the dense region is small (window + one step's rows).
-  if (threadIdx.x == 0) {
-    count = 0;
-    for (int64_t slot = layer.dense_begin[head]; slot < layer.dense_begin[head] + layer.dense_count[head]; ++slot)
-      if (layer.dense_positions[slot] < leaves_before && count < max_leaving)
-        leaving_slots[group * max_leaving + count++] = int32_t(slot);
-    leaving_count[group] = count;
-  }
+  __shared__ int warp_counts[kBlock / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) count = 0;
   __syncthreads();
+  const int64_t dense_begin = layer.dense_begin[head];
+  const int dense = layer.dense_count[head];
+  for (int stretch = 0; stretch < dense; stretch += kBlock) {
+    const int e = stretch + threadIdx.x;
+    const bool leaves = e < dense && layer.dense_positions[dense_begin + e] < leaves_before;
+    const unsigned ballot = __ballot_sync(0xffffffffu, leaves);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int place = count + __popc(ballot & ((1u << lane) - 1));
+    for (int w = 0; w < warp; ++w) place += warp_counts[w];
+    if (leaves && place < max_leaving) leaving_slots[group * max_leaving + place] = int32_t(dense_begin + e);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int total = count;
+      for (int w = 0; w < kBlock / 32; ++w) total += warp_counts[w];
+      count = min(total, max_leaving);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) leaving_count[group] = count;
   for (int index = threadIdx.x; index < count * half; index += blockDim.x) {
     const int t = index / half, pair = index % half;
     const int64_t row = group * max_leaving + t, slot = leaving_slots[row];
@@ -1685,64 +1704,221 @@ __global__ void commit_leaving_kernel(CompressedLayer layer, StepRowsView step, 
   }
 }
 
-// One block per vector, a warp per atom at a time: the warp's lanes read the atom's row coalesced and reduce the
-// correlation with shuffles, several atoms in flight per warp; then a block argmax (lowest index on ties, as the
-// CPU oracle's strict comparison), fp16 rounding and the residual update. Grid (group_size, groups).
-constexpr int kPursuitWarps = 32;
-constexpr int kPursuitAtomsInFlight = 4;
+// A cluster of blocks codes kVectors vectors at once: each block holds a slice of the dictionary's atoms (in
+// shared memory when it fits) and finds its slice's best atom per vector, a warp per atom at a time with the
+// lanes reading the atom's row coalesced and reducing with shuffles; the cluster then agrees on the best atom
+// through distributed shared memory (lowest index on ties, as the CPU oracle's strict comparison), and every
+// block subtracts it from its copy of the residuals. Spreading a vector's atoms over a cluster keeps a decode
+// step's few vectors on many SMs; coding several vectors per cluster reuses each slice for a prefill's many.
+// Grid (clusters * cluster blocks), cluster (cluster blocks).
+constexpr int kPursuitWarps = 8;
+constexpr int kMaxPursuitClusterBlocks = 16;
+constexpr int kPursuitAtomsPerBlock = 64;  // fewest atoms worth a block of the cluster
 
-__global__ void __launch_bounds__(kPursuitWarps * 32)
-    matching_pursuit_kernel(const float* dictionary, int atoms, int dim, const float* x, int group_size,
-                            const int32_t* counts, int sparsity, uint32_t* codes) {
-  extern __shared__ float residual[];
-  __shared__ float best_value[kPursuitWarps];
-  __shared__ int best_index[kPursuitWarps];
-  if (counts != nullptr && int(blockIdx.x) >= counts[blockIdx.y]) return;
-  const int64_t vector = int64_t(blockIdx.y) * group_size + blockIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int d = threadIdx.x; d < dim; d += blockDim.x) residual[d] = x[vector * dim + d];
+// Whether (value, index) beats (best_value, best_index): larger |value|, then the lower index.
+__device__ inline bool better_pursuit_choice(float value, int index, float best_value, int best_index) {
+  return fabsf(value) > fabsf(best_value) || (fabsf(value) == fabsf(best_value) && index < best_index);
+}
+
+struct PursuitLaunch {
+  const float* dictionary;
+  int atoms, dim;
+  const float* x;
+  int groups, group_size;
+  const int32_t* counts;
+  int sparsity;
+  bool slice_in_shared;
+  uint32_t* codes;
+};
+
+__device__ inline bool pursuit_vector_coded(const PursuitLaunch& p, int64_t vector) {
+  if (vector >= int64_t(p.groups) * p.group_size) return false;
+  return p.counts == nullptr || vector % p.group_size < p.counts[vector / p.group_size];
+}
+
+template <int kVectors>
+__global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(PursuitLaunch p) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = int(cluster.block_rank()), blocks = int(cluster.num_blocks());
+  const int64_t first_vector = int64_t(blockIdx.x / blocks) * kVectors;
+  bool any_coded = false;
+  for (int v = 0; v < kVectors; ++v) any_coded |= pursuit_vector_coded(p, first_vector + v);
+  if (!any_coded) return;  // the same for every block of the cluster
+
+  extern __shared__ float shared[];
+  float* residual = shared;  // [kVectors, dim]
+  __shared__ float warp_value[kPursuitWarps][kVectors];
+  __shared__ int warp_index[kPursuitWarps][kVectors];
+  // Read by the other blocks of the cluster; two, so a block ahead by a step never overwrites what a block
+  // behind is still reading.
+  __shared__ float block_value[2][kVectors];
+  __shared__ int block_index[2][kVectors];
+  __shared__ float chosen_value[kVectors];
+  __shared__ int chosen_index[kVectors];
+  const int dim = p.dim, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int per_block = (p.atoms + blocks - 1) / blocks;
+  const int first_atom = min(p.atoms, rank * per_block),
+            slice_atoms = min(p.atoms, first_atom + per_block) - first_atom;
+  const float* slice = p.dictionary + int64_t(first_atom) * dim;
+  float* shared_slice = shared + kVectors * dim;  // [per_block, dim] when the slice is in shared memory
+  if (p.slice_in_shared) {
+    for (int i = threadIdx.x; i < slice_atoms * dim; i += blockDim.x) shared_slice[i] = slice[i];
+    slice = shared_slice;
+  }
+  for (int i = threadIdx.x; i < kVectors * dim; i += blockDim.x) {
+    const int64_t vector = first_vector + i / dim;
+    residual[i] = pursuit_vector_coded(p, vector) ? p.x[vector * dim + i % dim] : 0.0f;
+  }
   __syncthreads();
-  for (int s = 0; s < sparsity; ++s) {
-    float my_value = 0.0f;
-    int my_index = 0x7fffffff;
-    for (int first = warp * kPursuitAtomsInFlight; first < atoms; first += kPursuitWarps * kPursuitAtomsInFlight) {
-      float correlation[kPursuitAtomsInFlight] = {};
+
+  for (int s = 0; s < p.sparsity; ++s) {
+    float best_value[kVectors];
+    int best_index[kVectors];
 #pragma unroll
-      for (int k = 0; k < kPursuitAtomsInFlight; ++k) {
-        if (first + k >= atoms) break;
-        const float* atom = dictionary + int64_t(first + k) * dim;
-        for (int d = lane; d < dim; d += 32) correlation[k] += residual[d] * atom[d];
-      }
+    for (int v = 0; v < kVectors; ++v) {
+      best_value[v] = 0.0f;
+      best_index[v] = 0x7fffffff;
+    }
+    // One vector alone leaves a warp's dot products a single dependent chain: take several atoms at a time.
+    constexpr int kInFlight = kVectors == 1 ? 4 : 1;
+    for (int first = warp * kInFlight; first < slice_atoms; first += kPursuitWarps * kInFlight) {
+      float correlation[kInFlight][kVectors] = {};
+      for (int d = lane; d < dim; d += 32)
 #pragma unroll
-      for (int k = 0; k < kPursuitAtomsInFlight; ++k) {
-        const float value = warp_sum(correlation[k]);
-        if (first + k < atoms && (fabsf(value) > fabsf(my_value) || my_index == 0x7fffffff)) {
-          my_value = value;
-          my_index = first + k;
+        for (int k = 0; k < kInFlight; ++k) {
+          if (first + k >= slice_atoms) break;
+          const float element = slice[int64_t(first + k) * dim + d];
+#pragma unroll
+          for (int v = 0; v < kVectors; ++v) correlation[k][v] += residual[v * dim + d] * element;
         }
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k)
+#pragma unroll
+        for (int v = 0; v < kVectors; ++v) {
+          const float value = warp_sum(correlation[k][v]);
+          if (first + k < slice_atoms && (fabsf(value) > fabsf(best_value[v]) || best_index[v] == 0x7fffffff)) {
+            best_value[v] = value;
+            best_index[v] = first_atom + first + k;
+          }
+        }
+    }
+    if (lane == 0)
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) {
+        warp_value[warp][v] = best_value[v];
+        warp_index[warp][v] = best_index[v];
       }
-    }
-    if (lane == 0) {
-      best_value[warp] = my_value;
-      best_index[warp] = my_index;
-    }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    const int buffer = s % 2;
+    if (threadIdx.x < kVectors) {
+      const int v = threadIdx.x;
+      float value = warp_value[0][v];
+      int index = warp_index[0][v];
       for (int w = 1; w < kPursuitWarps; ++w)
-        if (fabsf(best_value[w]) > fabsf(best_value[0]) ||
-            (fabsf(best_value[w]) == fabsf(best_value[0]) && best_index[w] < best_index[0])) {
-          best_value[0] = best_value[w];
-          best_index[0] = best_index[w];
+        if (better_pursuit_choice(warp_value[w][v], warp_index[w][v], value, index)) {
+          value = warp_value[w][v];
+          index = warp_index[w][v];
         }
-      const uint16_t rounded = saturated_fp16_bits(best_value[0]);
-      codes[vector * sparsity + s] = PackCode(uint16_t(best_index[0]), rounded);
-      best_value[0] = __half2float(__ushort_as_half(rounded));
+      block_value[buffer][v] = value;
+      block_index[buffer][v] = index;
+    }
+    cluster.sync();
+    // Sixteen lanes per vector each read one block's choice and reduce them with shuffles.
+    if (threadIdx.x < kVectors * kMaxPursuitClusterBlocks) {
+      constexpr int kLanes = kVectors * kMaxPursuitClusterBlocks;
+      constexpr unsigned kMask = kLanes >= 32 ? 0xffffffffu : (1u << kLanes) - 1;
+      const int v = threadIdx.x / kMaxPursuitClusterBlocks, r = threadIdx.x % kMaxPursuitClusterBlocks;
+      float value = 0.0f;
+      int index = 0x7fffffff;
+      if (r < blocks) {
+        value = *cluster.map_shared_rank(&block_value[buffer][v], r);
+        index = *cluster.map_shared_rank(&block_index[buffer][v], r);
+      }
+#pragma unroll
+      for (int offset = kMaxPursuitClusterBlocks / 2; offset > 0; offset /= 2) {
+        const float other_value = __shfl_xor_sync(kMask, value, offset);
+        const int other_index = __shfl_xor_sync(kMask, index, offset);
+        if (better_pursuit_choice(other_value, other_index, value, index)) {
+          value = other_value;
+          index = other_index;
+        }
+      }
+      if (r == 0) {
+        const uint16_t rounded = saturated_fp16_bits(value);
+        const int64_t vector = first_vector + v;
+        if (rank == 0 && pursuit_vector_coded(p, vector))
+          p.codes[vector * p.sparsity + s] = PackCode(uint16_t(index), rounded);
+        chosen_value[v] = __half2float(__ushort_as_half(rounded));
+        chosen_index[v] = index;
+      }
     }
     __syncthreads();
-    const float* atom = dictionary + int64_t(best_index[0]) * dim;
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) residual[d] -= best_value[0] * atom[d];
+    for (int i = threadIdx.x; i < kVectors * dim; i += blockDim.x) {
+      const int v = i / dim, owner = chosen_index[v] / per_block;
+      // One vector's atom from the shared memory of the block holding it, nearer than L2; eight vectors' atoms
+      // come faster from L2 than from as many other blocks.
+      const float* atom = kVectors == 1 && p.slice_in_shared ? cluster.map_shared_rank(shared_slice, owner) +
+                                                                   int64_t(chosen_index[v] - owner * per_block) * dim
+                                                             : p.dictionary + int64_t(chosen_index[v]) * dim;
+      residual[i] -= chosen_value[v] * atom[i % dim];
+    }
     __syncthreads();
   }
+  cluster.sync();  // no block leaves while another may still read its choices
+}
+
+// Dynamic shared memory a block of matching_pursuit_kernel<kVectors> may take, after raising the kernel's limits
+// (16-block clusters, the device's opt-in shared memory) the first time.
+template <int kVectors>
+int pursuit_shared_limit() {
+  static const int limit = [] {
+    const auto kernel = matching_pursuit_kernel<kVectors>;
+    int device = 0, optin = 0;
+    cudaFuncAttributes attributes = {};
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess ||
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      return 48 << 10;
+    const int dynamic = optin - int(attributes.sharedSizeBytes);
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic) == cudaSuccess ? dynamic
+                                                                                                             : 48 << 10;
+  }();
+  return limit;
+}
+
+// Launches the pursuit with the largest cluster (up to `blocks`) the device can hold, each block's slice of
+// atoms in shared memory where it fits.
+template <int kVectors>
+cudaError_t launch_pursuit(PursuitLaunch launch, int blocks, cudaStream_t stream) {
+  const int limit = pursuit_shared_limit<kVectors>();
+  const int64_t clusters = (int64_t(launch.groups) * launch.group_size + kVectors - 1) / kVectors;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  cudaLaunchConfig_t config = {};
+  config.blockDim = dim3(kPursuitWarps * 32);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const size_t residual_bytes = size_t(kVectors) * launch.dim * sizeof(float);
+  for (const int cluster_blocks : {blocks, std::min(blocks, 8), std::min(blocks, 4)})
+    for (const bool slice_in_shared : {true, false}) {
+      const int per_block = (launch.atoms + cluster_blocks - 1) / cluster_blocks;
+      const size_t bytes = residual_bytes + (slice_in_shared ? size_t(per_block) * launch.dim * sizeof(float) : 0);
+      if (bytes > size_t(limit)) continue;
+      attribute.val.clusterDim.x = cluster_blocks;
+      attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+      config.gridDim = dim3(unsigned(clusters * cluster_blocks));
+      config.dynamicSmemBytes = bytes;
+      int active = 0;
+      if (cudaOccupancyMaxActiveClusters(&active, matching_pursuit_kernel<kVectors>, &config) != cudaSuccess ||
+          active == 0)
+        continue;
+      launch.slice_in_shared = slice_in_shared;
+      return cudaLaunchKernelEx(&config, matching_pursuit_kernel<kVectors>, launch);
+    }
+  return cudaErrorInvalidConfiguration;
 }
 
 // Grid (head slots).
@@ -1944,10 +2120,13 @@ cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsV
 
 cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int groups, int group_size,
                              const int32_t* counts, int sparsity, uint32_t* codes, cudaStream_t stream) {
-  if (groups == 0 || group_size == 0) return cudaSuccess;
-  matching_pursuit_kernel<<<dim3(group_size, groups), kPursuitWarps * 32, dim * sizeof(float), stream>>>(
-      dictionary, atoms, dim, x, group_size, counts, sparsity, codes);
-  return cudaGetLastError();
+  const int64_t vectors = int64_t(groups) * group_size;
+  if (vectors == 0) return cudaSuccess;
+  const PursuitLaunch launch = {dictionary, atoms, dim, x, groups, group_size, counts, sparsity, false, codes};
+  const int blocks = std::clamp(atoms / kPursuitAtomsPerBlock, 1, kMaxPursuitClusterBlocks);
+  // One vector per cluster while that leaves SMs idle (decode steps); eight, sharing each slice, after that.
+  if (vectors * blocks <= 2 * multiprocessors()) return launch_pursuit<1>(launch, blocks, stream);
+  return launch_pursuit<8>(launch, blocks, stream);
 }
 
 }  // namespace kvplan::cuda

@@ -613,7 +613,15 @@ TEST(CudaCompressedTest, CodingLeavingEntriesMatchesCpu) {
 TEST(CudaCompressedTest, MatchingPursuitMatchesCpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
   for (auto [atoms, dim, groups, group_size, sparsity] :
-       {std::tuple{1024, 64, 3, 91, 8}, {37, 128, 5, 20, 4}, {5, 64, 2, 5, 5}, {4096, 128, 2, 40, 8}}) {
+       {std::tuple{1024, 64, 3, 91, 8},
+        {37, 128, 5, 20, 4},
+        {5, 64, 2, 5, 5},
+        {4096, 128, 2, 40, 8},
+        // A decode step's few vectors, each spread over a cluster: 16 blocks of 64 atoms, of 256 atoms, of 188
+        // (the last block short).
+        {1024, 128, 8, 1, 8},
+        {4096, 128, 8, 1, 8},
+        {3000, 64, 4, 3, 7}}) {
     const std::vector<float> dictionary = UnitRows(atoms, dim, 31);
     const std::vector<float> x = RandomVector(size_t(groups) * group_size * dim, 32);
     std::vector<int32_t> counts(groups);
