@@ -1,6 +1,7 @@
 #include "calibrate/calibrate.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <random>
 
@@ -13,9 +14,8 @@
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
 #include "loader/weights.h"
+#include "runtime/backend.h"
 #include "runtime/cache/plan_policies.h"
-#include "runtime/cache/sparse_coding.h"
-#include "runtime/cpu/cpu_model.h"
 
 namespace kvplan {
 namespace {
@@ -26,8 +26,11 @@ constexpr int kCoverageQueries = 32;   // last rows of each calibration sequence
 // Collects, from full-cache forward passes, what every method needs.
 class StatisticsObserver : public ForwardObserver {
  public:
-  StatisticsObserver(const ModelConfig& config, int max_vectors, int sequence_length, bool keys_after_rope)
+  // Keeps the final hidden states of the first `hidden_rows` rows (the sharing search compares against them).
+  StatisticsObserver(const ModelConfig& config, int max_vectors, int sequence_length, bool keys_after_rope,
+                     int64_t hidden_rows)
       : config_(config),
+        hidden_rows_(hidden_rows),
         keys_after_rope_(keys_after_rope),
         sequence_length_(sequence_length),
         max_vectors_(max_vectors),
@@ -66,7 +69,9 @@ class StatisticsObserver : public ForwardObserver {
   }
 
   void OnFinalHidden(int rows, const float* hidden) override {
-    hidden_.insert(hidden_.end(), hidden, hidden + int64_t(rows) * config_.hidden_size);
+    const int64_t kept = int64_t(hidden_.size()) / config_.hidden_size;
+    const int64_t taken = std::clamp<int64_t>(hidden_rows_ - kept, 0, rows);
+    hidden_.insert(hidden_.end(), hidden, hidden + taken * config_.hidden_size);
   }
 
   std::vector<float> LayerMean(int layer, int64_t tokens) const {
@@ -90,37 +95,46 @@ class StatisticsObserver : public ForwardObserver {
   // head's attention, averaged over the group's query heads.
   void AccumulateCoverage(int layer, int rows, const float* q, const float* keys) {
     if (rows != sequence_length_) return;  // only whole calibration sequences (positions 0..rows-1)
-    const int hd = config_.head_dim, group = config_.num_heads / config_.num_kv_heads;
+    const int hd = config_.head_dim, kv_heads = config_.num_kv_heads, group = config_.num_heads / kv_heads;
     const float scale = 1.0f / std::sqrt(float(hd));
-    std::vector<float> probabilities(rows);
-    for (int t = rows - kCoverageQueries; t < rows; ++t) {
-      for (int h = 0; h < config_.num_kv_heads; ++h) {
-        double head_coverage = 0;
-        for (int g = 0; g < group; ++g) {
-          const float* query = q + (int64_t(t) * config_.num_heads + h * group + g) * hd;
-          float max_logit = -1e30f;
-          for (int j = 0; j <= t; ++j) {
-            const float* key = keys + (int64_t(j) * config_.num_kv_heads + h) * hd;
-            float dot = 0;
-            for (int d = 0; d < hd; ++d) dot += query[d] * key[d];
-            probabilities[j] = dot * scale;
-            max_logit = std::max(max_logit, probabilities[j]);
+    std::vector<double> coverage(size_t(kCoverageQueries) * kv_heads);  // [query, KV head]
+#pragma omp parallel
+    {
+      std::vector<float> probabilities(rows);
+#pragma omp for collapse(2) schedule(dynamic)
+      for (int i = 0; i < kCoverageQueries; ++i)
+        for (int h = 0; h < kv_heads; ++h) {
+          const int t = rows - kCoverageQueries + i;
+          double head_coverage = 0;
+          for (int g = 0; g < group; ++g) {
+            const float* query = q + (int64_t(t) * config_.num_heads + h * group + g) * hd;
+            float max_logit = -1e30f;
+            for (int j = 0; j <= t; ++j) {
+              const float* key = keys + (int64_t(j) * kv_heads + h) * hd;
+              float dot = 0;
+              for (int d = 0; d < hd; ++d) dot += query[d] * key[d];
+              probabilities[j] = dot * scale;
+              max_logit = std::max(max_logit, probabilities[j]);
+            }
+            double sum = 0;
+            for (int j = 0; j <= t; ++j) sum += probabilities[j] = std::exp(probabilities[j] - max_logit);
+            std::sort(probabilities.begin(), probabilities.begin() + t + 1, std::greater<>());
+            double mass = 0;
+            int needed = 0;
+            while (needed <= t && mass < kCoverageMass * sum) mass += probabilities[needed++];
+            head_coverage += double(needed) / (t + 1);
           }
-          double sum = 0;
-          for (int j = 0; j <= t; ++j) sum += probabilities[j] = std::exp(probabilities[j] - max_logit);
-          std::sort(probabilities.begin(), probabilities.begin() + t + 1, std::greater<>());
-          double mass = 0;
-          int needed = 0;
-          while (needed <= t && mass < kCoverageMass * sum) mass += probabilities[needed++];
-          head_coverage += double(needed) / (t + 1);
+          coverage[size_t(i) * kv_heads + h] = head_coverage / group;
         }
-        coverage_sums_[layer][h] += head_coverage / group;
-      }
+    }
+    for (int i = 0; i < kCoverageQueries; ++i) {
+      for (int h = 0; h < kv_heads; ++h) coverage_sums_[layer][h] += coverage[size_t(i) * kv_heads + h];
       ++coverage_counts_[layer];
     }
   }
 
   const ModelConfig& config_;
+  int64_t hidden_rows_;
   bool keys_after_rope_;
   int sequence_length_;
   int64_t max_vectors_;
@@ -145,6 +159,38 @@ class HiddenObserver : public ForwardObserver {
 
  private:
   int64_t dim_;
+};
+
+// Times the stages of a calibration, reports their progress and samples the device memory in use.
+class StageClock {
+ public:
+  StageClock(const CalibrationProgress& progress, CalibrationReport& report, bool on_device)
+      : progress_(progress), report_(report), on_device_(on_device) {}
+  ~StageClock() { Finish(); }
+
+  void Progress(const std::string& stage, int64_t done, int64_t total) {
+    if (stage != stage_) {
+      Finish();
+      stage_ = stage;
+      start_ = std::chrono::steady_clock::now();
+    }
+    if (on_device_) report_.peak_device_bytes = std::max(report_.peak_device_bytes, DeviceBytesInUse());
+    if (progress_) progress_(stage, done, total);
+  }
+  // Ends the current stage.
+  void Finish() {
+    if (stage_.empty()) return;
+    report_.stage_seconds.emplace_back(
+        stage_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    stage_.clear();
+  }
+
+ private:
+  const CalibrationProgress& progress_;
+  CalibrationReport& report_;
+  bool on_device_;
+  std::string stage_;
+  std::chrono::steady_clock::time_point start_;
 };
 
 double MeanCosine(const std::vector<float>& a, const std::vector<float>& b, int dim) {
@@ -172,11 +218,12 @@ absl::Status RunSequences(Model& model, const std::vector<std::vector<int32_t>>&
 }
 
 // KVSharer: try layer pairs most dissimilar first; keep a share while the model's last hidden state stays close.
+// Every candidate runs on one model, loaded once.
 absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options, const ModelConfig& config,
                                                  const WeightSource& weights, const plan::ModelFingerprint& fingerprint,
                                                  const std::vector<std::vector<int32_t>>& sequences,
                                                  const StatisticsObserver& statistics, int64_t tokens,
-                                                 const CalibrationProgress& progress) {
+                                                 StageClock& clock, CalibrationReport& report) {
   const int layers = config.num_layers;
   const int limit = options.max_shared_layers >= 0 ? options.max_shared_layers : layers / 3;
   std::vector<std::vector<float>> means(layers);
@@ -195,12 +242,20 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     }
   std::stable_sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) { return a.distance > b.distance; });
 
+  clock.Progress("layer sharing search", 0, int64_t(pairs.size()));
+  HiddenObserver observer(config.hidden_size);
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(config, weights,
+                                                  {.backend = options.device,
+                                                   .capacity = options.sequence_length,
+                                                   .max_rows = options.sequence_length,
+                                                   .observer = &observer}));
   plan::LayerSharing sharing;
   sharing.set_cosine_threshold(options.share_cosine_threshold);
   std::set<int> sharers, donors;
   int tried = 0;
+  double candidate_seconds = 0;
   for (const Pair& pair : pairs) {
-    if (progress) progress("layer sharing search", ++tried, int64_t(pairs.size()));
+    clock.Progress("layer sharing search", ++tried, int64_t(pairs.size()));
     if (int(sharers.size()) >= limit) break;
     // A sharer stores nothing, so it cannot donate; a donor must keep its own cache.
     if (sharers.contains(pair.layer) || sharers.contains(pair.donor) || donors.contains(pair.layer)) continue;
@@ -210,11 +265,13 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     auto* share = candidate.mutable_sharing()->add_shares();
     share->set_layer(pair.layer);
     share->set_donor(pair.donor);
-    HiddenObserver observer(config.hidden_size);
-    KVPLAN_ASSIGN_OR_RETURN(auto model,
-                            CreatePlannedCpuModel(config, weights, candidate,
-                                                  {.capacity = options.sequence_length, .observer = &observer}));
+    const auto start = std::chrono::steady_clock::now();
+    KVPLAN_ASSIGN_OR_RETURN(PlanPolicies policies, PoliciesFromPlan(candidate, config, weights));
+    KVPLAN_RETURN_IF_ERROR(model->UsePolicies(std::make_shared<const PlanPolicies>(std::move(policies))));
+    observer.hidden_.clear();
     KVPLAN_RETURN_IF_ERROR(RunSequences(*model, sequences));
+    candidate_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    ++report.share_candidates;
     const double cosine = MeanCosine(observer.hidden_, statistics.hidden(), config.hidden_size);
     if (cosine < options.share_cosine_threshold) continue;
     share->set_layer_distance(pair.distance);
@@ -223,7 +280,34 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     sharers.insert(pair.layer);
     donors.insert(pair.donor);
   }
+  if (report.share_candidates > 0) report.seconds_per_share_candidate = candidate_seconds / report.share_candidates;
   return sharing;
+}
+
+// Uniformly random token ids: calibration text for a random-weight shape.
+std::vector<std::vector<int32_t>> RandomSequences(int vocab_size, int count, int length) {
+  std::mt19937 generator(5);
+  std::uniform_int_distribution<int32_t> token(0, vocab_size - 1);
+  std::vector<std::vector<int32_t>> sequences(count, std::vector<int32_t>(length));
+  for (auto& sequence : sequences)
+    for (int32_t& id : sequence) id = token(generator);
+  return sequences;
+}
+
+// The calibration sequences: whole sequence_length pieces of the tokenized data.
+absl::StatusOr<std::vector<std::vector<int32_t>>> DataSequences(const CalibrateOptions& options,
+                                                                const ModelConfig& config) {
+  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
+  KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(options.data_path));
+  const int64_t wanted = int64_t(options.sequences) * options.sequence_length;
+  const std::vector<int32_t> stream = TokenizeDocuments(*tokenizer, SplitDocuments(text), config.bos_token_id, wanted);
+  if (int64_t(stream.size()) < options.sequence_length)
+    return absl::InvalidArgumentError(absl::StrCat(options.data_path, " holds ", stream.size(),
+                                                   " tokens; calibration needs at least ", options.sequence_length));
+  std::vector<std::vector<int32_t>> sequences;
+  for (int64_t begin = 0; begin + options.sequence_length <= int64_t(stream.size()); begin += options.sequence_length)
+    sequences.emplace_back(stream.begin() + begin, stream.begin() + begin + options.sequence_length);
+  return sequences;
 }
 
 // The planner's inputs every calibration shares: the model, the target and the methods' settings.
@@ -291,7 +375,8 @@ const std::set<std::string>& KnownMethods() {
   return methods;
 }
 
-absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress) {
+absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress,
+                                     CalibrationReport* report) {
   for (const std::string& method : options.methods)
     if (!KnownMethods().contains(method))
       return absl::InvalidArgumentError(
@@ -300,45 +385,62 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     return absl::InvalidArgumentError("--target-memory must be in (0, 1]: the plan's bytes over the full cache's");
   if (options.model_dir.empty() == options.model_shape.empty())
     return absl::InvalidArgumentError("give exactly one of --model and --shape");
-  if (!options.model_shape.empty()) return SyntheticPlan(options);
-  if (options.data_path.empty()) return absl::InvalidArgumentError("calibrating a checkpoint needs --data");
-  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(options.model_dir));
-  const ModelConfig& config = loaded.config;
+  if (options.random_tokens && options.model_shape.empty())
+    return absl::InvalidArgumentError("--random-tokens calibrates a --shape; a checkpoint calibrates on --data");
   if (options.dictionary_atoms > 65536) return absl::InvalidArgumentError("at most 65536 atoms (16-bit indices)");
-  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
-  KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(options.data_path));
-  const int64_t wanted = int64_t(options.sequences) * options.sequence_length;
-  const std::vector<int32_t> stream = TokenizeDocuments(*tokenizer, SplitDocuments(text), config.bos_token_id, wanted);
-  if (int64_t(stream.size()) < options.sequence_length)
-    return absl::InvalidArgumentError(absl::StrCat(options.data_path, " holds ", stream.size(),
-                                                   " tokens; calibration needs at least ", options.sequence_length));
-  std::vector<std::vector<int32_t>> sequences;
-  for (int64_t begin = 0; begin + options.sequence_length <= int64_t(stream.size()); begin += options.sequence_length)
-    sequences.emplace_back(stream.begin() + begin, stream.begin() + begin + options.sequence_length);
-  const int64_t tokens = int64_t(sequences.size()) * options.sequence_length;
+  if (!options.model_shape.empty() && !options.random_tokens) return SyntheticPlan(options);
+  if (options.model_shape.empty() && options.data_path.empty())
+    return absl::InvalidArgumentError("calibrating a checkpoint needs --data");
 
-  StatisticsObserver statistics(config, options.max_training_vectors, options.sequence_length, options.keys_after_rope);
+  CalibrationReport local_report;
+  CalibrationReport& cost = report != nullptr ? *report : local_report;
+  cost = CalibrationReport();
+  const bool on_device = ResolveBackend(options.device) == Backend::kCuda;
+  StageClock clock(progress, cost, on_device);
+  clock.Progress("loading the model", 0, 1);
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, options.model_shape.empty() ? OpenModelDirectory(options.model_dir)
+                                                                   : RandomModel(options.model_shape, 1));
+  const ModelConfig& config = loaded.config;
+  std::vector<std::vector<int32_t>> sequences;
+  if (options.random_tokens) {
+    sequences = RandomSequences(config.vocab_size, options.sequences, options.sequence_length);
+  } else {
+    KVPLAN_ASSIGN_OR_RETURN(sequences, DataSequences(options, config));
+  }
+  clock.Progress("loading the model", 1, 1);
+  const int64_t tokens = int64_t(sequences.size()) * options.sequence_length;
+  const std::vector<std::vector<int32_t>> share_sequences(
+      sequences.begin(), sequences.begin() + std::clamp<int64_t>(options.share_sequences, 1, sequences.size()));
+
+  StatisticsObserver statistics(
+      config, options.max_training_vectors, options.sequence_length, options.keys_after_rope,
+      options.methods.contains("share") ? int64_t(share_sequences.size()) * options.sequence_length : 0);
   {
-    KVPLAN_ASSIGN_OR_RETURN(auto model, CreateCpuModel(config, *loaded.weights,
-                                                       {.capacity = options.sequence_length, .observer = &statistics}));
+    clock.Progress("statistics", 0, int64_t(sequences.size()));
+    KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(config, *loaded.weights,
+                                                    {.backend = options.device,
+                                                     .capacity = options.sequence_length,
+                                                     .max_rows = options.sequence_length,
+                                                     .observer = &statistics}));
+    cost.device = model->device_name();
     for (size_t i = 0; i < sequences.size(); ++i) {
       model->Reset();
       KVPLAN_ASSIGN_OR_RETURN(auto logits,
                               model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
-      if (progress) progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
+      clock.Progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
     }
   }
 
   PlannerInputs inputs = BaseInputs(options, config, *loaded.weights);
-  inputs.calibration.set_data_path(options.data_path);
+  inputs.calibration.set_data_path(options.random_tokens ? "random token ids" : options.data_path);
   inputs.calibration.set_tokens(tokens);
   inputs.calibration.set_sequences(int(sequences.size()));
   inputs.calibration.set_sequence_length(options.sequence_length);
   inputs.calibration.set_tool_version("kvplan 0.1");
 
   if (options.methods.contains("share")) {
-    KVPLAN_ASSIGN_OR_RETURN(auto sharing, SearchSharing(options, config, *loaded.weights, inputs.model, sequences,
-                                                        statistics, tokens, progress));
+    KVPLAN_ASSIGN_OR_RETURN(auto sharing, SearchSharing(options, config, *loaded.weights, inputs.model, share_sequences,
+                                                        statistics, tokens, clock, cost));
     inputs.sharing = std::move(sharing);
   }
   std::set<int> sharers;
@@ -347,20 +449,28 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   if (options.methods.contains("dict")) {
     plan::SparseCoding& coding = inputs.sparse_coding;
     coding = CodingSettings(options);
+    auto learn = [&](const std::vector<float>& samples, int sparsity) -> absl::StatusOr<plan::Dictionary> {
+      if (on_device)
+        return LearnDictionaryOnDevice(samples, config.head_dim, options.dictionary_atoms, sparsity,
+                                       options.dictionary_epochs);
+      return LearnDictionary(samples, config.head_dim, options.dictionary_atoms, sparsity, options.dictionary_epochs);
+    };
     for (int layer = 0; layer < config.num_layers; ++layer) {
-      if (progress) progress("dictionaries", layer + 1, config.num_layers);
+      clock.Progress("dictionaries", layer, config.num_layers);
       if (sharers.contains(layer)) continue;
       auto* entry = coding.add_layers();
       entry->set_layer(layer);
-      *entry->mutable_keys() = LearnDictionary(statistics.key_samples(layer), config.head_dim, options.dictionary_atoms,
-                                               options.key_sparsity, options.dictionary_epochs);
-      *entry->mutable_values() =
-          LearnDictionary(statistics.value_samples(layer), config.head_dim, options.dictionary_atoms,
-                          options.value_sparsity, options.dictionary_epochs);
+      KVPLAN_ASSIGN_OR_RETURN(*entry->mutable_keys(), learn(statistics.key_samples(layer), options.key_sparsity));
+      KVPLAN_ASSIGN_OR_RETURN(*entry->mutable_values(), learn(statistics.value_samples(layer), options.value_sparsity));
     }
+    clock.Progress("dictionaries", config.num_layers, config.num_layers);
   }
   if (options.methods.contains("budget")) inputs.attention_coverage = statistics.Coverage();
-  return CompilePlan(inputs);
+  clock.Progress("compiling the plan", 0, 1);
+  KVPLAN_ASSIGN_OR_RETURN(plan::Plan plan, CompilePlan(inputs));
+  clock.Progress("compiling the plan", 1, 1);
+  clock.Finish();
+  return plan;
 }
 
 }  // namespace kvplan

@@ -5,10 +5,13 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "planner/planner.h"
 #include "plans/kvplan.pb.h"
+#include "runtime/backend.h"
 
 namespace kvplan {
 
@@ -20,6 +23,11 @@ struct CalibrateOptions {
   // unit atoms for CSR, the same attention coverage for every head, no layer sharing; it exercises the runtime
   // at real scale, not quality.
   std::string model_shape;
+  // With model_shape: calibrate for real on uniformly random token ids instead, to measure calibration's time
+  // and memory at that scale.
+  bool random_tokens = false;
+  // Where forward passes, the sharing search and dictionary training run; auto prefers the GPU.
+  Backend device = Backend::kAuto;
   float target_memory_ratio = 0.2f;
   int reference_context = 0;  // the context the target is met at; 0: min(max positions, 2048)
   std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
@@ -28,6 +36,7 @@ struct CalibrateOptions {
   // KVSharer: accept a share while the last hidden state's cosine to the full model stays >= threshold.
   float share_cosine_threshold = 0.95f;
   int max_shared_layers = -1;  // -1: a third of the layers
+  int share_sequences = 4;     // calibration sequences each sharing candidate is judged on
   // CSR dictionaries.
   int dictionary_atoms = 1024;
   int key_sparsity = 8;
@@ -45,9 +54,19 @@ struct CalibrateOptions {
 // Called with (stage, done, total).
 using CalibrationProgress = std::function<void(const std::string&, int64_t, int64_t)>;
 
+// What a calibration cost.
+struct CalibrationReport {
+  std::string device;                                         // the runtime the forward passes ran on
+  std::vector<std::pair<std::string, double>> stage_seconds;  // in order
+  int share_candidates = 0;                                   // sharing candidates run through the model
+  double seconds_per_share_candidate = 0;
+  int64_t peak_device_bytes = 0;  // device memory in use at its highest (sampled at each progress step); 0 on CPU
+};
+
 // Methods accepted in CalibrateOptions::methods.
 const std::set<std::string>& KnownMethods();
 
-absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress = nullptr);
+absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress = nullptr,
+                                     CalibrationReport* report = nullptr);
 
 }  // namespace kvplan

@@ -1,12 +1,12 @@
 #include "cli/commands.h"
 
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/atomic_file.h"
 #include "base/status_macros.h"
 #include "cli/progress.h"
 #include "eval/bench.h"
@@ -33,10 +33,7 @@ const plan::Plan* PlanPointer(const std::optional<plan::Plan>& plan) { return pl
 
 // `line` and a newline.
 absl::Status WriteTextFile(const std::string& path, const std::string& line) {
-  std::ofstream out(path);
-  out << line << "\n";
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
-  return absl::OkStatus();
+  return WriteFileAtomically(path, line + "\n");
 }
 
 // A progress bar for each stage a long command reports, started when the stage begins.
@@ -159,18 +156,17 @@ absl::Status RunCalibrate(CalibrateCommand command) {
     return absl::InvalidArgumentError(
         absl::StrCat("unknown key coding \"", command.key_coding, "\" (pre-rope, post-rope)"));
   }
-  std::string stage;
-  std::unique_ptr<ProgressBar> bar;
-  KVPLAN_ASSIGN_OR_RETURN(auto plan,
-                          Calibrate(command.options, [&](const std::string& name, int64_t done, int64_t total) {
-                            if (name != stage) {
-                              stage = name;
-                              bar = std::make_unique<ProgressBar>(name);
-                            }
-                            bar->Update(done, total);
-                          }));
+  KVPLAN_ASSIGN_OR_RETURN(command.options.device, ParseBackend(command.device));
+  CalibrationReport report;
+  KVPLAN_ASSIGN_OR_RETURN(auto plan, Calibrate(command.options, ProgressBarPerStage(), &report));
   KVPLAN_RETURN_IF_ERROR(WritePlanFile(plan, command.output_path));
   std::printf("%s\nwrote %s\n", DescribePlan(plan).c_str(), command.output_path.c_str());
+  std::printf("calibrated on %s:", report.device.c_str());
+  for (const auto& [stage, seconds] : report.stage_seconds) std::printf(" %s %.1f s;", stage.c_str(), seconds);
+  if (report.share_candidates > 0)
+    std::printf(" %d sharing candidates at %.2f s each;", report.share_candidates, report.seconds_per_share_candidate);
+  if (report.peak_device_bytes > 0) std::printf(" peak device memory %.2f GB", report.peak_device_bytes / 1e9);
+  std::printf("\n");
   return absl::OkStatus();
 }
 

@@ -54,6 +54,7 @@ struct CalibrateCommand {
   std::string scoring = "l2";           // l2 | attention
   std::string key_coding = "pre-rope";  // pre-rope | post-rope
   bool no_merge = false;
+  std::string device = "auto";
   std::string output_path;
 };
 absl::Status RunCalibrate(CalibrateCommand command);

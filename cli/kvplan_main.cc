@@ -59,6 +59,11 @@ int main(int argc, char** argv) {
                             "instead of --model: a synthetic plan for random weights of a real shape (runtime speed "
                             "at scale, not quality): " +
                                 absl::StrJoin(kvplan::NamedModelShapes(), ", "));
+  calibrate_app->add_flag("--random-tokens", calibration.random_tokens,
+                          "with --shape: calibrate for real on random token ids (calibration's time and memory at "
+                          "scale) instead of a synthetic plan");
+  calibrate_app->add_option("--device", calibrate.device,
+                            "auto | cpu | cuda: forward passes, sharing search and dictionary training");
   calibrate_app->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines");
   calibrate_app->add_option("-o,--output", calibrate.output_path, "plan file to write")->required();
   calibrate_app->add_option("--target-memory", calibration.target_memory_ratio,
@@ -71,6 +76,8 @@ int main(int argc, char** argv) {
   calibrate_app->add_option("--share-threshold", calibration.share_cosine_threshold,
                             "KVSharer: minimum cosine of the last hidden state to the full model");
   calibrate_app->add_option("--max-shared-layers", calibration.max_shared_layers, "KVSharer: at most this many");
+  calibrate_app->add_option("--share-sequences", calibration.share_sequences,
+                            "KVSharer: calibration sequences each candidate is judged on");
   calibrate_app->add_option("--atoms", calibration.dictionary_atoms, "CSR: dictionary atoms per layer");
   calibrate_app->add_option("--key-sparsity", calibration.key_sparsity, "CSR: atoms per key");
   calibrate_app->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value");

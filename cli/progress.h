@@ -17,7 +17,9 @@ class ProgressBar {
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     std::fprintf(stderr, "\r%s [%s%s] %lld/%lld %.0fs", label_.c_str(), std::string(filled, '#').c_str(),
                  std::string(kWidth - filled, '.').c_str(), (long long)done, (long long)total, elapsed);
-    if (done >= total) std::fprintf(stderr, "\n");
+    // The time left at the pace so far, once there is a pace.
+    if (done > 0 && done < total) std::fprintf(stderr, ", ~%.0fs left  ", elapsed * double(total - done) / done);
+    if (done >= total) std::fprintf(stderr, "            \n");
     std::fflush(stderr);
   }
 

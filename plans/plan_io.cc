@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "base/atomic_file.h"
 #include "base/hash.h"
 #include "base/status_macros.h"
 
@@ -72,11 +73,7 @@ absl::StatusOr<plan::Plan> ParsePlanFile(std::string_view bytes) {
 
 absl::Status WritePlanFile(const plan::Plan& plan, const std::string& path) {
   KVPLAN_RETURN_IF_ERROR(ValidatePlanStructure(plan));
-  std::ofstream out(path, std::ios::binary);
-  const std::string bytes = SerializePlanFile(plan);
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path));
-  return absl::OkStatus();
+  return WriteFileAtomically(path, SerializePlanFile(plan));
 }
 
 absl::StatusOr<plan::Plan> ReadPlanFile(const std::string& path) {

@@ -35,7 +35,8 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
     CudaModelOptions cuda_options{.num_sequences = options.num_sequences,
                                   .capacity = options.capacity,
                                   .max_rows = options.max_rows,
-                                  .cuda_graphs = options.cuda_graphs};
+                                  .cuda_graphs = options.cuda_graphs,
+                                  .observer = options.observer};
     if (policies) {
       cuda_options.policy = policies->cache;
       cuda_options.dictionaries = policies->dictionaries;
@@ -46,11 +47,29 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
   if (options.backend == Backend::kCuda)
     return absl::FailedPreconditionError("this kvplan was built without CUDA (configure with -DKVPLAN_CUDA=ON)");
 #endif
-  const CpuModelOptions cpu_options{.num_sequences = options.num_sequences, .capacity = options.capacity};
+  const CpuModelOptions cpu_options{
+      .num_sequences = options.num_sequences, .capacity = options.capacity, .observer = options.observer};
   if (policies)
     return CreatePlannedCpuModel(config, weights, std::make_shared<const PlanPolicies>(*std::move(policies)),
                                  cpu_options);
   return CreateCpuModel(config, weights, cpu_options);
+}
+
+Backend ResolveBackend(Backend backend) {
+#ifdef KVPLAN_WITH_CUDA
+  if (backend == Backend::kAuto) return cuda::device_available() ? Backend::kCuda : Backend::kCpu;
+  return backend;
+#else
+  return backend == Backend::kAuto ? Backend::kCpu : backend;
+#endif
+}
+
+int64_t DeviceBytesInUse() {
+#ifdef KVPLAN_WITH_CUDA
+  size_t free = 0, total = 0;
+  if (cuda::device_available() && cudaMemGetInfo(&free, &total) == cudaSuccess) return int64_t(total - free);
+#endif
+  return 0;
 }
 
 absl::StatusOr<int> FitBatchToMemory([[maybe_unused]] Model& model, [[maybe_unused]] int64_t device_bytes) {

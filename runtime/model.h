@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,8 @@
 #include "loader/model_config.h"
 
 namespace kvplan {
+
+struct PlanPolicies;
 
 // One forward step: row r feeds tokens[r] at positions[r] of sequence sequences[r]. Rows of one sequence
 // must be consecutive positions in order, continuing that sequence's cache.
@@ -46,6 +49,9 @@ class Model {
   virtual absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) = 0;
   // Forgets every sequence's cache.
   virtual void Reset() = 0;
+  // Executes `policies` (runtime/cache/plan_policies.h; null: the full cache) from now on, keeping the weights;
+  // every sequence starts empty. Calibration tries one candidate plan after another on one loaded model.
+  virtual absl::Status UsePolicies(std::shared_ptr<const PlanPolicies> policies) = 0;
   // Fills positions [0, context) of every sequence's cache with random values, so decode speed at a long
   // context can be measured without running the prefill.
   virtual absl::Status FillCacheWithNoise(int context) = 0;

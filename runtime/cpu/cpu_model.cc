@@ -70,16 +70,14 @@ class CpuModel : public Model {
       }
       layers_.push_back(std::move(layer));
     }
-    const int max_step_rows = options_.chunk_rows > 0 ? std::min(options_.chunk_rows, capacity_) : capacity_;
-    caches_ = options_.cache_factory ? options_.cache_factory(config_, options_.num_sequences, capacity_, max_step_rows)
-                                     : std::vector<std::unique_ptr<LayerCache>>();
-    if (caches_.empty())
-      for (int l = 0; l < config_.num_layers; ++l)
-        caches_.push_back(CreateDenseLayerCache(config_, options_.num_sequences, capacity_));
-    if (int(caches_.size()) != config_.num_layers)
-      return absl::InternalError("cache factory built the wrong number of layer caches");
-    lengths_.assign(options_.num_sequences, 0);
-    return absl::OkStatus();
+    return BuildCaches();
+  }
+
+  absl::Status UsePolicies(std::shared_ptr<const PlanPolicies> policies) override {
+    options_.cache_factory = policies ? PlanCacheFactory(std::move(policies)) : LayerCacheFactory();
+    options_.chunk_rows = options_.cache_factory ? kPlannedChunkRows : 0;
+    options_.device_label = options_.cache_factory ? "cpu+plan" : "cpu";
+    return BuildCaches();
   }
 
   const ModelConfig& config() const override { return config_; }
@@ -202,6 +200,20 @@ class CpuModel : public Model {
                      false);
   }
 
+  // Every layer's cache as the options say, all sequences empty.
+  absl::Status BuildCaches() {
+    const int max_step_rows = options_.chunk_rows > 0 ? std::min(options_.chunk_rows, capacity_) : capacity_;
+    caches_ = options_.cache_factory ? options_.cache_factory(config_, options_.num_sequences, capacity_, max_step_rows)
+                                     : std::vector<std::unique_ptr<LayerCache>>();
+    if (caches_.empty())
+      for (int l = 0; l < config_.num_layers; ++l)
+        caches_.push_back(CreateDenseLayerCache(config_, options_.num_sequences, capacity_));
+    if (int(caches_.size()) != config_.num_layers)
+      return absl::InternalError("cache factory built the wrong number of layer caches");
+    lengths_.assign(options_.num_sequences, 0);
+    return absl::OkStatus();
+  }
+
   ModelConfig config_;
   CpuModelOptions options_;
   int capacity_;
@@ -234,10 +246,9 @@ absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& 
 absl::StatusOr<std::unique_ptr<Model>> CreatePlannedCpuModel(const ModelConfig& config, const WeightSource& weights,
                                                              std::shared_ptr<const PlanPolicies> policies,
                                                              CpuModelOptions options) {
-  options.cache_factory = PlanCacheFactory(std::move(policies));
-  options.chunk_rows = kPlannedChunkRows;
-  options.device_label = "cpu+plan";
-  return CreateCpuModel(config, weights, options);
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateCpuModel(config, weights, options));
+  KVPLAN_RETURN_IF_ERROR(model->UsePolicies(std::move(policies)));
+  return model;
 }
 
 }  // namespace kvplan

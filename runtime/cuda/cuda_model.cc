@@ -6,13 +6,16 @@
 #include <cmath>
 #include <map>
 #include <numeric>
+#include <tuple>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "kernels/cpu_reference.h"
 #include "kernels/cuda/kernels.h"
 #include "plans/cache_policy.h"
+#include "runtime/cache/plan_policies.h"
 #include "runtime/cuda/cuda_cache.h"
 #include "runtime/cuda/device_memory.h"
 
@@ -57,9 +60,10 @@ class CudaModel : public Model {
         num_sequences_(options.num_sequences),
         capacity_(options.capacity > 0 ? options.capacity : int(config.max_position_embeddings)),
         max_rows_(options.max_rows),
-        use_graphs_(options.cuda_graphs),
+        use_graphs_(options.cuda_graphs && options.observer == nullptr),  // observing synchronises
         policy_(options.policy ? *options.policy : FullCachePolicy(config)),
-        dictionaries_(options.dictionaries) {}
+        dictionaries_(options.dictionaries),
+        observer_(options.observer) {}
 
   ~CudaModel() override {
     graphs_.clear();
@@ -106,6 +110,9 @@ class CudaModel : public Model {
       KVPLAN_RETURN_IF_ERROR(UploadBf16(weights, {specs.gate, specs.up}, layer.gate_up));
       for (auto [spec, buffer] : biases) KVPLAN_RETURN_IF_ERROR(UploadFloat(weights, *spec, *buffer));
     }
+    if (observer_ != nullptr) {
+      KVPLAN_ASSIGN_OR_RETURN(final_norm_host_, weights.Read(FinalNormSpec(c)));
+    }
     const std::vector<float> inv_freq = RopeInverseFrequencies(c);
     KVPLAN_RETURN_IF_ERROR(UploadHost(inv_freq.data(), inv_freq.size() * sizeof(float), inv_freq_));
 
@@ -132,12 +139,30 @@ class CudaModel : public Model {
       KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
     }
     KVPLAN_RETURN_IF_ERROR(logits_.Allocate(0));
+    if (observer_ != nullptr) {
+      KVPLAN_RETURN_IF_ERROR(k_roped_.Allocate(rows * c.kv_dim() * 4));
+      KVPLAN_RETURN_IF_ERROR(observed_.Allocate(rows * std::max<size_t>(c.q_dim() + 3 * c.kv_dim(), hidden) * 4));
+    }
     KVPLAN_ASSIGN_OR_RETURN(
         cache_,
         CreateCudaKvCache(c, policy_, dictionaries_,
                           {.num_sequences = num_sequences_, .capacity = capacity_, .max_rows = max_rows_}, stream_));
     lengths_.assign(num_sequences_, 0);
     return absl::OkStatus();
+  }
+
+  absl::Status UsePolicies(std::shared_ptr<const PlanPolicies> policies) override {
+    CachePolicy policy = policies ? policies->cache : FullCachePolicy(config_);
+    KVPLAN_RETURN_IF_ERROR(CudaSupports(policy, config_));
+    for (int l = 0; l < config_.num_layers; ++l)
+      if (!policy.layers[l].shares() && layers_[l].k.bytes() == 0)
+        return absl::FailedPreconditionError(
+            absl::StrCat("layer ", l,
+                         "'s K/V weights were left on the host (the model was made with a plan that "
+                         "shares the layer); make the model without a plan to switch plans"));
+    policy_ = std::move(policy);
+    dictionaries_ = policies ? policies->dictionaries : std::vector<std::shared_ptr<const LayerDictionaries>>();
+    return Batch(num_sequences_, max_rows_);
   }
 
   const ModelConfig& config() const override { return config_; }
@@ -280,6 +305,7 @@ class CudaModel : public Model {
           KVPLAN_CUDA(cuda::add_row_bias(v_.as<float>(), layer.v_bias.as<float>(), T, c.kv_dim(), stream_));
         }
       }
+      if (observer_ != nullptr && !policy_.layers[l].shares()) KVPLAN_RETURN_IF_ERROR(ObserveLayer(l, T));
       KVPLAN_RETURN_IF_ERROR(
           cache_->Layer(l, q_.as<float>(), k_.as<float>(), v_.as<float>(), attention_out_.as<__nv_bfloat16>()));
       KVPLAN_RETURN_IF_ERROR(Gemm(attention_out_, layer.o, T, c.q_dim(), hidden, x_, 1.0f));
@@ -290,6 +316,7 @@ class CudaModel : public Model {
       KVPLAN_RETURN_IF_ERROR(Gemm(activated_, layer.down, T, ffn, hidden, x_, 1.0f));
     }
 
+    if (observer_ != nullptr) KVPLAN_RETURN_IF_ERROR(ObserveFinalHidden(T));
     // Gather the rows whose logits are wanted to the front of x_, then norm and project only those.
     int selected = 0;
     for (int t = 0; t < T; ++t) {
@@ -311,6 +338,38 @@ class CudaModel : public Model {
                                   logits, CUDA_R_32F, c.vocab_size, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                      "cublasGemmEx"));
     logit_rows += selected;
+    return absl::OkStatus();
+  }
+
+  // Shows the observer layer l's queries (after RoPE), keys after and before RoPE and values of the pass's T rows.
+  absl::Status ObserveLayer(int l, int T) {
+    const ModelConfig& c = config_;
+    const size_t q_values = size_t(T) * c.q_dim(), kv_values = size_t(T) * c.kv_dim();
+    KVPLAN_CUDA(cudaMemcpyAsync(k_roped_.as<float>(), k_.as<float>(), kv_values * sizeof(float),
+                                cudaMemcpyDeviceToDevice, stream_));
+    KVPLAN_CUDA(cuda::apply_rope(k_roped_.as<float>(), cache_->row_position(), inv_freq_.as<float>(), T, c.num_kv_heads,
+                                 c.head_dim, float(c.rope.attention_factor), stream_));
+    float* q = observed_.as<float>();
+    float* k = q + q_values;
+    float* k_pre_rope = k + kv_values;
+    float* v = k_pre_rope + kv_values;
+    for (auto [host, device, values] :
+         {std::tuple{q, &q_, q_values}, {k, &k_roped_, kv_values}, {k_pre_rope, &k_, kv_values}, {v, &v_, kv_values}})
+      KVPLAN_CUDA(cudaMemcpyAsync(host, device->as<float>(), values * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    KVPLAN_CUDA(cudaStreamSynchronize(stream_));
+    observer_->OnLayerKv(l, T, q, k, k_pre_rope, v);
+    return absl::OkStatus();
+  }
+
+  // Shows the observer the pass's final hidden states, normed on the host in fp32 as the CPU runtime does.
+  absl::Status ObserveFinalHidden(int T) {
+    const int hidden = config_.hidden_size;
+    KVPLAN_CUDA(cudaMemcpyAsync(observed_.as<float>(), x_.as<float>(), size_t(T) * hidden * sizeof(float),
+                                cudaMemcpyDeviceToHost, stream_));
+    KVPLAN_CUDA(cudaStreamSynchronize(stream_));
+    std::vector<float> normed(size_t(T) * hidden);
+    cpu::rms_norm(observed_.as<float>(), final_norm_host_.data(), T, hidden, config_.rms_norm_eps, normed.data());
+    observer_->OnFinalHidden(T, normed.data());
     return absl::OkStatus();
   }
 
@@ -365,6 +424,10 @@ class CudaModel : public Model {
   std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries_;
   std::unique_ptr<CudaKvCache> cache_;
   std::vector<int32_t> lengths_;
+  ForwardObserver* observer_;
+  DeviceBuffer k_roped_;   // with an observer: keys after RoPE (the cache holds them only in bf16)
+  PinnedBuffer observed_;  // with an observer: what it is shown
+  std::vector<float> final_norm_host_;
   absl::Status reset_status_;  // a failed Reset, reported by the next Forward
 };
 

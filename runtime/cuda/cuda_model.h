@@ -24,6 +24,9 @@ struct CudaModelOptions {
   // the full cache.
   std::optional<CachePolicy> policy;
   std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries;  // [num_layers] where the policy codes
+  // Sees each pass's layer tensors and final hidden states on the host, as the CPU runtime shows them (fp32;
+  // queries and keys after RoPE); each costs a copy from the device and a synchronisation.
+  ForwardObserver* observer = nullptr;
 };
 
 // OK when the CUDA runtime executes every layer of `policy` on this model's shape; Unimplemented naming what

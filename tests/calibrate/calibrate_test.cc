@@ -31,10 +31,28 @@ CalibrateOptions SmallOptions() {
 
 TEST(CalibrateTest, EveryMethodEndToEnd) {
   std::vector<std::string> stages;
-  KVPLAN_ASSERT_OK_AND_ASSIGN(plan, Calibrate(SmallOptions(), [&](const std::string& stage, int64_t, int64_t) {
-                                if (stages.empty() || stages.back() != stage) stages.push_back(stage);
-                              }));
-  EXPECT_EQ(stages, (std::vector<std::string>{"statistics", "layer sharing search", "dictionaries"}));
+  CalibrationReport report;
+  CalibrateOptions options = SmallOptions();
+  options.device = Backend::kCpu;
+  KVPLAN_ASSERT_OK_AND_ASSIGN(plan, Calibrate(
+                                        options,
+                                        [&](const std::string& stage, int64_t, int64_t) {
+                                          if (stages.empty() || stages.back() != stage) stages.push_back(stage);
+                                        },
+                                        &report));
+  const std::vector<std::string> expected_stages = {"loading the model", "statistics", "layer sharing search",
+                                                    "dictionaries", "compiling the plan"};
+  EXPECT_EQ(stages, expected_stages);
+  // The report times the same stages, counts the candidates the search ran and knows no device memory.
+  ASSERT_EQ(report.stage_seconds.size(), expected_stages.size());
+  for (size_t i = 0; i < expected_stages.size(); ++i) {
+    EXPECT_EQ(report.stage_seconds[i].first, expected_stages[i]);
+    EXPECT_GE(report.stage_seconds[i].second, 0.0);
+  }
+  EXPECT_EQ(report.device, "cpu");
+  EXPECT_GT(report.share_candidates, 0);
+  EXPECT_GT(report.seconds_per_share_candidate, 0.0);
+  EXPECT_EQ(report.peak_device_bytes, 0);
   EXPECT_EQ(plan.sharing().shares_size(), 1);
   EXPECT_GT(plan.sparse_coding().layers_size(), 0);
   EXPECT_GT(plan.budgets().layers_size(), 0);
@@ -71,6 +89,9 @@ TEST(CalibrateTest, BadOptionsAreRejected) {
   options = SmallOptions();
   options.target_memory_ratio = 3.0f;
   EXPECT_FALSE(Calibrate(options).ok());
+  options = SmallOptions();
+  options.random_tokens = true;  // only a random-weight shape calibrates on random tokens
+  EXPECT_EQ(Calibrate(options).status().code(), absl::StatusCode::kInvalidArgument);
   options = SmallOptions();
   options.data_path = "/nonexistent/calib.txt";
   EXPECT_EQ(Calibrate(options).status().code(), absl::StatusCode::kNotFound);
