@@ -147,10 +147,25 @@ class StatisticsObserver : public ForwardObserver {
   std::mt19937_64 generator_;
 };
 
+// Forwards to the observer the current stage needs, so one loaded model serves every stage.
+class StageObserver : public ForwardObserver {
+ public:
+  void OnLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
+                 const float* v) override {
+    if (target != nullptr) target->OnLayerKv(layer, rows, q, k, k_pre_rope, v);
+  }
+  void OnFinalHidden(int rows, const float* hidden) override {
+    if (target != nullptr) target->OnFinalHidden(rows, hidden);
+  }
+  bool WantsLayerKv() const override { return target != nullptr && target->WantsLayerKv(); }
+  ForwardObserver* target = nullptr;
+};
+
 // Captures the final hidden states of a candidate model.
 class HiddenObserver : public ForwardObserver {
  public:
   void OnLayerKv(int, int, const float*, const float*, const float*, const float*) override {}
+  bool WantsLayerKv() const override { return false; }
   void OnFinalHidden(int rows, const float* hidden) override {
     hidden_.insert(hidden_.end(), hidden, hidden + rows * dim_);
   }
@@ -222,8 +237,9 @@ absl::Status RunSequences(Model& model, const std::vector<std::vector<int32_t>>&
 absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options, const ModelConfig& config,
                                                  const WeightSource& weights, const plan::ModelFingerprint& fingerprint,
                                                  const std::vector<std::vector<int32_t>>& sequences,
-                                                 const StatisticsObserver& statistics, int64_t tokens,
-                                                 StageClock& clock, CalibrationReport& report) {
+                                                 const StatisticsObserver& statistics, int64_t tokens, Model& model,
+                                                 StageObserver& observers, StageClock& clock,
+                                                 CalibrationReport& report) {
   const int layers = config.num_layers;
   const int limit = options.max_shared_layers >= 0 ? options.max_shared_layers : layers / 3;
   std::vector<std::vector<float>> means(layers);
@@ -244,11 +260,7 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
 
   clock.Progress("layer sharing search", 0, int64_t(pairs.size()));
   HiddenObserver observer(config.hidden_size);
-  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(config, weights,
-                                                  {.backend = options.device,
-                                                   .capacity = options.sequence_length,
-                                                   .max_rows = options.sequence_length,
-                                                   .observer = &observer}));
+  observers.target = &observer;
   plan::LayerSharing sharing;
   sharing.set_cosine_threshold(options.share_cosine_threshold);
   std::set<int> sharers, donors;
@@ -267,9 +279,9 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     share->set_donor(pair.donor);
     const auto start = std::chrono::steady_clock::now();
     KVPLAN_ASSIGN_OR_RETURN(PlanPolicies policies, PoliciesFromPlan(candidate, config, weights));
-    KVPLAN_RETURN_IF_ERROR(model->UsePolicies(std::make_shared<const PlanPolicies>(std::move(policies))));
+    KVPLAN_RETURN_IF_ERROR(model.UsePolicies(std::make_shared<const PlanPolicies>(std::move(policies))));
     observer.hidden_.clear();
-    KVPLAN_RETURN_IF_ERROR(RunSequences(*model, sequences));
+    KVPLAN_RETURN_IF_ERROR(RunSequences(model, sequences));
     candidate_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     ++report.share_candidates;
     const double cosine = MeanCosine(observer.hidden_, statistics.hidden(), config.hidden_size);
@@ -281,6 +293,7 @@ absl::StatusOr<plan::LayerSharing> SearchSharing(const CalibrateOptions& options
     donors.insert(pair.donor);
   }
   if (report.share_candidates > 0) report.seconds_per_share_candidate = candidate_seconds / report.share_candidates;
+  observers.target = nullptr;
   return sharing;
 }
 
@@ -415,21 +428,21 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   StatisticsObserver statistics(
       config, options.max_training_vectors, options.sequence_length, options.keys_after_rope,
       options.methods.contains("share") ? int64_t(share_sequences.size()) * options.sequence_length : 0);
-  {
-    clock.Progress("statistics", 0, int64_t(sequences.size()));
-    KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(config, *loaded.weights,
-                                                    {.backend = options.device,
-                                                     .capacity = options.sequence_length,
-                                                     .max_rows = options.sequence_length,
-                                                     .observer = &statistics}));
-    cost.device = model->device_name();
-    for (size_t i = 0; i < sequences.size(); ++i) {
-      model->Reset();
-      KVPLAN_ASSIGN_OR_RETURN(auto logits,
-                              model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
-      clock.Progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
-    }
+  clock.Progress("statistics", 0, int64_t(sequences.size()));
+  StageObserver observers;
+  KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(config, *loaded.weights,
+                                                  {.backend = options.device,
+                                                   .capacity = options.sequence_length,
+                                                   .max_rows = options.sequence_length,
+                                                   .observer = &observers}));
+  cost.device = model->device_name();
+  observers.target = &statistics;
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    model->Reset();
+    KVPLAN_ASSIGN_OR_RETURN(auto logits, model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
+    clock.Progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
   }
+  observers.target = nullptr;
 
   PlannerInputs inputs = BaseInputs(options, config, *loaded.weights);
   inputs.calibration.set_data_path(options.random_tokens ? "random token ids" : options.data_path);
@@ -440,9 +453,10 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
 
   if (options.methods.contains("share")) {
     KVPLAN_ASSIGN_OR_RETURN(auto sharing, SearchSharing(options, config, *loaded.weights, inputs.model, share_sequences,
-                                                        statistics, tokens, clock, cost));
+                                                        statistics, tokens, *model, observers, clock, cost));
     inputs.sharing = std::move(sharing);
   }
+  model.reset();  // its device memory goes back before dictionary training
   std::set<int> sharers;
   for (const auto& share : inputs.sharing.shares()) sharers.insert(share.layer());
 

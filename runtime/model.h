@@ -36,6 +36,8 @@ class ForwardObserver {
                          const float* v) = 0;
   // [rows, hidden] after the final norm.
   virtual void OnFinalHidden(int rows, const float* hidden) = 0;
+  // Whether OnLayerKv is wanted: the GPU runtime copies every layer's tensors to the host for it.
+  virtual bool WantsLayerKv() const { return true; }
 };
 
 class Model {

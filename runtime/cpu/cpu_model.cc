@@ -156,7 +156,7 @@ class CpuModel : public Model {
       if (computes_kv) {
         k_pre_rope = k;
         cpu::apply_rope(k.data(), positions, inv_freq_.data(), T, c.num_kv_heads, c.head_dim, attention_factor);
-        if (options_.observer != nullptr)
+        if (options_.observer != nullptr && options_.observer->WantsLayerKv())
           options_.observer->OnLayerKv(l, T, q.data(), k.data(), k_pre_rope.data(), v.data());
       }
       // Rows are grouped by sequence; each group appends, then attends.

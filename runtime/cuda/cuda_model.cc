@@ -305,7 +305,8 @@ class CudaModel : public Model {
           KVPLAN_CUDA(cuda::add_row_bias(v_.as<float>(), layer.v_bias.as<float>(), T, c.kv_dim(), stream_));
         }
       }
-      if (observer_ != nullptr && !policy_.layers[l].shares()) KVPLAN_RETURN_IF_ERROR(ObserveLayer(l, T));
+      if (observer_ != nullptr && observer_->WantsLayerKv() && !policy_.layers[l].shares())
+        KVPLAN_RETURN_IF_ERROR(ObserveLayer(l, T));
       KVPLAN_RETURN_IF_ERROR(
           cache_->Layer(l, q_.as<float>(), k_.as<float>(), v_.as<float>(), attention_out_.as<__nv_bfloat16>()));
       KVPLAN_RETURN_IF_ERROR(Gemm(attention_out_, layer.o, T, c.q_dim(), hidden, x_, 1.0f));
