@@ -2,18 +2,8 @@
 # tokens, 4,096 atoms (GPU, cores 0-7); meanwhile on cores 8-15 the CPU reference calibrates the plans whose
 # quality is compared with their GPU-calibrated twins (32K held-out tokens each, evaluated on the GPU).
 source bench/device_setup.sh
-K=/tmp/kv/bin/kvplan
-CALIB=/tmp/kv/shared/data/calib-sample.txt
-model() { echo /tmp/kv/shared/models/llama-dev-$1; }
+source bench/calibration_runs.sh
 /tmp/kv/bin/cuda_model_test > $OUT/cuda_model_test.log 2>&1; echo "cuda_model_test: $(tail -1 $OUT/cuda_model_test.log)"
-calibrate() {  # device fixture methods cores
-  local device=$1 fixture=$2 methods=$3 cores=$4 name=$1-$2-${3//,/+}
-  local start=$(date +%s.%N)
-  OMP_NUM_THREADS=$(( ${cores#*-} - ${cores%-*} + 1 )) taskset -c $cores $K calibrate \
-    --model $(model $fixture) --data $CALIB --methods $methods --device $device -o /tmp/$name.kvplan \
-    > /tmp/$name.log 2>&1
-  echo "$name rc=$? wall $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $start}") s | $(grep -E '^calibrated on' /tmp/$name.log)"
-}
 (calibrate cpu 6m share,dict,budget,refresh 8-15; calibrate cpu 16l dict 8-15; calibrate cpu 16l share 8-15) \
   > $OUT/cpu.log 2>&1 &
 for fixture in 6m 16l; do for m in dict share share,dict,budget,refresh; do calibrate cuda $fixture $m 0-7; done; done \
@@ -26,13 +16,6 @@ echo "8b all methods rc=$? wall $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - 
 grep -E "^calibrated on|target|reduction" $OUT/8b-calibrate.log | tail -3
 wait
 cat $OUT/gpu.log $OUT/cpu.log
-evaluate() {  # plan-name fixture
-  local window=2048; [ $2 = 16l ] && window=4096
-  [ -f /tmp/$1.kvplan ] || return
-  $K eval --model $(model $2) --data $HELDOUT --device cuda --plan /tmp/$1.kvplan --skip-needle --no-reference \
-    --window $window --max-tokens 32768 --json /tmp/$1.json > /dev/null 2>&1
-  echo "$1 $(cat /tmp/$1.json)"
-}
 for pair in "6m share+dict+budget+refresh" "16l dict" "16l share"; do set -- $pair
   for device in cuda cpu; do evaluate $device-$1-$2 $1; done
 done | tee $OUT/eval.log
