@@ -46,7 +46,41 @@ std::string Bytes(int64_t bytes) {
   return absl::StrFormat("%.1f KiB", bytes / 1024.0);
 }
 
+int ReferenceContext(const plan::Plan& plan) { return plan.reference_context() > 0 ? plan.reference_context() : 2048; }
+
+double AchievedMemoryRatio(const plan::Plan& plan) {
+  const int reference = ReferenceContext(plan);
+  return double(PlanCacheBytes(plan, reference)) / FullCacheBytes(plan.model(), reference);
+}
+
+bool MeetsMemoryTarget(const plan::Plan& plan) {
+  return plan.target_memory_ratio() <= 0 || AchievedMemoryRatio(plan) <= plan.target_memory_ratio() * 1.001;
+}
+
+// The method that stopped short of the target: token budgets are the only one the planner sizes to it; the
+// others compress by a fixed amount.
+std::string ShortfallReason(const plan::Plan& plan) {
+  if (plan.budgets().layers_size() > 0) return "token budgets are at their floor";
+  std::vector<std::string> fixed;
+  if (plan.sharing().shares_size() > 0)
+    fixed.push_back(
+        absl::StrFormat("layer sharing (%d of %d layers)", plan.sharing().shares_size(), plan.model().num_layers()));
+  if (plan.sparse_coding().layers_size() > 0) fixed.push_back("sparse coding");
+  if (plan.refresh().layers_size() > 0) fixed.push_back("RefreshKV");
+  return absl::StrCat(
+      "the plan has no token budgets to shrink",
+      fixed.empty() ? "" : absl::StrCat("; ", absl::StrJoin(fixed, ", "), " compress by a fixed amount"),
+      ": add budget to the methods or raise the target");
+}
+
 }  // namespace
+
+absl::Status CheckMemoryTarget(const plan::Plan& plan) {
+  if (MeetsMemoryTarget(plan)) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "memory target %.3f not met: at %d tokens the plan keeps %.3f of the full cache; %s", plan.target_memory_ratio(),
+      ReferenceContext(plan), AchievedMemoryRatio(plan), ShortfallReason(plan)));
+}
 
 int64_t FullCacheBytes(const plan::ModelFingerprint& model, int64_t context) {
   return FullCacheBytes(model.num_layers(), model.num_kv_heads(), model.head_dim(), context);
@@ -183,15 +217,10 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
                           refresh.query_similarity_threshold(), refresh.pool_kernel(),
                           absl::StrJoin(refresh.layers(), ","));
 
-  if (plan.target_memory_ratio() > 0 && plan.memory_size() > 0) {
-    const int reference = plan.reference_context() > 0 ? plan.reference_context() : 2048;
-    const double achieved = double(PlanCacheBytes(plan, reference)) / FullCacheBytes(plan.model(), reference);
-    absl::StrAppendFormat(&out, "\nat %d tokens the plan keeps %.3f of the full cache: target %.3f %s\n", reference,
-                          achieved, plan.target_memory_ratio(),
-                          achieved <= plan.target_memory_ratio() * 1.001
-                              ? "met"
-                              : "NOT met (the selected methods cannot compress further; budgets are at their floor)");
-  }
+  if (plan.target_memory_ratio() > 0 && plan.memory_size() > 0)
+    absl::StrAppendFormat(&out, "\nat %d tokens the plan keeps %.3f of the full cache: target %.3f %s\n",
+                          ReferenceContext(plan), AchievedMemoryRatio(plan), plan.target_memory_ratio(),
+                          MeetsMemoryTarget(plan) ? "met" : absl::StrCat("NOT met (", ShortfallReason(plan), ")"));
   out += "\nKV memory (bf16 full cache vs plan):\n";
   absl::StrAppendFormat(&out, "  %8s %14s %14s %8s\n", "context", "full", "plan", "ratio");
   std::vector<int> rows = contexts;

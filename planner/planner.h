@@ -36,6 +36,10 @@ struct PlannerInputs {
 // floors allow. Memory estimates for 512 to 32K tokens are recorded in the plan.
 absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs);
 
+// OK when the plan's cache at its reference context is within its memory target; otherwise FailedPrecondition
+// naming the method that stopped short.
+absl::Status CheckMemoryTarget(const plan::Plan& plan);
+
 // Bytes of K/V at `context` tokens (plans/cache_policy.h): the full cache in bf16, and what the plan keeps
 // (codes, positions and refresh selections included).
 int64_t FullCacheBytes(const plan::ModelFingerprint& model, int64_t context);
