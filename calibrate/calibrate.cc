@@ -11,10 +11,15 @@
 #include "base/status_macros.h"
 #include "calibrate/dictionary_learning.h"
 #include "kernels/cpu_reference.h"
+#include "kernels/cpu_statistics_reference.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
 #include "loader/weights.h"
 #include "runtime/backend.h"
+#ifdef KVPLAN_WITH_CUDA
+#include "kernels/cuda/calibration_statistics.h"
+#include "runtime/cuda/device_memory.h"
+#endif
 #include "runtime/cache/plan_policies.h"
 
 namespace kvplan {
@@ -44,29 +49,33 @@ class StatisticsObserver : public ForwardObserver {
 
   void OnLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
                  const float* v) override {
-    const int kv_dim = config_.kv_dim(), hd = config_.head_dim;
-    for (int r = 0; r < rows; ++r)
-      for (int i = 0; i < kv_dim; ++i) {
-        kv_sums_[layer][i] += k_pre_rope[int64_t(r) * kv_dim + i];
-        kv_sums_[layer][kv_dim + i] += v[int64_t(r) * kv_dim + i];
-      }
-    // Reservoir-sample head vectors (each KV head's vector is one training vector for the layer's dictionary).
-    for (int64_t i = 0; i < int64_t(rows) * config_.num_kv_heads; ++i) {
-      const int64_t index = seen_[layer]++;
-      int64_t slot = index;
-      if (index >= max_vectors_) {
-        slot = std::uniform_int_distribution<int64_t>(0, index)(generator_);
-        if (slot >= max_vectors_) continue;
-      }
-      auto store = [&](std::vector<float>& samples, const float* source) {
-        if (int64_t(samples.size()) < (slot + 1) * hd) samples.resize((slot + 1) * hd);
-        std::copy_n(source + i * hd, hd, samples.begin() + slot * hd);
-      };
-      store(key_samples_[layer], keys_after_rope_ ? k : k_pre_rope);
-      store(value_samples_[layer], v);
-    }
-    AccumulateCoverage(layer, rows, q, k);
+    cpu::add_column_sums(k_pre_rope, rows, config_.kv_dim(), kv_sums_[layer].data());
+    cpu::add_column_sums(v, rows, config_.kv_dim(), kv_sums_[layer].data() + config_.kv_dim());
+    const Samples samples = DrawSamples(layer, rows);
+    std::vector<float> keys(samples.vectors.size() * config_.head_dim), values(keys.size());
+    cpu::gather_rows(keys_after_rope_ ? k : k_pre_rope, samples.vectors.data(), int(samples.vectors.size()),
+                     config_.head_dim, keys.data());
+    cpu::gather_rows(v, samples.vectors.data(), int(samples.vectors.size()), config_.head_dim, values.data());
+    StoreSamples(layer, samples, keys, values);
+    if (rows != sequence_length_) return;
+    const int queries = std::min(kCoverageQueries, rows);
+    std::vector<float> coverage(size_t(queries) * config_.num_heads);
+    cpu::attention_coverage(q, k, rows, config_.num_heads, config_.num_kv_heads, config_.head_dim, rows - queries,
+                            kCoverageMass, coverage.data());
+    AccumulateCoverage(layer, queries, coverage);
   }
+
+#ifdef KVPLAN_WITH_CUDA
+  // The same statistics reduced where the tensors are: only sums, samples and coverage fractions come back.
+  bool OnDeviceLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope, const float* v,
+                       void* stream) override {
+    if (!device_status_.ok()) return true;
+    device_status_ = ReduceOnDevice(layer, rows, q, k, k_pre_rope, v, static_cast<cudaStream_t>(stream));
+    return true;
+  }
+  // A failure of the device reductions, reported after the pass.
+  const absl::Status& device_status() const { return device_status_; }
+#endif
 
   void OnFinalHidden(int rows, const float* hidden) override {
     const int64_t kept = int64_t(hidden_.size()) / config_.hidden_size;
@@ -91,47 +100,97 @@ class StatisticsObserver : public ForwardObserver {
   const std::vector<float>& hidden() const { return hidden_; }
 
  private:
-  // For the last queries of a calibration sequence: the fraction of the context holding kCoverageMass of each
-  // head's attention, averaged over the group's query heads.
-  void AccumulateCoverage(int layer, int rows, const float* q, const float* keys) {
-    if (rows != sequence_length_) return;  // only whole calibration sequences (positions 0..rows-1)
-    const int hd = config_.head_dim, kv_heads = config_.num_kv_heads, group = config_.num_heads / kv_heads;
-    const float scale = 1.0f / std::sqrt(float(hd));
-    std::vector<double> coverage(size_t(kCoverageQueries) * kv_heads);  // [query, KV head]
-#pragma omp parallel
-    {
-      std::vector<float> probabilities(rows);
-#pragma omp for collapse(2) schedule(dynamic)
-      for (int i = 0; i < kCoverageQueries; ++i)
-        for (int h = 0; h < kv_heads; ++h) {
-          const int t = rows - kCoverageQueries + i;
-          double head_coverage = 0;
-          for (int g = 0; g < group; ++g) {
-            const float* query = q + (int64_t(t) * config_.num_heads + h * group + g) * hd;
-            float max_logit = -1e30f;
-            for (int j = 0; j <= t; ++j) {
-              const float* key = keys + (int64_t(j) * kv_heads + h) * hd;
-              float dot = 0;
-              for (int d = 0; d < hd; ++d) dot += query[d] * key[d];
-              probabilities[j] = dot * scale;
-              max_logit = std::max(max_logit, probabilities[j]);
-            }
-            double sum = 0;
-            for (int j = 0; j <= t; ++j) sum += probabilities[j] = std::exp(probabilities[j] - max_logit);
-            std::sort(probabilities.begin(), probabilities.begin() + t + 1, std::greater<>());
-            double mass = 0;
-            int needed = 0;
-            while (needed <= t && mass < kCoverageMass * sum) mass += probabilities[needed++];
-            head_coverage += double(needed) / (t + 1);
-          }
-          coverage[size_t(i) * kv_heads + h] = head_coverage / group;
-        }
+  // Which of a pass's head vectors (row * kv_heads + head) the reservoir keeps, and in which slots (a later pair
+  // may take a slot an earlier one took).
+  struct Samples {
+    std::vector<int32_t> vectors;
+    std::vector<int64_t> slots;
+  };
+  Samples DrawSamples(int layer, int rows) {
+    Samples samples;
+    for (int64_t i = 0; i < int64_t(rows) * config_.num_kv_heads; ++i) {
+      const int64_t index = seen_[layer]++;
+      int64_t slot = index;
+      if (index >= max_vectors_) {
+        slot = std::uniform_int_distribution<int64_t>(0, index)(generator_);
+        if (slot >= max_vectors_) continue;
+      }
+      samples.vectors.push_back(int32_t(i));
+      samples.slots.push_back(slot);
     }
-    for (int i = 0; i < kCoverageQueries; ++i) {
-      for (int h = 0; h < kv_heads; ++h) coverage_sums_[layer][h] += coverage[size_t(i) * kv_heads + h];
+    return samples;
+  }
+  // keys, values: [samples, head_dim], the sampled vectors in order.
+  void StoreSamples(int layer, const Samples& samples, const std::vector<float>& keys,
+                    const std::vector<float>& values) {
+    const int hd = config_.head_dim;
+    for (size_t n = 0; n < samples.slots.size(); ++n) {
+      const int64_t slot = samples.slots[n];
+      for (auto [stored, source] : {std::pair{&key_samples_[layer], &keys}, {&value_samples_[layer], &values}}) {
+        if (int64_t(stored->size()) < (slot + 1) * hd) stored->resize((slot + 1) * hd);
+        std::copy_n(source->begin() + n * hd, hd, stored->begin() + slot * hd);
+      }
+    }
+  }
+
+  // coverage: [queries, heads] from attention_coverage over a whole calibration sequence; each KV head gets its
+  // query heads' mean.
+  void AccumulateCoverage(int layer, int queries, const std::vector<float>& coverage) {
+    const int heads = config_.num_heads, group = heads / config_.num_kv_heads;
+    for (int i = 0; i < queries; ++i) {
+      for (int h = 0; h < heads; ++h)
+        coverage_sums_[layer][h / group] += double(coverage[size_t(i) * heads + h]) / group;
       ++coverage_counts_[layer];
     }
   }
+
+#ifdef KVPLAN_WITH_CUDA
+  absl::Status ReduceOnDevice(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
+                              const float* v, cudaStream_t stream) {
+    const int kv_dim = config_.kv_dim(), hd = config_.head_dim;
+    if (device_sums_.bytes() == 0) {
+      KVPLAN_RETURN_IF_ERROR(device_sums_.Allocate(2 * kv_dim * sizeof(double)));
+      KVPLAN_RETURN_IF_ERROR(device_coverage_.Allocate(size_t(kCoverageQueries) * config_.num_heads * sizeof(float)));
+    }
+    KVPLAN_CUDA(cudaMemsetAsync(device_sums_.as<void>(), 0, device_sums_.bytes(), stream));
+    KVPLAN_CUDA(cuda::add_column_sums(k_pre_rope, rows, kv_dim, device_sums_.as<double>(), stream));
+    KVPLAN_CUDA(cuda::add_column_sums(v, rows, kv_dim, device_sums_.as<double>() + kv_dim, stream));
+    const Samples samples = DrawSamples(layer, rows);
+    const int sampled = int(samples.vectors.size());
+    if (device_gathered_.bytes() < 2 * size_t(sampled) * hd * sizeof(float)) {
+      KVPLAN_RETURN_IF_ERROR(device_indices_.Allocate(size_t(sampled) * sizeof(int32_t)));
+      KVPLAN_RETURN_IF_ERROR(device_gathered_.Allocate(2 * size_t(sampled) * hd * sizeof(float)));
+    }
+    std::vector<float> keys(size_t(sampled) * hd), values(keys.size());
+    std::vector<double> sums(2 * kv_dim);
+    const int queries = std::min(kCoverageQueries, rows);
+    std::vector<float> coverage(size_t(queries) * config_.num_heads);
+    KVPLAN_CUDA(cudaMemcpyAsync(device_indices_.as<void>(), samples.vectors.data(), sampled * sizeof(int32_t),
+                                cudaMemcpyHostToDevice, stream));
+    float* gathered = device_gathered_.as<float>();
+    KVPLAN_CUDA(cuda::gather_rows(keys_after_rope_ ? k : k_pre_rope, device_indices_.as<int32_t>(), sampled, hd,
+                                  gathered, stream));
+    KVPLAN_CUDA(cuda::gather_rows(v, device_indices_.as<int32_t>(), sampled, hd, gathered + keys.size(), stream));
+    const bool whole_sequence = rows == sequence_length_;
+    if (whole_sequence)
+      KVPLAN_CUDA(cuda::attention_coverage(q, k, rows, config_.num_heads, config_.num_kv_heads, hd, rows - queries,
+                                           kCoverageMass, device_coverage_.as<float>(), stream));
+    for (auto [host, device, bytes] :
+         {std::tuple{static_cast<void*>(keys.data()), static_cast<const void*>(gathered), keys.size() * sizeof(float)},
+          {values.data(), gathered + keys.size(), values.size() * sizeof(float)},
+          {sums.data(), device_sums_.as<void>(), sums.size() * sizeof(double)},
+          {coverage.data(), device_coverage_.as<void>(), whole_sequence ? coverage.size() * sizeof(float) : 0}})
+      KVPLAN_CUDA(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
+    KVPLAN_CUDA(cudaStreamSynchronize(stream));
+    for (int i = 0; i < 2 * kv_dim; ++i) kv_sums_[layer][i] += sums[i];
+    StoreSamples(layer, samples, keys, values);
+    if (whole_sequence) AccumulateCoverage(layer, queries, coverage);
+    return absl::OkStatus();
+  }
+
+  DeviceBuffer device_sums_, device_coverage_, device_indices_, device_gathered_;
+  absl::Status device_status_;
+#endif
 
   const ModelConfig& config_;
   int64_t hidden_rows_;
@@ -156,6 +215,10 @@ class StageObserver : public ForwardObserver {
   }
   void OnFinalHidden(int rows, const float* hidden) override {
     if (target != nullptr) target->OnFinalHidden(rows, hidden);
+  }
+  bool OnDeviceLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope, const float* v,
+                       void* stream) override {
+    return target != nullptr && target->OnDeviceLayerKv(layer, rows, q, k, k_pre_rope, v, stream);
   }
   bool WantsLayerKv() const override { return target != nullptr && target->WantsLayerKv(); }
   ForwardObserver* target = nullptr;
@@ -441,6 +504,9 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     model->Reset();
     KVPLAN_ASSIGN_OR_RETURN(auto logits, model->Forward(SequenceRows(sequences[i], 0, 0), LogitRows::kLastPerSequence));
     clock.Progress("statistics", int64_t(i) + 1, int64_t(sequences.size()));
+#ifdef KVPLAN_WITH_CUDA
+    KVPLAN_RETURN_IF_ERROR(statistics.device_status());
+#endif
   }
   observers.target = nullptr;
 

@@ -34,6 +34,13 @@ class ForwardObserver {
   // [rows, heads, head_dim] queries and [rows, kv_heads, head_dim] keys after RoPE; keys before RoPE; values.
   virtual void OnLayerKv(int layer, int rows, const float* q, const float* k, const float* k_pre_rope,
                          const float* v) = 0;
+  // The GPU runtime first offers a layer's tensors where they are, in device memory (same layouts; valid until
+  // the call returns; `stream`, a cudaStream_t, orders work on them). An observer that reduces them there returns
+  // true and is not shown them on the host.
+  virtual bool OnDeviceLayerKv(int /*layer*/, int /*rows*/, const float* /*q*/, const float* /*k*/,
+                               const float* /*k_pre_rope*/, const float* /*v*/, void* /*stream*/) {
+    return false;
+  }
   // [rows, hidden] after the final norm.
   virtual void OnFinalHidden(int rows, const float* hidden) = 0;
   // Whether OnLayerKv is wanted: the GPU runtime copies every layer's tensors to the host for it.

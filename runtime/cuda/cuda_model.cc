@@ -342,7 +342,8 @@ class CudaModel : public Model {
     return absl::OkStatus();
   }
 
-  // Shows the observer layer l's queries (after RoPE), keys after and before RoPE and values of the pass's T rows.
+  // Shows the observer layer l's queries (after RoPE), keys after and before RoPE and values of the pass's T rows:
+  // in device memory, or copied to the host if it does not take them there.
   absl::Status ObserveLayer(int l, int T) {
     const ModelConfig& c = config_;
     const size_t q_values = size_t(T) * c.q_dim(), kv_values = size_t(T) * c.kv_dim();
@@ -350,6 +351,8 @@ class CudaModel : public Model {
                                 cudaMemcpyDeviceToDevice, stream_));
     KVPLAN_CUDA(cuda::apply_rope(k_roped_.as<float>(), cache_->row_position(), inv_freq_.as<float>(), T, c.num_kv_heads,
                                  c.head_dim, float(c.rope.attention_factor), stream_));
+    if (observer_->OnDeviceLayerKv(l, T, q_.as<float>(), k_roped_.as<float>(), k_.as<float>(), v_.as<float>(), stream_))
+      return absl::OkStatus();
     float* q = observed_.as<float>();
     float* k = q + q_values;
     float* k_pre_rope = k + kv_values;
