@@ -2,14 +2,17 @@
 
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <numbers>
+#include <optional>
 #include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "loader/json_input.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -21,32 +24,62 @@ absl::Status ConfigError(const std::string& message) {
   return absl::InvalidArgumentError(absl::StrCat("config.json: ", message));
 }
 
+// The value as a T, or nullopt when it has another type or does not fit: nlohmann's get<T>() would cast 1e308
+// or 2^64 into an int or a float, which is undefined.
+template <typename T>
+std::optional<T> ValueAs(const json& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return value.is_boolean() ? std::optional<T>(value.get<bool>()) : std::nullopt;
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    return value.is_string() ? std::optional<T>(value.get<std::string>()) : std::nullopt;
+  } else if constexpr (std::is_integral_v<T>) {
+    return JsonInteger<T>(value);
+  } else {
+    if (!value.is_number()) return std::nullopt;
+    const double number = value.get<double>();
+    if (!std::isfinite(number) || std::abs(number) > std::numeric_limits<T>::max()) return std::nullopt;
+    return T(number);
+  }
+}
+
 template <typename T>
 absl::StatusOr<T> Required(const json& object, const char* key) {
   if (!object.contains(key) || object[key].is_null()) return ConfigError(absl::StrCat("missing \"", key, "\""));
-  try {
-    return object[key].get<T>();
-  } catch (const json::exception& e) {
-    return ConfigError(absl::StrCat("\"", key, "\" has the wrong type: ", e.what()));
-  }
+  const std::optional<T> value = ValueAs<T>(object[key]);
+  if (!value.has_value()) return ConfigError(absl::StrCat("\"", key, "\" has the wrong type or is out of range"));
+  return *value;
 }
 
 template <typename T>
 T Optional(const json& object, const char* key, T fallback) {
   if (!object.contains(key) || object[key].is_null()) return fallback;
-  try {
-    return object[key].get<T>();
-  } catch (const json::exception&) {
-    return fallback;
-  }
+  return ValueAs<T>(object[key]).value_or(fallback);
 }
 
 // eos_token_id may be a list (Llama 3 instruct); the first entry is the one generation stops on.
 int FirstTokenId(const json& object, const char* key) {
   if (!object.contains(key) || object[key].is_null()) return -1;
   const json& value = object[key];
-  if (value.is_array()) return value.empty() ? -1 : value[0].get<int>();
-  return value.is_number_integer() ? value.get<int>() : -1;
+  if (value.is_array()) return value.empty() ? -1 : JsonInteger<int>(value[0]).value_or(-1);
+  return JsonInteger<int>(value).value_or(-1);
+}
+
+// Far above any real model (hidden sizes near 2^14, vocabularies near 2^18, about 128 layers), and low enough
+// that every size product up to parameter_count() fits int64 and q_dim() fits int.
+absl::Status CheckSizesAreBounded(const ModelConfig& model) {
+  constexpr int64_t kMaxDimension = 1 << 20, kMaxVocabulary = 1 << 24, kMaxLayers = 1 << 16;
+  const struct {
+    const char* name;
+    int64_t value, limit;
+  } kBounds[] = {{"vocab_size", model.vocab_size, kMaxVocabulary},
+                 {"hidden_size", model.hidden_size, kMaxDimension},
+                 {"intermediate_size", model.intermediate_size, kMaxDimension},
+                 {"num_hidden_layers", model.num_layers, kMaxLayers},
+                 {"num_attention_heads * head_dim", int64_t(model.num_heads) * model.head_dim, kMaxDimension}};
+  for (const auto& [name, value, limit] : kBounds)
+    if (value > limit)
+      return ConfigError(absl::StrCat(name, " = ", value, " is larger than kvplan supports (", limit, ")"));
+  return absl::OkStatus();
 }
 
 absl::Status ParseRope(const json& config, ModelConfig& model) {
@@ -90,8 +123,8 @@ int64_t ModelConfig::parameter_count() const {
 }
 
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
-  const json config = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (config.is_discarded() || !config.is_object()) return ConfigError("not a JSON object");
+  KVPLAN_ASSIGN_OR_RETURN(const json config, ParseJsonInput(json_text, "config.json"));
+  if (!config.is_object()) return ConfigError("not a JSON object");
   ModelConfig model;
   const json architectures = config.value("architectures", json::array());
   if (!architectures.is_array() || architectures.empty() || !architectures[0].is_string())
@@ -126,6 +159,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
     return ConfigError(absl::StrCat("num_attention_heads (", model.num_heads,
                                     ") must be a multiple of num_key_value_heads (", model.num_kv_heads, ")"));
   if (model.head_dim <= 0 || model.head_dim % 2 != 0) return ConfigError("head_dim must be even and positive");
+  KVPLAN_RETURN_IF_ERROR(CheckSizesAreBounded(model));
   model.rms_norm_eps = Optional<float>(config, "rms_norm_eps", 1e-6f);
   model.max_position_embeddings = Optional<int64_t>(config, "max_position_embeddings", 4096);
   model.tie_word_embeddings = Optional<bool>(config, "tie_word_embeddings", false);

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "loader/json_input.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -30,6 +31,14 @@ absl::StatusOr<DType> ParseDType(const std::string& name) {
 }
 
 int ElementSize(DType dtype) { return dtype == DType::kF16 || dtype == DType::kBF16 ? 2 : 4; }
+
+// Bytes a tensor of this (non-negative) shape holds, or nullopt when the count overflows int64.
+std::optional<int64_t> ShapeBytes(const std::vector<int64_t>& shape, DType dtype) {
+  int64_t bytes = ElementSize(dtype);
+  for (int64_t dim : shape)
+    if (__builtin_mul_overflow(bytes, dim, &bytes)) return std::nullopt;
+  return bytes;
+}
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -102,23 +111,34 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   std::memcpy(&header_size, bytes, 8);
   if (header_size > size - 8)
     return absl::DataLossError(absl::StrCat(path, ": header length ", header_size, " exceeds file size ", size));
-  const json header = json::parse(bytes + 8, bytes + 8 + header_size, nullptr, /*allow_exceptions=*/false);
-  if (header.is_discarded() || !header.is_object())
-    return absl::DataLossError(absl::StrCat(path, ": header is not a JSON object"));
+  KVPLAN_ASSIGN_OR_RETURN(
+      const json header,
+      ParseJsonInput(std::string_view(reinterpret_cast<const char*>(bytes) + 8, header_size), path + " header"));
+  if (!header.is_object()) return absl::DataLossError(absl::StrCat(path, ": header is not a JSON object"));
   const uint8_t* data_begin = bytes + 8 + header_size;
   const uint64_t data_size = size - 8 - header_size;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
     const std::string where = absl::StrCat("tensor \"", name, "\" in ", path);
-    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
+    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry["shape"].is_array() ||
+        !entry.contains("data_offsets") || !entry["data_offsets"].is_array())
       return absl::DataLossError(absl::StrCat(where, ": malformed header entry"));
     TensorInfo tensor;
     try {
       absl::StatusOr<DType> dtype = ParseDType(entry["dtype"].get<std::string>());
       if (!dtype.ok()) return absl::Status(dtype.status().code(), absl::StrCat(where, ": ", dtype.status().message()));
       tensor.dtype = *dtype;
-      tensor.shape = entry["shape"].get<std::vector<int64_t>>();
-      const auto offsets = entry["data_offsets"].get<std::vector<uint64_t>>();
+      for (const json& dim : entry["shape"]) {
+        const std::optional<int64_t> size = JsonInteger<int64_t>(dim);
+        if (!size.has_value() || *size < 0) return absl::DataLossError(absl::StrCat(where, ": bad shape"));
+        tensor.shape.push_back(*size);
+      }
+      std::vector<uint64_t> offsets;
+      for (const json& offset : entry["data_offsets"]) {
+        const std::optional<uint64_t> value = JsonInteger<uint64_t>(offset);
+        if (!value.has_value()) return absl::DataLossError(absl::StrCat(where, ": bad data_offsets"));
+        offsets.push_back(*value);
+      }
       if (offsets.size() != 2 || offsets[0] > offsets[1])
         return absl::DataLossError(absl::StrCat(where, ": bad data_offsets"));
       if (offsets[1] > data_size)
@@ -129,12 +149,11 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     } catch (const json::exception& e) {
       return absl::DataLossError(absl::StrCat(where, ": malformed header entry: ", e.what()));
     }
-    for (int64_t dim : tensor.shape)
-      if (dim < 0) return absl::DataLossError(absl::StrCat(where, ": negative dimension"));
-    if (tensor.element_count() * ElementSize(tensor.dtype) != tensor.bytes)
-      return absl::DataLossError(
-          absl::StrCat(where, ": shape ", ShapeString(tensor.shape), " of ", DTypeName(tensor.dtype), " needs ",
-                       tensor.element_count() * ElementSize(tensor.dtype), " bytes, has ", tensor.bytes));
+    const std::optional<int64_t> shape_bytes = ShapeBytes(tensor.shape, tensor.dtype);
+    if (shape_bytes != tensor.bytes)
+      return absl::DataLossError(absl::StrCat(
+          where, ": shape ", ShapeString(tensor.shape), " of ", DTypeName(tensor.dtype), " needs ",
+          shape_bytes.has_value() ? absl::StrCat(*shape_bytes) : "over 2^63", " bytes, has ", tensor.bytes));
     tensor.file = path;
     file->tensors_.emplace(name, std::move(tensor));
   }
@@ -163,8 +182,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     return absl::NotFoundError(absl::StrCat("no model.safetensors or model.safetensors.index.json in ", model_dir));
   std::stringstream text;
   text << index_file.rdbuf();
-  const json index = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (index.is_discarded() || !index.contains("weight_map") || !index["weight_map"].is_object())
+  KVPLAN_ASSIGN_OR_RETURN(const json index, ParseJsonInput(text.str(), index_path));
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     return absl::DataLossError(absl::StrCat(index_path, ": missing \"weight_map\""));
 
   auto checkpoint = std::make_unique<Checkpoint>();

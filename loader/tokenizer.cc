@@ -10,9 +10,11 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "base/status_macros.h"
+#include "loader/json_input.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -45,6 +47,15 @@ std::string CodepointToUtf8(uint32_t cp) {
     out += char(0x80 | (cp & 0x3f));
   }
   return out;
+}
+
+// The byte a SentencePiece byte-fallback token ("<0x41>") stands for.
+std::optional<char> ByteFallbackValue(const std::string& token) {
+  int byte;
+  if (token.size() != 6 || !token.starts_with("<0x") || token.back() != '>' ||
+      !absl::SimpleHexAtoi(token.substr(3, 2), &byte))
+    return std::nullopt;
+  return char(byte);
 }
 
 // GPT-2's reversible map from bytes to printable unicode characters.
@@ -303,8 +314,8 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
         i += length;
       }
       text += all_mapped ? bytes : token;  // added tokens are stored verbatim
-    } else if (token.size() == 6 && token.starts_with("<0x") && token.back() == '>') {
-      text += char(std::stoi(token.substr(3, 2), nullptr, 16));
+    } else if (const std::optional<char> byte = ByteFallbackValue(token)) {
+      text += *byte;
     } else {
       text += absl::StrReplaceAll(token, {{std::string(kMetaspace), " "}});
     }
@@ -406,32 +417,44 @@ bool DecoderStripsLeadingSpace(const json& node) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string& json_text) {
-  const json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded() || !root.is_object()) return TokenizerError("not a JSON object");
-  const json model = root.value("model", json::object());
-  if (model.value("type", "") != "BPE")
-    return TokenizerError(absl::StrCat("model type \"", model.value("type", "?"), "\" is not supported (only BPE)"));
+  KVPLAN_ASSIGN_OR_RETURN(const json root, ParseJsonInput(json_text, "tokenizer.json"));
+  if (!root.is_object()) return TokenizerError("not a JSON object");
   auto impl = std::make_unique<Impl>();
+  // json's accessors throw on a value of the wrong type; any of them means a malformed file.
   try {
+    const json model = root.value("model", json::object());
+    if (model.value("type", "") != "BPE")
+      return TokenizerError(absl::StrCat("model type \"", model.value("type", "?"), "\" is not supported (only BPE)"));
     const json vocab = model.at("vocab");
+    const json added_tokens = root.value("added_tokens", json::array());
+    // Ids may leave gaps, but the table they index must not outgrow the file that lists them.
+    const int64_t id_bound = int64_t(vocab.size() + added_tokens.size());
+    auto token_id = [id_bound](const json& id) -> absl::StatusOr<int32_t> {
+      const std::optional<int32_t> value = JsonInteger<int32_t>(id);
+      if (!value.has_value() || *value < 0 || *value >= id_bound)
+        return TokenizerError(absl::StrCat("token id ", id.dump(), " is outside [0, ", id_bound, ")"));
+      return *value;
+    };
+    impl->id_to_token.resize(size_t(id_bound));
     int32_t max_id = -1;
-    for (const auto& [token, id] : vocab.items()) max_id = std::max(max_id, id.get<int32_t>());
-    for (const json& added : root.value("added_tokens", json::array()))
-      max_id = std::max(max_id, added.at("id").get<int32_t>());
-    impl->id_to_token.resize(max_id + 1);
-    for (const auto& [token, id] : vocab.items()) {
-      impl->id_to_token[id.get<int32_t>()] = token;
-      impl->token_to_id[token] = id.get<int32_t>();
+    for (const auto& [token, id_value] : vocab.items()) {
+      KVPLAN_ASSIGN_OR_RETURN(const int32_t id, token_id(id_value));
+      max_id = std::max(max_id, id);
+      impl->id_to_token[id] = token;
+      impl->token_to_id[token] = id;
     }
-    for (const json& added : root.value("added_tokens", json::array())) {
+    for (const json& added : added_tokens) {
       const std::string content = added.at("content").get<std::string>();
-      const int32_t id = added.at("id").get<int32_t>();
+      if (content.empty()) return TokenizerError("an added token has empty content");
+      KVPLAN_ASSIGN_OR_RETURN(const int32_t id, token_id(added.at("id")));
+      max_id = std::max(max_id, id);
       impl->id_to_token[id] = content;
       impl->token_to_id[content] = id;
       impl->added_tokens.emplace_back(content, id);
-      if (!content.empty() && impl->added_token_first_bytes.find(content[0]) == std::string::npos)
+      if (impl->added_token_first_bytes.find(content[0]) == std::string::npos)
         impl->added_token_first_bytes += content[0];
     }
+    impl->id_to_token.resize(size_t(max_id + 1));
     std::sort(impl->added_tokens.begin(), impl->added_tokens.end(),
               [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
     int32_t rank = 0;
@@ -459,14 +482,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
       const auto unk = impl->token_to_id.find(model["unk_token"].get<std::string>());
       if (unk != impl->token_to_id.end()) impl->unk_id = unk->second;
     }
+    KVPLAN_RETURN_IF_ERROR(ParseNormalizer(root.value("normalizer", json()), *impl));
+    KVPLAN_RETURN_IF_ERROR(AddPreTokenizer(root.value("pre_tokenizer", json()), impl->steps, impl->byte_level));
+    impl->decoder_strip_leading_space = DecoderStripsLeadingSpace(root.value("decoder", json()));
   } catch (const json::exception& e) {
-    return TokenizerError(absl::StrCat("malformed BPE model: ", e.what()));
+    return TokenizerError(absl::StrCat("malformed file: ", e.what()));
   }
-  KVPLAN_RETURN_IF_ERROR(ParseNormalizer(root.value("normalizer", json()), *impl));
-  if (absl::Status status = AddPreTokenizer(root.value("pre_tokenizer", json()), impl->steps, impl->byte_level);
-      !status.ok())
-    return status;
-  impl->decoder_strip_leading_space = DecoderStripsLeadingSpace(root.value("decoder", json()));
   impl->byte_to_unicode = ByteToUnicodeTable();
   for (int b = 0; b < 256; ++b) impl->unicode_to_byte[impl->byte_to_unicode[b]] = uint8_t(b);
   impl->byte_fallback_ids.assign(256, -1);
