@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 
@@ -28,12 +29,47 @@ std::vector<std::string> SplitDocuments(const std::string& text) {
   return documents;
 }
 
+double NonTextFraction(std::string_view text) {
+  int64_t bad = 0;
+  for (size_t i = 0; i < text.size();) {
+    const auto byte = uint8_t(text[i]);
+    if (byte < 0x80) {
+      const bool control =
+          (byte < 0x20 && byte != '\t' && byte != '\n' && byte != '\r' && byte != '\f') || byte == 0x7f;
+      bad += control;
+      ++i;
+      continue;
+    }
+    // A lead byte, its continuation count and the smallest code point it may carry (shorter forms are overlong).
+    const int continuations = byte >= 0xf0 ? 3 : byte >= 0xe0 ? 2 : byte >= 0xc0 ? 1 : 0;
+    uint32_t code_point = byte & (0x3f >> continuations);
+    bool valid = continuations > 0 && byte < 0xf5 && i + continuations < text.size();
+    for (int k = 1; valid && k <= continuations; ++k) {
+      const auto next = uint8_t(text[i + k]);
+      valid = (next & 0xc0) == 0x80;
+      code_point = (code_point << 6) | (next & 0x3f);
+    }
+    constexpr uint32_t kSmallest[] = {0, 0x80, 0x800, 0x10000};
+    valid = valid && code_point >= kSmallest[continuations] && code_point <= 0x10ffff &&
+            !(code_point >= 0xd800 && code_point <= 0xdfff);
+    bad += !valid;
+    i += valid ? continuations + 1 : 1;
+  }
+  return text.empty() ? 0.0 : double(bad) / double(text.size());
+}
+
 absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream text;
-  text << file.rdbuf();
-  return text.str();
+  std::stringstream stream;
+  stream << file.rdbuf();
+  std::string text = stream.str();
+  const double non_text = NonTextFraction(text);
+  if (non_text > kMaxNonTextFraction)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s is not text: %.1f%% of its bytes are invalid UTF-8 or control characters (at most %.0f%% are accepted)",
+        path, 100 * non_text, 100 * kMaxNonTextFraction));
+  return text;
 }
 
 std::vector<int32_t> TokenizeDocuments(const Tokenizer& tokenizer, const std::vector<std::string>& documents,
