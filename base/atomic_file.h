@@ -12,4 +12,9 @@ namespace kvplan {
 
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
 
+// For a signal handler that ends the process: removes the temporary file of the WriteFileAtomically in progress,
+// if any, so that an interrupted write leaves nothing behind. Async-signal-safe. kvplan writes its files from one
+// thread; with several concurrent writers only the latest one's temporary would be known.
+void RemoveTemporaryFileInProgress();
+
 }  // namespace kvplan

@@ -5,9 +5,11 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
+#include "absl/strings/str_join.h"
 #include "base/atomic_file.h"
 #include "base/status_macros.h"
+#include "cli/command_files.h"
+#include "cli/interruption.h"
 #include "cli/progress.h"
 #include "eval/bench.h"
 #include "eval/eval_report.h"
@@ -36,17 +38,46 @@ absl::Status WriteTextFile(const std::string& path, const std::string& line) {
   return WriteFileAtomically(path, line + "\n");
 }
 
-// A progress bar for each stage a long command reports, started when the stage begins.
-StageProgressCallback ProgressBarPerStage() {
+// A progress bar for each stage a long command reports, started when the stage begins; an interruption names the
+// stage, e.g. "calibration stage 'dictionaries'; no plan written".
+StageProgressCallback ProgressBarPerStage(std::string command, std::string unwritten) {
   auto bar = std::make_shared<std::unique_ptr<ProgressBar>>();
   auto stage = std::make_shared<std::string>();
-  return [bar, stage](const std::string& name, int64_t done, int64_t total) {
+  return [bar, stage, command, unwritten](const std::string& name, int64_t done, int64_t total) {
     if (name != *stage) {
       *stage = name;
       *bar = std::make_unique<ProgressBar>(name);
+      SetInterruptedActivity(absl::StrCat(command, " stage '", name, "'", unwritten));
     }
     (*bar)->Update(done, total);
   };
+}
+
+// Positions past max_position_embeddings give quietly wrong results unless RoPE is scaled for them.
+absl::Status CheckPositions(const ModelConfig& config, int64_t positions, const std::string& what,
+                            bool allow_longer_context) {
+  if (allow_longer_context || config.max_position_embeddings <= 0 || positions <= config.max_position_embeddings)
+    return absl::OkStatus();
+  return absl::OutOfRangeError(absl::StrCat(
+      what, " needs ", positions, " positions, beyond the model's max_position_embeddings of ",
+      config.max_position_embeddings, " (pass --allow-longer-context to run it anyway, e.g. with RoPE scaling)"));
+}
+
+CommandFiles FilesOf(const EvalCommand& command) {
+  CommandFiles files = {.reads = ModelFiles(command.model_dir)};
+  if (!command.skip_perplexity) files.reads.push_back(command.data_path);
+  if (!command.plan_path.empty()) files.reads.push_back(command.plan_path);
+  if (!command.json_path.empty()) files.writes.push_back({command.json_path, OutputKind::kEvalReport});
+  if (!command.needle_prompts_path.empty())
+    files.writes.push_back({command.needle_prompts_path, OutputKind::kNeedlePrompts});
+  return files;
+}
+
+CommandFiles FilesOf(const CalibrateCommand& command) {
+  CommandFiles files = {.writes = {{command.output_path, OutputKind::kPlan}}};
+  if (!command.options.model_dir.empty()) files.reads = ModelFiles(command.options.model_dir);
+  if (!command.options.data_path.empty()) files.reads.push_back(command.options.data_path);
+  return files;
 }
 
 }  // namespace
@@ -60,11 +91,16 @@ absl::Status RunGenerate(const GenerateCommand& command) {
   const std::vector<int32_t> body = tokenizer->Encode(command.prompt);
   prompt.insert(prompt.end(), body.begin(), body.end());
   const int capacity = int(prompt.size()) + command.max_new_tokens;
+  KVPLAN_RETURN_IF_ERROR(CheckPositions(
+      loaded.config, capacity,
+      absl::StrCat("the prompt (", prompt.size(), " tokens) and --max-new-tokens ", command.max_new_tokens),
+      command.allow_longer_context));
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
   KVPLAN_ASSIGN_OR_RETURN(
       auto model,
       CreateModel(loaded.config, *loaded.weights,
                   {.backend = backend, .capacity = capacity, .max_rows = capacity, .plan = PlanPointer(plan)}));
+  SetInterruptedActivity("generation");
   KVPLAN_ASSIGN_OR_RETURN(auto generated,
                           GenerateGreedy(*model, prompt, command.max_new_tokens, loaded.config.eos_token_id));
   std::printf("%s%s\n", command.prompt.c_str(), tokenizer->Decode(generated).c_str());
@@ -73,7 +109,17 @@ absl::Status RunGenerate(const GenerateCommand& command) {
 
 absl::Status RunEval(const EvalCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(auto backend, ParseBackend(command.device));
+  if (command.data_path.empty() && !command.skip_perplexity)
+    return absl::InvalidArgumentError("eval needs --data unless --skip-perplexity");
+  KVPLAN_RETURN_IF_ERROR(CheckOutputFiles(FilesOf(command), command.force));
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
+  const bool needles = !command.skip_needle || !command.needle_prompts_path.empty();
+  if (!command.skip_perplexity)
+    KVPLAN_RETURN_IF_ERROR(CheckPositions(loaded.config, command.window, absl::StrCat("--window ", command.window),
+                                          command.allow_longer_context));
+  for (int length : needles ? command.needle_lengths : std::vector<int>())
+    KVPLAN_RETURN_IF_ERROR(
+        CheckPositions(loaded.config, length, absl::StrCat("--needle-lengths ", length), command.allow_longer_context));
   KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
   int capacity = command.window;
   for (int length : command.needle_lengths) capacity = std::max(capacity, length);
@@ -100,8 +146,10 @@ absl::Status RunEval(const EvalCommand& command) {
     KVPLAN_RETURN_IF_ERROR(WriteTextFile(
         command.needle_prompts_path, NeedleTrialsJson(NeedleTrials(*tokenizer, loaded.config.bos_token_id, needle))));
   if (!command.skip_needle) options.needle = needle;
-  KVPLAN_ASSIGN_OR_RETURN(EvalReport report,
-                          Evaluate(*model, reference.get(), *tokenizer, tokens, options, ProgressBarPerStage()));
+  KVPLAN_ASSIGN_OR_RETURN(
+      EvalReport report,
+      Evaluate(*model, reference.get(), *tokenizer, tokens, options,
+               ProgressBarPerStage("eval", command.json_path.empty() ? "" : "; no results written")));
   report.plan_path = command.plan_path;
   std::printf("%s", EvalReportText(report).c_str());
   if (!command.json_path.empty()) KVPLAN_RETURN_IF_ERROR(WriteTextFile(command.json_path, EvalReportJson(report)));
@@ -114,7 +162,11 @@ absl::Status RunBench(const BenchCommand& command) {
     return absl::InvalidArgumentError("give exactly one of --model and --shape");
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, command.model_dir.empty() ? RandomModel(command.model_shape, 1)
                                                                  : OpenModelDirectory(command.model_dir));
+  if (command.contexts.empty()) return absl::InvalidArgumentError("bench needs at least one --context");
   const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
+  KVPLAN_RETURN_IF_ERROR(CheckPositions(loaded.config, int64_t(max_context) + command.steps,
+                                        absl::StrCat("--context ", max_context, " and --steps ", command.steps),
+                                        command.allow_longer_context));
   const int capacity = max_context + command.steps + 8;
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
   const int batch = command.fit_memory_gb > 0 ? 1 : command.batch;
@@ -132,6 +184,7 @@ absl::Status RunBench(const BenchCommand& command) {
   std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step", "KV bytes",
               "GB/s");
   for (int context : command.contexts) {
+    SetInterruptedActivity(absl::StrCat("bench at context ", context));
     KVPLAN_ASSIGN_OR_RETURN(auto result, BenchDecode(*model, {.context = context, .steps = command.steps}));
     std::printf("%-12s %8d %6d %12.1f %10.3f %12lld %10.1f\n", result.device.substr(0, 12).c_str(), result.context,
                 result.batch, result.tokens_per_second, result.seconds_per_step * 1e3, (long long)result.kv_cache_bytes,
@@ -141,9 +194,10 @@ absl::Status RunBench(const BenchCommand& command) {
 }
 
 absl::Status RunCalibrate(CalibrateCommand command) {
-  command.options.methods.clear();
-  for (absl::string_view method : absl::StrSplit(command.methods, ',', absl::SkipEmpty()))
-    command.options.methods.insert(std::string(method));
+  if (command.methods.empty())
+    return absl::InvalidArgumentError(
+        absl::StrCat("--methods names no method (known: ", absl::StrJoin(KnownMethods(), ", "), ")"));
+  command.options.methods = std::set<std::string>(command.methods.begin(), command.methods.end());
   if (command.scoring == "attention") {
     command.options.budget_settings.policy.scoring = plan::TokenBudgets::ATTENTION_SCORE;
   } else if (command.scoring != "l2") {
@@ -157,9 +211,23 @@ absl::Status RunCalibrate(CalibrateCommand command) {
         absl::StrCat("unknown key coding \"", command.key_coding, "\" (pre-rope, post-rope)"));
   }
   KVPLAN_ASSIGN_OR_RETURN(command.options.device, ParseBackend(command.device));
+  KVPLAN_RETURN_IF_ERROR(CheckOutputFiles(FilesOf(command), command.force));
+  const CalibrateOptions& options = command.options;
+  if (!options.model_dir.empty() || (!options.model_shape.empty() && options.random_tokens)) {  // forward passes
+    KVPLAN_ASSIGN_OR_RETURN(const ModelConfig config, !options.model_dir.empty()
+                                                          ? LoadModelConfig(options.model_dir)
+                                                          : NamedModelShape(options.model_shape));
+    KVPLAN_RETURN_IF_ERROR(CheckPositions(config, options.sequence_length,
+                                          absl::StrCat("--sequence-length ", options.sequence_length),
+                                          command.allow_longer_context));
+  }
   CalibrationReport report;
-  KVPLAN_ASSIGN_OR_RETURN(auto plan, Calibrate(command.options, ProgressBarPerStage(), &report));
+  KVPLAN_ASSIGN_OR_RETURN(auto plan,
+                          Calibrate(options, ProgressBarPerStage("calibration", "; no plan written"), &report));
+  if (const absl::Status target = CheckMemoryTarget(plan); command.require_target && !target.ok())
+    return absl::FailedPreconditionError(absl::StrCat(target.message(), "; no plan written (--strict)"));
   KVPLAN_RETURN_IF_ERROR(WritePlanFile(plan, command.output_path));
+  SetInterruptedActivity(absl::StrCat("calibrate, after writing ", command.output_path));
   std::printf("%s\nwrote %s\n", DescribePlan(plan).c_str(), command.output_path.c_str());
   std::printf("calibrated on %s:", report.device.c_str());
   for (const auto& [stage, seconds] : report.stage_seconds) std::printf(" %s %.1f s;", stage.c_str(), seconds);

@@ -15,6 +15,8 @@ struct GenerateCommand {
   int max_new_tokens = 64;
   std::string device = "auto";
   std::string plan_path;  // execute this cache plan
+  // Run past the model's max_position_embeddings (RoPE-scaled experiments); refused otherwise.
+  bool allow_longer_context = false;
 };
 absl::Status RunGenerate(const GenerateCommand& command);
 
@@ -32,6 +34,8 @@ struct EvalCommand {
   bool no_reference = false;        // with a plan: skip the full cache's run (no KL divergence or top-1 agreement)
   std::string json_path;            // also write the results here when set
   std::string needle_prompts_path;  // write the needle trials (ids, pass key) as JSON, for cross-checking
+  bool allow_longer_context = false;
+  bool force = false;  // replace existing output files that kvplan did not write
 };
 absl::Status RunEval(const EvalCommand& command);
 
@@ -45,17 +49,21 @@ struct BenchCommand {
   std::string plan_path;
   bool cuda_graphs = true;
   double fit_memory_gb = 0;  // > 0: the largest batch whose device memory fits this many GB (replaces --batch)
+  bool allow_longer_context = false;
 };
 absl::Status RunBench(const BenchCommand& command);
 
 struct CalibrateCommand {
   CalibrateOptions options;
-  std::string methods = "share,dict,budget,refresh";
-  std::string scoring = "l2";           // l2 | attention
-  std::string key_coding = "pre-rope";  // pre-rope | post-rope
+  std::vector<std::string> methods = {"share", "dict", "budget", "refresh"};  // at least one of KnownMethods()
+  std::string scoring = "l2";                                                 // l2 | attention
+  std::string key_coding = "pre-rope";                                        // pre-rope | post-rope
   bool no_merge = false;
   std::string device = "auto";
   std::string output_path;
+  bool require_target = false;  // fail, writing no plan, when the plan misses the memory target
+  bool allow_longer_context = false;
+  bool force = false;
 };
 absl::Status RunCalibrate(CalibrateCommand command);
 

@@ -64,12 +64,13 @@ std::string ShortfallReason(const plan::Plan& plan) {
   std::vector<std::string> fixed;
   if (plan.sharing().shares_size() > 0)
     fixed.push_back(
-        absl::StrFormat("layer sharing (%d of %d layers)", plan.sharing().shares_size(), plan.model().num_layers()));
+        absl::StrFormat("layer sharing: %d of %d layers", plan.sharing().shares_size(), plan.model().num_layers()));
   if (plan.sparse_coding().layers_size() > 0) fixed.push_back("sparse coding");
   if (plan.refresh().layers_size() > 0) fixed.push_back("RefreshKV");
   return absl::StrCat(
       "the plan has no token budgets to shrink",
-      fixed.empty() ? "" : absl::StrCat("; ", absl::StrJoin(fixed, ", "), " compress by a fixed amount"),
+      fixed.empty() ? ""
+                    : absl::StrCat(" and its methods compress by a fixed amount (", absl::StrJoin(fixed, "; "), ")"),
       ": add budget to the methods or raise the target");
 }
 

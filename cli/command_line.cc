@@ -1,0 +1,178 @@
+#include "cli/command_line.h"
+
+#include <functional>
+#include <string>
+
+#include "absl/strings/str_join.h"
+#include "cli/interruption.h"
+#include "loader/model_config.h"
+
+namespace kvplan {
+namespace {
+
+// CLI11 2.1's PositiveNumber reports "not in range 0.000000 to 1797...": these name the rule instead.
+CLI::Validator NumberRule(const std::string& rule, std::function<bool(double)> holds) {
+  return CLI::Validator(
+      [rule, holds](std::string& text) -> std::string {
+        double value = 0;
+        if (CLI::detail::lexical_cast(text, value) && holds(value)) return "";
+        return "\"" + text + "\" is not " + rule;
+      },
+      rule);
+}
+const CLI::Validator kPositive = NumberRule("a positive number", [](double value) { return value > 0; });
+const CLI::Validator kNonNegative = NumberRule("a non-negative number", [](double value) { return value >= 0; });
+// Checks every item of a comma-separated list (CLI11 splits first): "" and "4096," name no value.
+const CLI::Validator kNonEmpty(
+    [](std::string& text) -> std::string { return text.empty() ? "an empty value or list item" : ""; }, "NONEMPTY");
+
+CLI::Option* AddList(CLI::App* app, const std::string& name, std::vector<int>& values, const std::string& help) {
+  return app->add_option(name, values, help)->delimiter(',')->check(kNonEmpty);
+}
+
+void AddCommonRunFlags(CLI::App* app, std::string& model_dir, bool& allow_longer_context) {
+  app->add_option("--model", model_dir, "Hugging Face model directory")->check(CLI::ExistingDirectory);
+  app->add_flag("--allow-longer-context", allow_longer_context,
+                "run past the model's max_position_embeddings (RoPE-scaled experiments)");
+}
+
+}  // namespace
+
+CommandLine::CommandLine() {
+  app_.require_subcommand(1);
+
+  CLI::App* generate = app_.add_subcommand("generate", "greedy text generation");
+  AddCommonRunFlags(generate, generate_.model_dir, generate_.allow_longer_context);
+  generate->get_option("--model")->required();
+  generate->add_option("--prompt", generate_.prompt, "prompt text")->required();
+  generate->add_option("--max-new-tokens", generate_.max_new_tokens, "tokens to generate")->check(kPositive);
+  generate->add_option("--device", generate_.device, "auto | cpu | cuda");
+  generate->add_option("--plan", generate_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
+
+  CLI::App* eval = app_.add_subcommand(
+      "eval", "held-out perplexity and pass-key (needle) accuracy; with --plan, against the full cache too");
+  AddCommonRunFlags(eval, eval_.model_dir, eval_.allow_longer_context);
+  eval->get_option("--model")->required();
+  eval->add_option("--data", eval_.data_path, "held-out text, documents separated by <|doc|> lines")
+      ->check(CLI::ExistingFile);
+  eval->add_option("--window", eval_.window, "perplexity window in tokens")->check(CLI::Range(2, 1 << 30));
+  eval->add_option("--max-tokens", eval_.max_tokens, "tokens of the data scored")->check(kPositive);
+  AddList(eval, "--needle-lengths", eval_.needle_lengths, "needle context lengths")->check(kPositive);
+  eval->add_option("--needle-trials", eval_.needle_trials, "needle trials per length")->check(kPositive);
+  eval->add_flag("--skip-needle", eval_.skip_needle, "only perplexity");
+  eval->add_flag("--skip-perplexity", eval_.skip_perplexity, "only needle");
+  eval->add_option("--device", eval_.device, "auto | cpu | cuda");
+  eval->add_option("--plan", eval_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
+  eval->add_flag("--no-reference", eval_.no_reference,
+                 "with --plan: skip the full-cache run it is compared with (KL divergence, top-1 agreement)");
+  eval->add_option("--json", eval_.json_path, "also write results as JSON to this file");
+  eval->add_option("--needle-prompts", eval_.needle_prompts_path,
+                   "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
+  eval->add_flag("--force", eval_.force, "replace existing output files kvplan did not write");
+
+  CLI::App* bench = app_.add_subcommand("bench", "decode tokens/s and KV bytes at given context lengths");
+  AddCommonRunFlags(bench, bench_.model_dir, bench_.allow_longer_context);
+  bench->add_option("--shape", bench_.model_shape,
+                    "random weights of a real shape: " + absl::StrJoin(NamedModelShapes(), ", "));
+  AddList(bench, "--context", bench_.contexts, "context lengths")->check(kPositive);
+  bench->add_option("--batch", bench_.batch, "sequences decoded together")->check(kPositive);
+  bench->add_option("--steps", bench_.steps, "timed decode steps")->check(kPositive);
+  bench->add_option("--device", bench_.device, "auto | cpu | cuda");
+  bench->add_option("--plan", bench_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
+  bench->add_flag("!--no-cuda-graphs", bench_.cuda_graphs, "CUDA: launch every kernel of a decode step eagerly");
+  bench
+      ->add_option("--fit-memory", bench_.fit_memory_gb,
+                   "CUDA: decode the largest batch whose device memory fits this many GB (instead of --batch)")
+      ->check(kPositive);
+
+  CalibrateOptions& calibration = calibrate_.options;
+  CLI::App* calibrate = app_.add_subcommand("calibrate", "learn a cache plan from sample text");
+  AddCommonRunFlags(calibrate, calibration.model_dir, calibrate_.allow_longer_context);
+  calibrate->add_option("--shape", calibration.model_shape,
+                        "instead of --model: a synthetic plan for random weights of a real shape (runtime speed at "
+                        "scale, not quality): " +
+                            absl::StrJoin(NamedModelShapes(), ", "));
+  calibrate->add_flag("--random-tokens", calibration.random_tokens,
+                      "with --shape: calibrate for real on random token ids (calibration's time and memory at "
+                      "scale) instead of a synthetic plan");
+  calibrate->add_option("--device", calibrate_.device,
+                        "auto | cpu | cuda: forward passes, sharing search and dictionary training");
+  calibrate->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines")
+      ->check(CLI::ExistingFile);
+  calibrate->add_option("-o,--output", calibrate_.output_path, "plan file to write")->required();
+  calibrate->add_flag("--force", calibrate_.force, "replace an existing file that is not a kvplan plan");
+  calibrate->add_flag("--strict,--require-target", calibrate_.require_target,
+                      "fail, writing no plan, when the plan misses --target-memory");
+  calibrate
+      ->add_option("--target-memory", calibration.target_memory_ratio,
+                   "plan KV bytes / full-cache bytes at 2K tokens, e.g. 0.2 for 5x")
+      ->check(kPositive)
+      ->check(CLI::Range(0.0, 1.0));
+  calibrate
+      ->add_option("--reference-context", calibration.reference_context,
+                   "the context --target-memory is met at (default: the model's positions, at most 2048)")
+      ->check(kPositive);
+  calibrate->add_option("--methods", calibrate_.methods, "comma-separated: share,dict,budget,refresh")
+      ->delimiter(',')
+      ->check(kNonEmpty)
+      ->check(CLI::IsMember(KnownMethods()));
+  calibrate->add_option("--sequences", calibration.sequences, "calibration sequences")->check(kPositive);
+  calibrate->add_option("--sequence-length", calibration.sequence_length, "tokens per calibration sequence")
+      ->check(kPositive);
+  calibrate
+      ->add_option("--share-threshold", calibration.share_cosine_threshold,
+                   "KVSharer: minimum cosine of the last hidden state to the full model")
+      ->check(CLI::Range(-1.0, 1.0));
+  calibrate
+      ->add_option("--max-shared-layers", calibration.max_shared_layers,
+                   "KVSharer: at most this many (-1: a third of the layers)")
+      ->check(CLI::Range(-1, 1 << 20));
+  calibrate
+      ->add_option("--share-sequences", calibration.share_sequences,
+                   "KVSharer: calibration sequences each candidate is judged on")
+      ->check(kPositive);
+  calibrate->add_option("--atoms", calibration.dictionary_atoms, "CSR: dictionary atoms per layer")
+      ->check(CLI::Range(1, 65536));
+  calibrate->add_option("--key-sparsity", calibration.key_sparsity, "CSR: atoms per key")->check(kPositive);
+  calibrate->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value")->check(kPositive);
+  calibrate->add_option("--coding-window", calibration.coding_recent_window, "CSR: newest tokens left uncoded")
+      ->check(kNonNegative);
+  calibrate->add_option("--epochs", calibration.dictionary_epochs, "CSR: dictionary training epochs")->check(kPositive);
+  calibrate->add_option("--key-coding", calibrate_.key_coding,
+                        "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
+                        "attention)");
+  calibrate->add_option("--scoring", calibrate_.scoring, "budgets: l2 (key norm) | attention");
+  calibrate->add_flag("--no-merge", calibrate_.no_merge, "budgets: drop evicted tokens instead of merging them");
+  calibrate
+      ->add_option("--recent-window", calibration.budget_settings.policy.recent_window,
+                   "budgets: never-evicted recent tokens")
+      ->check(kNonNegative);
+  AddList(calibrate, "--exempt-layers", calibration.budget_settings.exempt_layers,
+          "budgets: layers that keep every token (default 0,1; pass -1 for none)")
+      ->check(CLI::Range(-1, 1 << 20));
+
+  CLI::App* inspect = app_.add_subcommand("inspect", "print a plan's decisions and memory per context length");
+  inspect->add_option("plan", inspect_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
+  inspect->add_flag("--json", inspect_.json, "as JSON");
+  AddList(inspect, "--context", inspect_.contexts, "context lengths for the memory table")->check(kPositive);
+  inspect->add_flag("--atoms", inspect_.include_atoms, "with --json: include dictionary atoms");
+
+  CLI::App* validate = app_.add_subcommand("validate", "check a plan against a model");
+  validate->add_option("--model", validate_.model_dir, "Hugging Face model directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  validate->add_option("plan", validate_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
+}
+
+absl::Status CommandLine::Run() const {
+  const std::string name = app_.get_subcommands().front()->get_name();
+  SetInterruptedActivity(name);
+  if (name == "generate") return RunGenerate(generate_);
+  if (name == "eval") return RunEval(eval_);
+  if (name == "bench") return RunBench(bench_);
+  if (name == "calibrate") return RunCalibrate(calibrate_);
+  if (name == "inspect") return RunInspect(inspect_);
+  return RunValidate(validate_);
+}
+
+}  // namespace kvplan
