@@ -304,8 +304,8 @@ float TimeMatchingPursuit(int vectors, int atoms, std::mt19937& generator) {
   uint32_t* codes;
   CHECK(cudaMalloc(&codes, size_t(vectors) * kKeySparsity * sizeof(uint32_t)));
   const float us = GraphMicrosecondsPerCall(std::max(copies, 8), [&](int i, cudaStream_t stream) {
-    CHECK(kvplan::cuda::matching_pursuit(dictionaries[i % copies], atoms, kHeadDim, x, vectors, 1, nullptr,
-                                         kKeySparsity, codes, stream));
+    const kvplan::cuda::PursuitJob job = {dictionaries[i % copies], x, kKeySparsity, codes};
+    CHECK(kvplan::cuda::matching_pursuit(&job, 1, atoms, kHeadDim, vectors, 1, nullptr, stream));
   });
   for (float* dictionary : dictionaries) CHECK(cudaFree(dictionary));
   CHECK(cudaFree(x));

@@ -1710,7 +1710,7 @@ __global__ void commit_leaving_kernel(CompressedLayer layer, StepRowsView step, 
 // through distributed shared memory (lowest index on ties, as the CPU oracle's strict comparison), and every
 // block subtracts it from its copy of the residuals. Spreading a vector's atoms over a cluster keeps a decode
 // step's few vectors on many SMs; coding several vectors per cluster reuses each slice for a prefill's many.
-// Grid (clusters * cluster blocks), cluster (cluster blocks).
+// Grid (clusters * cluster blocks, jobs), cluster (cluster blocks): one launch codes keys and values side by side.
 constexpr int kPursuitWarps = 8;
 constexpr int kMaxPursuitClusterBlocks = 16;
 constexpr int kPursuitAtomsPerBlock = 64;  // fewest atoms worth a block of the cluster
@@ -1721,14 +1721,11 @@ __device__ inline bool better_pursuit_choice(float value, int index, float best_
 }
 
 struct PursuitLaunch {
-  const float* dictionary;
+  PursuitJob jobs[kMaxPursuitJobs];
   int atoms, dim;
-  const float* x;
   int groups, group_size;
   const int32_t* counts;
-  int sparsity;
   bool slice_in_shared;
-  uint32_t* codes;
 };
 
 __device__ inline bool pursuit_vector_coded(const PursuitLaunch& p, int64_t vector) {
@@ -1738,6 +1735,7 @@ __device__ inline bool pursuit_vector_coded(const PursuitLaunch& p, int64_t vect
 
 template <int kVectors>
 __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(PursuitLaunch p) {
+  const PursuitJob job = p.jobs[blockIdx.y];
   namespace cg = cooperative_groups;
   const cg::cluster_group cluster = cg::this_cluster();
   const int rank = int(cluster.block_rank()), blocks = int(cluster.num_blocks());
@@ -1760,7 +1758,7 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
   const int per_block = (p.atoms + blocks - 1) / blocks;
   const int first_atom = min(p.atoms, rank * per_block),
             slice_atoms = min(p.atoms, first_atom + per_block) - first_atom;
-  const float* slice = p.dictionary + int64_t(first_atom) * dim;
+  const float* slice = job.dictionary + int64_t(first_atom) * dim;
   float* shared_slice = shared + kVectors * dim;  // [per_block, dim] when the slice is in shared memory
   if (p.slice_in_shared) {
     for (int i = threadIdx.x; i < slice_atoms * dim; i += blockDim.x) shared_slice[i] = slice[i];
@@ -1768,11 +1766,11 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
   }
   for (int i = threadIdx.x; i < kVectors * dim; i += blockDim.x) {
     const int64_t vector = first_vector + i / dim;
-    residual[i] = pursuit_vector_coded(p, vector) ? p.x[vector * dim + i % dim] : 0.0f;
+    residual[i] = pursuit_vector_coded(p, vector) ? job.x[vector * dim + i % dim] : 0.0f;
   }
   __syncthreads();
 
-  for (int s = 0; s < p.sparsity; ++s) {
+  for (int s = 0; s < job.sparsity; ++s) {
     float best_value[kVectors];
     int best_index[kVectors];
 #pragma unroll
@@ -1848,7 +1846,7 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
         const uint16_t rounded = saturated_fp16_bits(value);
         const int64_t vector = first_vector + v;
         if (rank == 0 && pursuit_vector_coded(p, vector))
-          p.codes[vector * p.sparsity + s] = PackCode(uint16_t(index), rounded);
+          job.codes[vector * job.sparsity + s] = PackCode(uint16_t(index), rounded);
         chosen_value[v] = __half2float(__ushort_as_half(rounded));
         chosen_index[v] = index;
       }
@@ -1860,7 +1858,7 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
       // come faster from L2 than from as many other blocks.
       const float* atom = kVectors == 1 && p.slice_in_shared ? cluster.map_shared_rank(shared_slice, owner) +
                                                                    int64_t(chosen_index[v] - owner * per_block) * dim
-                                                             : p.dictionary + int64_t(chosen_index[v]) * dim;
+                                                             : job.dictionary + int64_t(chosen_index[v]) * dim;
       residual[i] -= chosen_value[v] * atom[i % dim];
     }
     __syncthreads();
@@ -1891,7 +1889,7 @@ int pursuit_shared_limit() {
 // Launches the pursuit with the largest cluster (up to `blocks`) the device can hold, each block's slice of
 // atoms in shared memory where it fits.
 template <int kVectors>
-cudaError_t launch_pursuit(PursuitLaunch launch, int blocks, cudaStream_t stream) {
+cudaError_t launch_pursuit(PursuitLaunch launch, int jobs, int blocks, cudaStream_t stream) {
   const int limit = pursuit_shared_limit<kVectors>();
   const int64_t clusters = (int64_t(launch.groups) * launch.group_size + kVectors - 1) / kVectors;
   cudaLaunchAttribute attribute;
@@ -1909,7 +1907,7 @@ cudaError_t launch_pursuit(PursuitLaunch launch, int blocks, cudaStream_t stream
       if (bytes > size_t(limit)) continue;
       attribute.val.clusterDim.x = cluster_blocks;
       attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-      config.gridDim = dim3(unsigned(clusters * cluster_blocks));
+      config.gridDim = dim3(unsigned(clusters * cluster_blocks), jobs);
       config.dynamicSmemBytes = bytes;
       int active = 0;
       if (cudaOccupancyMaxActiveClusters(&active, matching_pursuit_kernel<kVectors>, &config) != cudaSuccess ||
@@ -2118,15 +2116,18 @@ cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsV
   return cudaGetLastError();
 }
 
-cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int groups, int group_size,
-                             const int32_t* counts, int sparsity, uint32_t* codes, cudaStream_t stream) {
+cudaError_t matching_pursuit(const PursuitJob* jobs, int job_count, int atoms, int dim, int groups, int group_size,
+                             const int32_t* counts, cudaStream_t stream) {
   const int64_t vectors = int64_t(groups) * group_size;
-  if (vectors == 0) return cudaSuccess;
-  const PursuitLaunch launch = {dictionary, atoms, dim, x, groups, group_size, counts, sparsity, false, codes};
+  if (vectors == 0 || job_count == 0) return cudaSuccess;
+  if (job_count > kMaxPursuitJobs) return cudaErrorInvalidValue;
+  PursuitLaunch launch = {{}, atoms, dim, groups, group_size, counts, false};
+  std::copy_n(jobs, job_count, launch.jobs);
   const int blocks = std::clamp(atoms / kPursuitAtomsPerBlock, 1, kMaxPursuitClusterBlocks);
   // One vector per cluster while that leaves SMs idle (decode steps); eight, sharing each slice, after that.
-  if (vectors * blocks <= 2 * multiprocessors()) return launch_pursuit<1>(launch, blocks, stream);
-  return launch_pursuit<8>(launch, blocks, stream);
+  if (vectors * job_count * blocks <= 2 * multiprocessors())
+    return launch_pursuit<1>(launch, job_count, blocks, stream);
+  return launch_pursuit<8>(launch, job_count, blocks, stream);
 }
 
 }  // namespace kvplan::cuda

@@ -131,10 +131,19 @@ cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsV
 // Benchmarks: cpu::fill_compressed_noise; fill's arrays in device memory.
 cudaError_t fill_compressed_noise(const CompressedLayer& layer, const NoiseFill& fill, cudaStream_t stream);
 
-// Matching pursuit (oracle cpu::matching_pursuit, codes packed with cpu::pack_code) of vectors x ([groups *
-// group_size, dim]); with counts non-null only the first counts[g] vectors of each group are coded (the rest
-// are left as they are). dictionary: [atoms, dim] unit rows.
-cudaError_t matching_pursuit(const float* dictionary, int atoms, int dim, const float* x, int groups, int group_size,
-                             const int32_t* counts, int sparsity, uint32_t* codes, cudaStream_t stream);
+// One matching pursuit (oracle cpu::matching_pursuit, codes packed with cpu::pack_code) of vectors x ([groups *
+// group_size, dim]) over a dictionary ([atoms, dim] unit rows), `sparsity` atoms each into codes.
+struct PursuitJob {
+  const float* dictionary;
+  const float* x;
+  int sparsity;
+  uint32_t* codes;
+};
+inline constexpr int kMaxPursuitJobs = 2;  // a layer's keys and values
+
+// Runs up to kMaxPursuitJobs pursuits of one shape in one launch; with counts non-null only the first counts[g]
+// vectors of each group are coded (the rest are left as they are).
+cudaError_t matching_pursuit(const PursuitJob* jobs, int job_count, int atoms, int dim, int groups, int group_size,
+                             const int32_t* counts, cudaStream_t stream);
 
 }  // namespace kvplan::cuda

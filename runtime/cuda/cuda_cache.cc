@@ -346,12 +346,11 @@ class CudaKvCacheImpl : public CudaKvCache {
       KVPLAN_CUDA(cuda::gather_leaving_entries(layer_.view, layer_.tables, step_, coding.recent_window, max_leaving,
                                                cache_.leaving_keys_.as<float>(), cache_.leaving_values_.as<float>(),
                                                slots, counts, cache_.stream_));
-      KVPLAN_CUDA(cuda::matching_pursuit(layer_.key_atoms.as<float>(), layer_.tables.atoms, hd,
-                                         cache_.leaving_keys_.as<float>(), groups, max_leaving, counts,
-                                         coding.key_sparsity, key_codes, cache_.stream_));
-      KVPLAN_CUDA(cuda::matching_pursuit(layer_.value_atoms.as<float>(), layer_.tables.atoms, hd,
-                                         cache_.leaving_values_.as<float>(), groups, max_leaving, counts,
-                                         coding.value_sparsity, value_codes, cache_.stream_));
+      const cuda::PursuitJob jobs[] = {
+          {layer_.key_atoms.as<float>(), cache_.leaving_keys_.as<float>(), coding.key_sparsity, key_codes},
+          {layer_.value_atoms.as<float>(), cache_.leaving_values_.as<float>(), coding.value_sparsity, value_codes}};
+      KVPLAN_CUDA(
+          cuda::matching_pursuit(jobs, 2, layer_.tables.atoms, hd, groups, max_leaving, counts, cache_.stream_));
       return CudaStatus(cuda::commit_leaving_entries(layer_.view, step_, max_leaving, slots, counts, key_codes,
                                                      value_codes, cache_.stream_),
                         "commit_leaving_entries");

@@ -3,6 +3,7 @@
 // step. Where a kernel only moves data or makes a decision, storage must match the reference exactly, slot for
 // slot; where it computes, per element within the tolerance stated beside the check.
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -610,6 +611,8 @@ TEST(CudaCompressedTest, CodingLeavingEntriesMatchesCpu) {
   }
 }
 
+// Two pursuits of one shape in one launch, as a layer codes its keys and values: different dictionaries, vectors
+// and sparsities.
 TEST(CudaCompressedTest, MatchingPursuitMatchesCpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
   for (auto [atoms, dim, groups, group_size, sparsity] :
@@ -622,36 +625,48 @@ TEST(CudaCompressedTest, MatchingPursuitMatchesCpu) {
         {1024, 128, 8, 1, 8},
         {4096, 128, 8, 1, 8},
         {3000, 64, 4, 3, 7}}) {
-    const std::vector<float> dictionary = UnitRows(atoms, dim, 31);
-    const std::vector<float> x = RandomVector(size_t(groups) * group_size * dim, 32);
     std::vector<int32_t> counts(groups);
     for (int g = 0; g < groups; ++g) counts[g] = group_size - g * 3;  // rows past a count stay untouched
-    Device<float> d_dictionary(dictionary), d_x(x);
     Device<int32_t> d_counts(counts);
-    Device<uint32_t> codes(size_t(groups) * group_size * sparsity);
-    ASSERT_EQ(cuda::matching_pursuit(d_dictionary.get(), atoms, dim, d_x.get(), groups, group_size, d_counts.get(),
-                                     sparsity, codes.get(), nullptr),
+    const size_t vectors = size_t(groups) * group_size;
+    const int sparsities[] = {sparsity, std::max(1, sparsity - 2)};
+    std::vector<std::vector<float>> dictionaries, xs;
+    std::vector<std::unique_ptr<Device<float>>> d_dictionaries, d_xs;
+    std::vector<std::unique_ptr<Device<uint32_t>>> d_codes;
+    std::vector<cuda::PursuitJob> jobs;
+    for (int j = 0; j < 2; ++j) {
+      dictionaries.push_back(UnitRows(atoms, dim, 31 + 2 * j));
+      xs.push_back(RandomVector(vectors * dim, 32 + 2 * j));
+      d_dictionaries.push_back(std::make_unique<Device<float>>(dictionaries[j]));
+      d_xs.push_back(std::make_unique<Device<float>>(xs[j]));
+      d_codes.push_back(std::make_unique<Device<uint32_t>>(vectors * sparsities[j]));
+      jobs.push_back({d_dictionaries[j]->get(), d_xs[j]->get(), sparsities[j], d_codes[j]->get()});
+    }
+    ASSERT_EQ(cuda::matching_pursuit(jobs.data(), 2, atoms, dim, groups, group_size, d_counts.get(), nullptr),
               cudaSuccess);
-    const std::vector<uint32_t> packed = codes.Read();
-    std::vector<float> coded_x;
-    std::vector<uint16_t> indices;
-    std::vector<float> coefficients;
-    for (int g = 0; g < groups; ++g)
-      for (int t = 0; t < group_size; ++t) {
-        const size_t row = size_t(g) * group_size + t;
-        for (int s = 0; s < sparsity; ++s) {
-          const uint32_t code = packed[row * sparsity + s];
-          if (t >= counts[g]) {
-            ASSERT_EQ(code, 0xffffffffu) << "an uncounted row was written";
-            continue;
+    for (int j = 0; j < 2; ++j) {
+      const std::vector<uint32_t> packed = d_codes[j]->Read();
+      const int s_count = sparsities[j];
+      std::vector<float> coded_x;
+      std::vector<uint16_t> indices;
+      std::vector<float> coefficients;
+      for (int g = 0; g < groups; ++g)
+        for (int t = 0; t < group_size; ++t) {
+          const size_t row = size_t(g) * group_size + t;
+          for (int s = 0; s < s_count; ++s) {
+            const uint32_t code = packed[row * s_count + s];
+            if (t >= counts[g]) {
+              ASSERT_EQ(code, 0xffffffffu) << "an uncounted row was written";
+              continue;
+            }
+            indices.push_back(uint16_t(code & 0xffff));
+            coefficients.push_back(Fp16ToFloat(uint16_t(code >> 16)));
           }
-          indices.push_back(uint16_t(code & 0xffff));
-          coefficients.push_back(Fp16ToFloat(uint16_t(code >> 16)));
+          if (t < counts[g]) coded_x.insert(coded_x.end(), xs[j].begin() + row * dim, xs[j].begin() + (row + 1) * dim);
         }
-        if (t < counts[g]) coded_x.insert(coded_x.end(), x.begin() + row * dim, x.begin() + (row + 1) * dim);
-      }
-    EXPECT_TRUE(testing::CodesMatchReference(dictionary, atoms, dim, coded_x, sparsity, indices, coefficients))
-        << atoms << " atoms, dim " << dim;
+      EXPECT_TRUE(testing::CodesMatchReference(dictionaries[j], atoms, dim, coded_x, s_count, indices, coefficients))
+          << atoms << " atoms, dim " << dim << ", job " << j;
+    }
   }
 }
 
