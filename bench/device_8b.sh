@@ -13,7 +13,7 @@ plan 5x-l2 --methods budget --target-memory 0.2
 plan 5x-attention --methods budget --scoring attention --target-memory 0.2
 plan csr --methods dict --key-coding post-rope --target-memory 0.2
 plan 10x --methods dict,budget --key-coding post-rope --target-memory 0.1
-bench() { $K bench --shape llama-3-8b --device cuda "$@" 2>&1 | grep -vE '^\s*$'; }
+bench() { $K bench --shape llama-3-8b --allow-longer-context --device cuda "$@" 2>&1 | grep -vE '^\s*$'; }
 if [ "$1" != throughput ]; then
   (
     echo "== dense, CUDA graphs"; bench --context 4096,32768

@@ -5,7 +5,7 @@ source bench/device_setup.sh
 python3 bench/hf_reference.py needle $MODEL /tmp/needle_prompts.json 2>&1 | tail -1 | tee $OUT/hf_needle.log
 (
   /tmp/kv/bin/kvplan bench --model $MODEL --context 512,2000 --device cuda
-  /tmp/kv/bin/kvplan bench --shape llama-3-8b --context 4096,32768 --batch 1 --device cuda
-  /tmp/kv/bin/kvplan bench --shape llama-3-8b --context 4096 --batch 16 --device cuda
+  /tmp/kv/bin/kvplan bench --shape llama-3-8b --allow-longer-context --context 4096,32768 --batch 1 --device cuda
+  /tmp/kv/bin/kvplan bench --shape llama-3-8b --allow-longer-context --context 4096 --batch 16 --device cuda
   python3 bench/hf_reference.py speed llama-3-8b 4096,32768 2>&1 | grep '^{'
 ) 2>&1 | tee $OUT/bench.log

@@ -14,13 +14,13 @@ for name in csr 10x; do
 done
 (
   for name in csr 10x; do
-    echo "== plan $name"; $K bench --shape llama-3-8b --device cuda --context 4096,32768 --plan /tmp/8b-$name.kvplan
+    echo "== plan $name"; $K bench --shape llama-3-8b --allow-longer-context --device cuda --context 4096,32768 --plan /tmp/8b-$name.kvplan
   done
   echo "== plan 10x, 70 GB"
-  $K bench --shape llama-3-8b --device cuda --context 32768 --steps 16 --fit-memory 70 --plan /tmp/8b-10x.kvplan
+  $K bench --shape llama-3-8b --allow-longer-context --device cuda --context 32768 --steps 16 --fit-memory 70 --plan /tmp/8b-10x.kvplan
 ) 2>&1 | grep -vE '^\s*$' | tee $OUT/8b.log
 timeout 150 ncu --metrics gpu__time_duration.sum --csv --cache-control none --clock-control none \
-  --launch-skip 2500 --launch-count 700 $K bench --shape llama-3-8b --device cuda --context 4096 --steps 4 \
+  --launch-skip 2500 --launch-count 700 $K bench --shape llama-3-8b --allow-longer-context --device cuda --context 4096 --steps 4 \
   --no-cuda-graphs --plan /tmp/8b-csr.kvplan > $OUT/ncu-csr.csv 2> $OUT/ncu-csr.err
 python3 - $OUT/ncu-csr.csv <<'PY'
 import csv, sys, collections

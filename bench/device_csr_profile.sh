@@ -11,7 +11,7 @@ done
 profile() {  # name plan-flags...: one decode step's kernels at 4K, after warm-up
   local name=$1; shift
   timeout 200 ncu --metrics gpu__time_duration.sum --csv --launch-skip ${SKIP:-2500} --launch-count ${COUNT:-700} \
-    $K bench --shape llama-3-8b --device cuda --context 4096 --steps 4 --no-cuda-graphs "$@" > $OUT/ncu-$name.csv 2> $OUT/ncu-$name.err
+    $K bench --shape llama-3-8b --allow-longer-context --device cuda --context 4096 --steps 4 --no-cuda-graphs "$@" > $OUT/ncu-$name.csv 2> $OUT/ncu-$name.err
   python3 - $OUT/ncu-$name.csv <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]

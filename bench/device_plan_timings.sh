@@ -39,10 +39,10 @@ calibrate 16l dict --methods dict &
     $K calibrate --shape llama-3-8b --reference-context 32768 --exempt-layers -1 -o /tmp/8b-$name.kvplan \
       --methods $([ $name = csr ] && echo dict || echo dict,budget) --key-coding post-rope \
       --target-memory $([ $name = csr ] && echo 0.2 || echo 0.1) > /dev/null
-    echo "== plan $name"; $K bench --shape llama-3-8b --device cuda --context 4096,32768 --plan /tmp/8b-$name.kvplan
+    echo "== plan $name"; $K bench --shape llama-3-8b --allow-longer-context --device cuda --context 4096,32768 --plan /tmp/8b-$name.kvplan
   done
   echo "== plan 10x, 70 GB"
-  $K bench --shape llama-3-8b --device cuda --context 32768 --steps 16 --fit-memory 70 --plan /tmp/8b-10x.kvplan
+  $K bench --shape llama-3-8b --allow-longer-context --device cuda --context 32768 --steps 16 --fit-memory 70 --plan /tmp/8b-10x.kvplan
 ) 2>&1 | grep -vE '^\s*$' | tee $OUT/8b.log
 
 timed() {  # fixture plan: a 32K-token perplexity run alone on the GPU
