@@ -27,8 +27,6 @@ using testing::Mutator;
 using testing::RunFuzzCases;
 
 constexpr int kDefaultCases = 2000;
-// The tokenizers are the largest seeds (60-540 KB, each parse builds the vocabulary and merge tables).
-constexpr int kDefaultTokenizerCases = 600;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
@@ -144,8 +142,7 @@ TEST(LoaderFuzzTest, Tokenizer) {
                                       ReadFile(testing::TestDataDir() + "/sp_llama2_tokenizer.json"),
                                       ReadFile(testing::TestDataDir() + "/sp_metaspace_tokenizer.json")});
   const FuzzReport report = RunFuzzCases(
-      "tokenizer.json", mutator, FuzzCaseCount(kDefaultTokenizerCases),
-      [](const std::string& mutant, size_t) -> absl::Status {
+      "tokenizer.json", mutator, FuzzCaseCount(kDefaultCases), [](const std::string& mutant, size_t) -> absl::Status {
         KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromJson(mutant));
         const std::vector<int32_t> ids = tokenizer->Encode("Hello <|begin_of_text|> wörld\n\t 12345 <0x41> \xff!");
         tokenizer->Decode(ids);
