@@ -42,10 +42,10 @@ class Mutator {
   // Splices take their bytes from any of `seeds`.
   Mutator(uint64_t random_seed, std::vector<std::string> seeds) : generator_(random_seed), seeds_(std::move(seeds)) {}
 
-  const std::vector<std::string>& seeds() const { return seeds_; }
+  // Uniform in [0, bound): tests draw their own per-case choices from the same deterministic stream.
   size_t Below(size_t bound) { return bound == 0 ? 0 : generator_() % bound; }
 
-  // One to four edits of a random seed; returns the mutant and which seed it came from.
+  // A mutant of a random seed, and which seed it came from.
   std::pair<std::string, size_t> MutateSomeSeed() {
     const size_t seed = Below(seeds_.size());
     return {Mutate(seeds_[seed]), seed};
