@@ -39,13 +39,21 @@ void WriteFile(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
 }
 
-// A fresh folder per test, so the tests may run in parallel.
-std::string ScratchDir(const std::string& name) {
-  const fs::path dir = fs::path(::testing::TempDir()) / absl::StrCat("kvplan_fuzz_", name, "_", getpid());
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
-}
+// A fresh folder per test and process (tests and build trees run in parallel), removed when the test ends.
+class ScratchDir {
+ public:
+  explicit ScratchDir(const std::string& name)
+      : path_(fs::path(::testing::TempDir()) / absl::StrCat("kvplan_fuzz_", name, "_", getpid())) {
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~ScratchDir() { fs::remove_all(path_); }
+  std::string path() const { return path_.string(); }
+  std::string File(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  fs::path path_;
+};
 
 std::string Model(const std::string& name) { return testing::SharedDir() + "/models/" + name; }
 
@@ -85,7 +93,8 @@ TEST(LoaderFuzzTest, SafetensorsHeaders) {
   std::vector<std::string> prefixes;
   for (const SafetensorsSeed& seed : seeds) prefixes.push_back(seed.prefix);
   Mutator mutator(/*random_seed=*/1, prefixes);
-  const std::string path = ScratchDir("safetensors") + "/model.safetensors";
+  const ScratchDir dir("safetensors");
+  const std::string path = dir.File("model.safetensors");
   const FuzzReport report =
       RunFuzzCases("safetensors header", mutator, FuzzCaseCount(kDefaultCases),
                    [&](std::string mutant, size_t seed) -> absl::Status {
@@ -106,20 +115,20 @@ TEST(LoaderFuzzTest, SafetensorsHeaders) {
 }
 
 TEST(LoaderFuzzTest, ShardedIndex) {
-  const std::string dir = ScratchDir("index");
+  const ScratchDir dir("index");
   for (int shard = 1; shard <= 3; ++shard) {
     const std::string name = absl::StrCat("model-0000", shard, "-of-00003.safetensors");
-    fs::create_symlink(Model("llama-dev-16l") + "/" + name, dir + "/" + name);
+    fs::create_symlink(Model("llama-dev-16l") + "/" + name, dir.File(name));
   }
   const std::string index = ReadFile(Model("llama-dev-16l") + "/model.safetensors.index.json");
-  WriteFile(dir + "/model.safetensors.index.json", index);
-  ASSERT_TRUE(Checkpoint::Open(dir).ok());
+  WriteFile(dir.File("model.safetensors.index.json"), index);
+  ASSERT_TRUE(Checkpoint::Open(dir.path()).ok());
   // Nearly every edit lands in a tensor or shard name, so valid loads are rare here.
   Mutator mutator(/*random_seed=*/2, {index});
   RunFuzzCases("sharded index", mutator, FuzzCaseCount(kDefaultCases),
                [&](const std::string& mutant, size_t) -> absl::Status {
-                 WriteFile(dir + "/model.safetensors.index.json", mutant);
-                 return Checkpoint::Open(dir).status();
+                 WriteFile(dir.File("model.safetensors.index.json"), mutant);
+                 return Checkpoint::Open(dir.path()).status();
                });
 }
 
@@ -161,22 +170,22 @@ TEST(LoaderFuzzTest, DeepNestingIsRefusedByEveryJsonReader) {
   EXPECT_FALSE(ParseModelConfig(R"({"architectures": )" + deep + "}").ok());
   EXPECT_FALSE(Tokenizer::FromJson(R"({"model": {"type": "BPE", "vocab": )" + deep + "}}").ok());
   EXPECT_FALSE(Tokenizer::FromJson(R"({"pre_tokenizer": )" + deep + "}").ok());
-  const std::string dir = ScratchDir("deep");
-  WriteFile(dir + "/model.safetensors.index.json", R"({"weight_map": )" + deep + "}");
-  EXPECT_FALSE(Checkpoint::Open(dir).ok());
+  const ScratchDir dir("deep");
+  WriteFile(dir.File("model.safetensors.index.json"), R"({"weight_map": )" + deep + "}");
+  EXPECT_FALSE(Checkpoint::Open(dir.path()).ok());
   const std::string header = R"({"a": )" + deep + "}";
   const uint64_t header_bytes = header.size();
   std::string file(reinterpret_cast<const char*>(&header_bytes), 8);
-  WriteFile(dir + "/single.safetensors", file + header);
-  EXPECT_FALSE(Checkpoint::OpenFile(dir + "/single.safetensors").ok());
+  WriteFile(dir.File("single.safetensors"), file + header);
+  EXPECT_FALSE(Checkpoint::OpenFile(dir.File("single.safetensors")).ok());
 }
 
 TEST(LoaderFuzzTest, HeaderClaimingTerabytesIsRefusedWithoutAllocating) {
-  const std::string dir = ScratchDir("terabytes");
+  const ScratchDir dir("terabytes");
   auto open_with_header = [&](uint64_t header_bytes, const std::string& header) {
     std::string file(reinterpret_cast<const char*>(&header_bytes), 8);
-    WriteFile(dir + "/model.safetensors", file + header);
-    return Checkpoint::OpenFile(dir + "/model.safetensors").status();
+    WriteFile(dir.File("model.safetensors"), file + header);
+    return Checkpoint::OpenFile(dir.File("model.safetensors")).status();
   };
   EXPECT_FALSE(open_with_header(uint64_t{1} << 40, "{}").ok());
   EXPECT_FALSE(open_with_header(~uint64_t{0}, "{}").ok());
