@@ -1,0 +1,177 @@
+// CSR sparse coding against plain integer quantization of the same keys and values, at the bits per channel each
+// spends (issue 9: CSR must at least match int4). Keys before RoPE and values come from a fixture model's
+// forward passes: dictionaries learn from calibration text (as `kvplan calibrate` does), and every coder is
+// judged on held-out text by the relative reconstruction error ||x - x'|| / ||x|| over all its vectors.
+//   build/bench/coding_vs_quantization MODEL_DIR CALIBRATION_TEXT HELDOUT_TEXT [atoms=1024]
+// Quantizers (asymmetric, round to nearest, fp16 scale and zero point per group):
+//   per-token   one group per head vector (head_dim channels): bits + 32 / head_dim per channel (KIVI's values)
+//   per-channel one group per channel and 128 consecutive tokens: bits + 32 / 128 per channel (KIVI's keys)
+// CSR: s (16-bit atom, fp16 coefficient) pairs per head vector: 32 s / head_dim bits per channel.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "base/number_formats.h"
+#include "base/status_macros.h"
+#include "calibrate/dictionary_learning.h"
+#include "kernels/cpu_reference.h"
+#include "loader/documents.h"
+#include "loader/tokenizer.h"
+#include "loader/weights.h"
+#include "runtime/backend.h"
+#include "runtime/cache/sparse_coding.h"
+
+namespace kvplan {
+namespace {
+
+constexpr int kSequenceLength = 512;
+constexpr int kChannelGroupTokens = 128;
+
+// Each layer's head vectors in token order: [tokens, kv_heads, head_dim] per layer, keys before RoPE.
+class KvCollector : public ForwardObserver {
+ public:
+  explicit KvCollector(int layers) : keys(layers), values(layers) {}
+  void OnLayerKv(int layer, int rows, const float*, const float*, const float* k_pre_rope, const float* v) override {
+    const int64_t n = int64_t(rows) * kv_dim_;
+    keys[layer].insert(keys[layer].end(), k_pre_rope, k_pre_rope + n);
+    values[layer].insert(values[layer].end(), v, v + n);
+  }
+  void OnFinalHidden(int, const float*) override {}
+  void set_kv_dim(int kv_dim) { kv_dim_ = kv_dim; }
+  std::vector<std::vector<float>> keys, values;
+
+ private:
+  int kv_dim_ = 0;
+};
+
+absl::StatusOr<KvCollector> Collect(const LoadedModel& loaded, const Tokenizer& tokenizer, const std::string& path,
+                                    int sequences) {
+  KvCollector collector(loaded.config.num_layers);
+  collector.set_kv_dim(loaded.config.kv_dim());
+  KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(path));
+  const std::vector<int32_t> tokens = TokenizeDocuments(tokenizer, SplitDocuments(text), loaded.config.bos_token_id,
+                                                        int64_t(sequences) * kSequenceLength);
+  KVPLAN_ASSIGN_OR_RETURN(auto model,
+                          CreateModel(loaded.config, *loaded.weights,
+                                      {.backend = Backend::kCpu, .capacity = kSequenceLength, .observer = &collector}));
+  for (int64_t begin = 0; begin + kSequenceLength <= int64_t(tokens.size()); begin += kSequenceLength) {
+    model->Reset();
+    const std::vector<int32_t> sequence(tokens.begin() + begin, tokens.begin() + begin + kSequenceLength);
+    KVPLAN_RETURN_IF_ERROR(model->Forward(SequenceRows(sequence, 0, 0), LogitRows::kLastPerSequence).status());
+  }
+  return collector;
+}
+
+// Rounds `count` values spaced `stride` apart from `first` to `bits` levels between their fp16 minimum and maximum.
+void QuantizeGroup(float* first, int count, int64_t stride, int bits) {
+  float low = first[0], high = first[0];
+  for (int i = 0; i < count; ++i) {
+    low = std::min(low, first[i * stride]);
+    high = std::max(high, first[i * stride]);
+  }
+  const float levels = float((1 << bits) - 1);
+  const float zero = Fp16ToFloat(FloatToFp16(low)), scale = Fp16ToFloat(FloatToFp16((high - low) / levels));
+  for (int i = 0; i < count; ++i) {
+    float& x = first[i * stride];
+    x = scale > 0 ? zero + scale * std::clamp(std::nearbyint((x - zero) / scale), 0.0f, levels) : zero;
+  }
+}
+
+double RelativeError(const std::vector<float>& x, const std::vector<float>& coded) {
+  double error = 0, norm = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    error += double(x[i] - coded[i]) * (x[i] - coded[i]);
+    norm += double(x[i]) * x[i];
+  }
+  return std::sqrt(error / std::max(norm, 1e-30));
+}
+
+// x: [tokens, kv_heads, head_dim] of one layer.
+double PerTokenError(const std::vector<float>& x, int head_dim, int bits) {
+  std::vector<float> coded = x;
+  for (size_t v = 0; v + head_dim <= coded.size(); v += head_dim) QuantizeGroup(coded.data() + v, head_dim, 1, bits);
+  return RelativeError(x, coded);
+}
+double PerChannelError(const std::vector<float>& x, int kv_dim, int bits) {
+  std::vector<float> coded = x;
+  const int64_t tokens = int64_t(x.size()) / kv_dim;
+  for (int64_t first = 0; first < tokens; first += kChannelGroupTokens)
+    for (int c = 0; c < kv_dim; ++c)
+      QuantizeGroup(coded.data() + first * kv_dim + c, int(std::min<int64_t>(kChannelGroupTokens, tokens - first)),
+                    kv_dim, bits);
+  return RelativeError(x, coded);
+}
+double CodingError(const plan::Dictionary& dictionary, const std::vector<float>& x, int head_dim, int sparsity) {
+  const std::vector<float> atoms(dictionary.values().begin(), dictionary.values().end());
+  const int64_t n = int64_t(x.size()) / head_dim;
+  const SparseCodes codes = MatchingPursuit(atoms.data(), dictionary.atoms(), head_dim, x.data(), n, sparsity);
+  std::vector<float> coded(x.size());
+  for (int64_t i = 0; i < n; ++i)
+    cpu::decode_sparse(atoms.data(), head_dim, codes.indices.data() + i * sparsity,
+                       codes.coefficients.data() + i * sparsity, sparsity, coded.data() + i * head_dim);
+  return RelativeError(x, coded);
+}
+
+int Run(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: coding_vs_quantization MODEL_DIR CALIBRATION_TEXT HELDOUT_TEXT [atoms]\n");
+    return 2;
+  }
+  const int atoms = argc > 4 ? std::atoi(argv[4]) : 1024;
+  auto loaded = OpenModelDirectory(argv[1]);
+  auto tokenizer = loaded.ok() ? Tokenizer::Load(std::string(argv[1]) + "/tokenizer.json") : loaded.status();
+  if (!tokenizer.ok()) {
+    std::fprintf(stderr, "%s\n", tokenizer.status().ToString().c_str());
+    return 1;
+  }
+  auto calibration = Collect(*loaded, **tokenizer, argv[2], 16);
+  auto heldout = calibration.ok() ? Collect(*loaded, **tokenizer, argv[3], 8) : calibration.status();
+  if (!heldout.ok()) {
+    std::fprintf(stderr, "%s\n", heldout.status().ToString().c_str());
+    return 1;
+  }
+  const int hd = loaded->config.head_dim, kv_dim = loaded->config.kv_dim();
+  std::printf("relative error on held-out text, mean over %d layers (bits per channel in brackets)\n",
+              loaded->config.num_layers);
+  struct Row {
+    std::string name;
+    double bits, keys = 0, values = 0;
+  };
+  std::vector<Row> rows;
+  for (int bits : {2, 3, 4}) {
+    rows.push_back({"int" + std::to_string(bits) + " per token", bits + 32.0 / hd});
+    rows.push_back({"int" + std::to_string(bits) + " per channel", bits + 32.0 / kChannelGroupTokens});
+  }
+  for (int sparsity : {4, 8})
+    rows.push_back({"CSR " + std::to_string(atoms) + " atoms, s=" + std::to_string(sparsity), 32.0 * sparsity / hd});
+  const int layers = loaded->config.num_layers;
+  for (int l = 0; l < layers; ++l) {
+    const auto& keys = heldout->keys[l];
+    const auto& values = heldout->values[l];
+    size_t r = 0;
+    for (int bits : {2, 3, 4}) {
+      rows[r].keys += PerTokenError(keys, hd, bits) / layers;
+      rows[r++].values += PerTokenError(values, hd, bits) / layers;
+      rows[r].keys += PerChannelError(keys, kv_dim, bits) / layers;
+      rows[r++].values += PerChannelError(values, kv_dim, bits) / layers;
+    }
+    for (int sparsity : {4, 8}) {
+      const plan::Dictionary key_atoms = LearnDictionary(calibration->keys[l], hd, atoms, sparsity, 6);
+      const plan::Dictionary value_atoms = LearnDictionary(calibration->values[l], hd, atoms, sparsity, 6);
+      rows[r].keys += CodingError(key_atoms, keys, hd, sparsity) / layers;
+      rows[r++].values += CodingError(value_atoms, values, hd, sparsity) / layers;
+    }
+    std::fprintf(stderr, "layer %d done\n", l);
+  }
+  std::printf("%-28s %8s %10s %10s\n", "coder", "bits/ch", "keys", "values");
+  for (const Row& row : rows)
+    std::printf("%-28s %8.2f %10.4f %10.4f\n", row.name.c_str(), row.bits, row.keys, row.values);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvplan
+
+int main(int argc, char** argv) { return kvplan::Run(argc, argv); }
