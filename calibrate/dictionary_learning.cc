@@ -1,6 +1,7 @@
 #include "calibrate/dictionary_learning.h"
 
 #include <faiss/Clustering.h>
+#include <faiss/IndexFlat.h>
 
 #include <algorithm>
 #include <cmath>
@@ -64,7 +65,17 @@ plan::Dictionary LearnDictionary(const std::vector<float>& samples, int dim, int
   const float* train = samples.data();
   const float* test = samples.data() + n * dim;
   std::vector<float> dictionary(int64_t(split.atoms) * dim);
-  faiss::kmeans_clustering(dim, n, split.atoms, train, dictionary.data());
+  {
+    // faiss::kmeans_clustering's defaults, without its stderr chatter: a warning whenever a layer has fewer
+    // than 39 samples per atom (calibration often does, by design) and progress lines on large problems.
+    faiss::ClusteringParameters parameters;
+    parameters.verbose = false;
+    parameters.min_points_per_centroid = 1;
+    faiss::Clustering clustering(dim, split.atoms, parameters);
+    faiss::IndexFlatL2 index(dim);
+    clustering.train(n, train, index);
+    std::copy(clustering.centroids.begin(), clustering.centroids.end(), dictionary.begin());
+  }
   NormaliseAtoms(dictionary, dim);
   for (int epoch = 0; epoch < epochs; ++epoch) {
     const SparseCodes codes = MatchingPursuit(dictionary.data(), split.atoms, dim, train, n, sparsity);
