@@ -124,7 +124,7 @@ class CudaModel : public Model {
   absl::Status Batch(int num_sequences, int max_rows) {
     const ModelConfig& c = config_;
     graphs_.clear();
-    cache_.reset();
+    cache_.reset();  // its device memory goes back before the new buffers are taken
     num_sequences_ = num_sequences;
     max_rows_ = max_rows;
     const size_t rows = max_rows_, hidden = c.hidden_size, ffn = c.intermediate_size;
@@ -143,9 +143,16 @@ class CudaModel : public Model {
       KVPLAN_RETURN_IF_ERROR(k_roped_.Allocate(rows * c.kv_dim() * 4));
       KVPLAN_RETURN_IF_ERROR(observed_.Allocate(rows * std::max<size_t>(c.q_dim() + 3 * c.kv_dim(), hidden) * 4));
     }
+    return BuildCache();
+  }
+
+  // The KV cache of the policy for the batch and pass size; every sequence starts empty.
+  absl::Status BuildCache() {
+    graphs_.clear();  // they captured the old cache's buffers
+    cache_.reset();
     KVPLAN_ASSIGN_OR_RETURN(
         cache_,
-        CreateCudaKvCache(c, policy_, dictionaries_,
+        CreateCudaKvCache(config_, policy_, dictionaries_,
                           {.num_sequences = num_sequences_, .capacity = capacity_, .max_rows = max_rows_}, stream_));
     lengths_.assign(num_sequences_, 0);
     return absl::OkStatus();
@@ -162,7 +169,7 @@ class CudaModel : public Model {
                          "shares the layer); make the model without a plan to switch plans"));
     policy_ = std::move(policy);
     dictionaries_ = policies ? policies->dictionaries : std::vector<std::shared_ptr<const LayerDictionaries>>();
-    return Batch(num_sequences_, max_rows_);
+    return BuildCache();  // activations depend on the batch alone, and stay
   }
 
   const ModelConfig& config() const override { return config_; }
