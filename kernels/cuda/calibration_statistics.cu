@@ -1,15 +1,14 @@
 #include "kernels/cuda/calibration_statistics.h"
 
+#include "kernels/cuda/warp_reduce.cuh"
+
 namespace kvplan::cuda {
 namespace {
 
 constexpr int kCoverageThreads = 256;
 
 __device__ float block_reduce(float value, bool take_max, float* scratch) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const float other = __shfl_xor_sync(0xffffffffu, value, offset);
-    value = take_max ? fmaxf(value, other) : value + other;
-  }
+  value = take_max ? warp_max(value) : warp_sum(value);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // scratch may still be read from the last reduction
   if (lane == 0) scratch[warp] = value;
@@ -35,7 +34,7 @@ __global__ void __launch_bounds__(kCoverageThreads)
     const float* key = k + (int64_t(j) * kv_heads + h / group) * head_dim;
     float dot = 0.0f;
     for (int d = lane; d < head_dim; d += 32) dot += query[d] * key[d];
-    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    dot = warp_sum(dot);
     if (lane == 0) probabilities[j] = dot * scale;
   }
   __syncthreads();

@@ -12,6 +12,7 @@
 #include "kernels/cuda/softmax_merge.cuh"
 #include "kernels/cuda/split_kv.cuh"
 #include "kernels/cuda/vector_loads.cuh"
+#include "kernels/cuda/warp_reduce.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -43,12 +44,6 @@ __device__ inline void rope_factors(int32_t position, float inv_freq, float atte
   sincos(double(position) * inv_freq, &sin_angle, &cos_angle);
   c = float(cos_angle) * attention_factor;
   s = float(sin_angle) * attention_factor;
-}
-
-__device__ inline float warp_sum(float value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
-  return value;
 }
 
 // Floats as unsigned keys that order like the floats.
@@ -622,12 +617,6 @@ __device__ inline void wait_for_prerequisite() { asm volatile("griddepcontrol.wa
 
 __device__ inline void prefetch_to_l2(const void* address) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(address));
-}
-
-__device__ inline float warp_max(float value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffff, value, offset));
-  return value;
 }
 
 // Grid (atom tiles, query tiles). T[row, kv_head, atom, g] = (scale * q[row, kv_head * group + g]) . key_atoms[atom]

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/kernels.h"
+#include "kernels/cuda/warp_reduce.cuh"
 
 namespace kvplan::cuda {
 namespace {
@@ -13,14 +14,12 @@ __global__ void embed_tokens_kernel(const __nv_bfloat16* table, const int32_t* t
 
 __device__ float block_sum(float value) {
   __shared__ float warp_sums[32];
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
+  value = warp_sum(value);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_sums[warp] = value;
   __syncthreads();
   const int warps = (blockDim.x + 31) / 32;
-  value = lane < warps ? warp_sums[lane] : 0.0f;
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset);
-  return value;
+  return warp_sum(lane < warps ? warp_sums[lane] : 0.0f);
 }
 
 __global__ void rms_norm_kernel(const float* x, const __nv_bfloat16* weight, int dim, float eps, __nv_bfloat16* out) {
