@@ -1,6 +1,7 @@
-// The 16-bit float formats kvplan stores and reads: bf16 (weights, KV cache entries) and fp16 (checkpoint
-// tensors, sparse-code coefficients), as bit patterns in uint16_t so host code needs no CUDA headers. Header-only
-// and free of abseil, so every room, kernels' CPU references included, uses these one definitions.
+// The number formats kvplan stores and reads: bf16 (weights, KV cache entries), fp16 (checkpoint tensors,
+// sparse-code coefficients, quantization scales) and quantized vectors (their layout: kernels/compressed_layout.h), as
+// bit patterns in uint16_t so host code needs no CUDA headers. Header-only and free of abseil, so every room, kernels'
+// CPU references included, uses these one definitions.
 #pragma once
 
 #include <cmath>
@@ -71,5 +72,10 @@ inline uint16_t FloatToFp16(float value) {
   if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
   return uint16_t(sign | half);
 }
+
+// Integer widths KV quantization offers.
+inline bool IsQuantizationWidth(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+// 32-bit words one quantized vector of `dim` channels takes: its fp16 scale and minimum, then the integers.
+inline int QuantizedWords(int dim, int bits) { return 1 + dim * bits / 32; }
 
 }  // namespace kvplan

@@ -32,15 +32,16 @@ constexpr int kChannelGroupTokens = 128;
 // Each layer's head vectors in token order: [tokens, kv_heads, head_dim] per layer, keys before RoPE.
 class KvCollector : public ForwardObserver {
  public:
-  explicit KvCollector(int layers) : keys(layers), values(layers) {}
-  void OnLayerKv(int layer, int rows, const float*, const float*, const float* k_pre_rope, const float* v) override {
+  explicit KvCollector(int layers) : keys(layers), rotated_keys(layers), values(layers) {}
+  void OnLayerKv(int layer, int rows, const float*, const float* k, const float* k_pre_rope, const float* v) override {
     const int64_t n = int64_t(rows) * kv_dim_;
     keys[layer].insert(keys[layer].end(), k_pre_rope, k_pre_rope + n);
+    rotated_keys[layer].insert(rotated_keys[layer].end(), k, k + n);
     values[layer].insert(values[layer].end(), v, v + n);
   }
   void OnFinalHidden(int, const float*) override {}
   void set_kv_dim(int kv_dim) { kv_dim_ = kv_dim; }
-  std::vector<std::vector<float>> keys, values;
+  std::vector<std::vector<float>> keys, rotated_keys, values;
 
  private:
   int kv_dim_ = 0;
@@ -94,6 +95,61 @@ double PerTokenError(const std::vector<float>& x, int head_dim, int bits) {
   for (size_t v = 0; v + head_dim <= coded.size(); v += head_dim) QuantizeGroup(coded.data() + v, head_dim, 1, bits);
   return RelativeError(x, coded);
 }
+// Per token in groups of `group` channels, after dividing each channel by a scale learned from calibration
+// vectors (the RMS of the channel's RoPE pair per KV head), so outlier channels do not set every token's range.
+std::vector<float> PairScales(const std::vector<float>& x, int kv_dim, int head_dim) {
+  std::vector<double> sum(kv_dim, 0);
+  const int64_t tokens = int64_t(x.size()) / kv_dim;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int c = 0; c < kv_dim; ++c) sum[c] += double(x[t * kv_dim + c]) * x[t * kv_dim + c];
+  std::vector<float> scale(kv_dim);
+  const int half = head_dim / 2;
+  for (int c = 0; c < kv_dim; ++c) {
+    const int head = c / head_dim, i = c % head_dim, partner = head * head_dim + (i < half ? i + half : i - half);
+    scale[c] = float(std::sqrt((sum[c] + sum[partner]) / (2.0 * std::max<int64_t>(tokens, 1))) + 1e-6);
+  }
+  return scale;
+}
+double SmoothedPerTokenError(const std::vector<float>& x, const std::vector<float>& scale, int group, int bits) {
+  const int kv_dim = int(scale.size());
+  std::vector<float> coded = x;
+  for (size_t i = 0; i < coded.size(); ++i) coded[i] /= scale[i % kv_dim];
+  for (size_t v = 0; v + group <= coded.size(); v += group) QuantizeGroup(coded.data() + v, group, 1, bits);
+  for (size_t i = 0; i < coded.size(); ++i) coded[i] *= scale[i % kv_dim];
+  return RelativeError(x, coded);
+}
+// x <- H D x per head vector: D random signs (fixed), H the normalized Walsh-Hadamard transform; inverse too.
+void Rotate(std::vector<float>& x, int head_dim, bool inverse) {
+  std::vector<float> sign(head_dim);
+  for (int i = 0; i < head_dim; ++i) sign[i] = (NoiseBits(7, i) & 1) ? 1.0f : -1.0f;
+  const float norm = 1.0f / std::sqrt(float(head_dim));
+  for (size_t v = 0; v + head_dim <= x.size(); v += head_dim) {
+    float* h = x.data() + v;
+    if (!inverse)
+      for (int i = 0; i < head_dim; ++i) h[i] *= sign[i];
+    for (int len = 1; len < head_dim; len <<= 1)
+      for (int i = 0; i < head_dim; i += 2 * len)
+        for (int j = i; j < i + len; ++j) {
+          const float a = h[j], b = h[j + len];
+          h[j] = a + b;
+          h[j + len] = a - b;
+        }
+    for (int i = 0; i < head_dim; ++i) h[i] *= norm;
+    if (inverse)
+      for (int i = 0; i < head_dim; ++i) h[i] *= sign[i];
+  }
+}
+double RotatedPerTokenError(const std::vector<float>& x, const std::vector<float>& scale, int head_dim, int group,
+                            int bits) {
+  const int kv_dim = int(scale.size());
+  std::vector<float> coded = x;
+  for (size_t i = 0; i < coded.size(); ++i) coded[i] /= scale[i % kv_dim];
+  Rotate(coded, head_dim, false);
+  for (size_t v = 0; v + group <= coded.size(); v += group) QuantizeGroup(coded.data() + v, group, 1, bits);
+  Rotate(coded, head_dim, true);
+  for (size_t i = 0; i < coded.size(); ++i) coded[i] *= scale[i % kv_dim];
+  return RelativeError(x, coded);
+}
 double PerChannelError(const std::vector<float>& x, int kv_dim, int bits) {
   std::vector<float> coded = x;
   const int64_t tokens = int64_t(x.size()) / kv_dim;
@@ -144,6 +200,17 @@ int Run(int argc, char** argv) {
     rows.push_back({"int" + std::to_string(bits) + " per token", bits + 32.0 / hd});
     rows.push_back({"int" + std::to_string(bits) + " per channel", bits + 32.0 / kChannelGroupTokens});
   }
+  const std::vector<float> unit_scale(kv_dim, 1.0f);
+  for (int bits : {2, 4})
+    for (int group : {hd, hd / 2}) {
+      rows.push_back({"RoPE'd int" + std::to_string(bits) + " tok g" + std::to_string(group), bits + 32.0 / group});
+      rows.push_back(
+          {"RoPE'd int" + std::to_string(bits) + " tok g" + std::to_string(group) + " scaled", bits + 32.0 / group});
+    }
+  for (int bits : {2, 4}) rows.push_back({"RoPE'd int" + std::to_string(bits) + " per channel", bits + 32.0 / 128});
+  for (int bits : {2, 3, 4})
+    for (int scaled : {0, 1})
+      rows.push_back({"Hadamard int" + std::to_string(bits) + (scaled ? " scaled" : ""), bits + 32.0 / hd});
   for (int sparsity : {4, 8})
     rows.push_back({"CSR " + std::to_string(atoms) + " atoms, s=" + std::to_string(sparsity), 32.0 * sparsity / hd});
   const int layers = loaded->config.num_layers;
@@ -157,6 +224,26 @@ int Run(int argc, char** argv) {
       rows[r].keys += PerChannelError(keys, kv_dim, bits) / layers;
       rows[r++].values += PerChannelError(values, kv_dim, bits) / layers;
     }
+    const std::vector<float> key_scale = PairScales(calibration->rotated_keys[l], kv_dim, hd);
+    const std::vector<float> value_scale = PairScales(calibration->values[l], kv_dim, hd);
+    const auto& rotated = heldout->rotated_keys[l];
+    for (int bits : {2, 4})
+      for (int group : {hd, hd / 2}) {
+        rows[r].keys += SmoothedPerTokenError(rotated, unit_scale, group, bits) / layers;
+        rows[r++].values += SmoothedPerTokenError(values, unit_scale, group, bits) / layers;
+        rows[r].keys += SmoothedPerTokenError(rotated, key_scale, group, bits) / layers;
+        rows[r++].values += SmoothedPerTokenError(values, value_scale, group, bits) / layers;
+      }
+    for (int bits : {2, 4}) {
+      rows[r].keys += PerChannelError(rotated, kv_dim, bits) / layers;
+      rows[r++].values += PerChannelError(values, kv_dim, bits) / layers;
+    }
+    for (int bits : {2, 3, 4})
+      for (int scaled : {0, 1}) {
+        rows[r].keys += RotatedPerTokenError(rotated, scaled ? key_scale : unit_scale, hd, hd, bits) / layers;
+        rows[r++].values += RotatedPerTokenError(values, scaled ? value_scale : unit_scale, hd, hd, bits) / layers;
+      }
+    if (atoms == 0) continue;
     for (int sparsity : {4, 8}) {
       const plan::Dictionary key_atoms = LearnDictionary(calibration->keys[l], hd, atoms, sparsity, 6);
       const plan::Dictionary value_atoms = LearnDictionary(calibration->values[l], hd, atoms, sparsity, 6);

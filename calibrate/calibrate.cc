@@ -42,6 +42,7 @@ class StatisticsObserver : public ForwardObserver {
         kv_sums_(config.num_layers, std::vector<double>(2 * config.kv_dim(), 0.0)),
         key_samples_(config.num_layers),
         value_samples_(config.num_layers),
+        sample_heads_(config.num_layers),
         seen_(config.num_layers, 0),
         coverage_sums_(config.num_layers, std::vector<double>(config.num_kv_heads, 0.0)),
         coverage_counts_(config.num_layers, 0),
@@ -95,6 +96,34 @@ class StatisticsObserver : public ForwardObserver {
         if (coverage_counts_[l] > 0) coverage[l][h] = float(coverage_sums_[l][h] / coverage_counts_[l]);
     return coverage;
   }
+  // Quantization's key channel scales ([kv_heads, head_dim]): the RMS of each channel's rotate-half pair over the
+  // layer's sampled keys of that head (RoPE only rotates within pairs, so keys before and after it agree), floored
+  // at 1% of the head's largest so that a silent channel's rounding noise is not blown up.
+  std::vector<float> KeyChannelScales(int layer) const {
+    const int hd = config_.head_dim, half = hd / 2, kv_heads = config_.num_kv_heads;
+    std::vector<double> squares(int64_t(kv_heads) * hd, 0.0);
+    std::vector<int64_t> counts(kv_heads, 0);
+    const std::vector<float>& keys = key_samples_[layer];
+    for (size_t n = 0; n < sample_heads_[layer].size(); ++n) {
+      const int head = sample_heads_[layer][n];
+      ++counts[head];
+      for (int d = 0; d < hd; ++d) squares[int64_t(head) * hd + d] += double(keys[n * hd + d]) * keys[n * hd + d];
+    }
+    std::vector<float> scales(squares.size(), 1.0f);
+    for (int h = 0; h < kv_heads; ++h) {
+      if (counts[h] == 0) continue;
+      float largest = 0.0f;
+      for (int d = 0; d < hd; ++d) {
+        const int partner = d < half ? d + half : d - half;
+        const double pair = squares[int64_t(h) * hd + d] + squares[int64_t(h) * hd + partner];
+        scales[int64_t(h) * hd + d] = float(std::sqrt(pair / (2.0 * counts[h])));
+        largest = std::max(largest, scales[int64_t(h) * hd + d]);
+      }
+      for (int d = 0; d < hd; ++d)
+        scales[int64_t(h) * hd + d] = std::max(scales[int64_t(h) * hd + d], std::max(0.01f * largest, 1e-6f));
+    }
+    return scales;
+  }
   const std::vector<float>& key_samples(int layer) const { return key_samples_[layer]; }
   const std::vector<float>& value_samples(int layer) const { return value_samples_[layer]; }
   const std::vector<float>& hidden() const { return hidden_; }
@@ -124,8 +153,11 @@ class StatisticsObserver : public ForwardObserver {
   void StoreSamples(int layer, const Samples& samples, const std::vector<float>& keys,
                     const std::vector<float>& values) {
     const int hd = config_.head_dim;
+    std::vector<int32_t>& heads = sample_heads_[layer];
     for (size_t n = 0; n < samples.slots.size(); ++n) {
       const int64_t slot = samples.slots[n];
+      if (int64_t(heads.size()) <= slot) heads.resize(slot + 1);
+      heads[slot] = samples.vectors[n] % config_.num_kv_heads;
       for (auto [stored, source] : {std::pair{&key_samples_[layer], &keys}, {&value_samples_[layer], &values}}) {
         if (int64_t(stored->size()) < (slot + 1) * hd) stored->resize((slot + 1) * hd);
         std::copy_n(source->begin() + n * hd, hd, stored->begin() + slot * hd);
@@ -199,6 +231,7 @@ class StatisticsObserver : public ForwardObserver {
   int64_t max_vectors_;
   std::vector<std::vector<double>> kv_sums_;
   std::vector<std::vector<float>> key_samples_, value_samples_;
+  std::vector<std::vector<int32_t>> sample_heads_;  // [layer][sample slot]: the KV head the sample came from
   std::vector<int64_t> seen_;
   std::vector<std::vector<double>> coverage_sums_;
   std::vector<int64_t> coverage_counts_;
@@ -410,6 +443,20 @@ plan::SparseCoding CodingSettings(const CalibrateOptions& options) {
   return coding;
 }
 
+// Every layer quantized at the options' widths, key channel scales 1 (calibration replaces them).
+plan::KvQuantization QuantizationSettings(const CalibrateOptions& options, int layers, int kv_dim) {
+  plan::KvQuantization quantization;
+  quantization.set_recent_window(options.quantization_recent_window);
+  for (int layer = 0; layer < layers; ++layer) {
+    auto* entry = quantization.add_layers();
+    entry->set_layer(layer);
+    entry->set_key_bits(options.key_bits);
+    entry->set_value_bits(options.value_bits);
+    entry->mutable_key_channel_scale()->Resize(kv_dim, 1.0f);
+  }
+  return quantization;
+}
+
 absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
   if (options.methods.contains("share"))
     return absl::InvalidArgumentError(
@@ -438,6 +485,8 @@ absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
       }
     }
   }
+  if (options.methods.contains("quant"))
+    inputs.quantization = QuantizationSettings(options, config.num_layers, config.kv_dim());
   if (options.methods.contains("budget"))
     inputs.attention_coverage =
         std::vector<std::vector<float>>(config.num_layers, std::vector<float>(config.num_kv_heads, 0.1f));
@@ -447,7 +496,7 @@ absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
 }  // namespace
 
 const std::set<std::string>& KnownMethods() {
-  static const std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
+  static const std::set<std::string> methods = {"share", "dict", "quant", "budget", "refresh"};
   return methods;
 }
 
@@ -464,6 +513,11 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   if (options.random_tokens && options.model_shape.empty())
     return absl::InvalidArgumentError("--random-tokens calibrates a --shape; a checkpoint calibrates on --data");
   if (options.dictionary_atoms > 65536) return absl::InvalidArgumentError("at most 65536 atoms (16-bit indices)");
+  if (options.methods.contains("dict") && options.methods.contains("quant"))
+    return absl::InvalidArgumentError("dict and quant both code every layer: choose one");
+  if (!IsQuantizationWidth(options.key_bits) || !IsQuantizationWidth(options.value_bits))
+    return absl::InvalidArgumentError(
+        absl::StrCat("quantization widths are 2, 4 or 8 bits, not ", options.key_bits, " and ", options.value_bits));
   if (!options.model_shape.empty() && !options.random_tokens) return SyntheticPlan(options);
   if (options.model_shape.empty() && options.data_path.empty())
     return absl::InvalidArgumentError("calibrating a checkpoint needs --data");
@@ -544,6 +598,13 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
       KVPLAN_ASSIGN_OR_RETURN(*entry->mutable_values(), learn(statistics.value_samples(layer), options.value_sparsity));
     }
     clock.Progress("dictionaries", config.num_layers, config.num_layers);
+  }
+  if (options.methods.contains("quant")) {
+    inputs.quantization = QuantizationSettings(options, config.num_layers, config.kv_dim());
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      const std::vector<float> scales = statistics.KeyChannelScales(layer);
+      inputs.quantization.mutable_layers(layer)->mutable_key_channel_scale()->Assign(scales.begin(), scales.end());
+    }
   }
   if (options.methods.contains("budget")) inputs.attention_coverage = statistics.Coverage();
   clock.Progress("compiling the plan", 0, 1);

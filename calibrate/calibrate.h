@@ -30,7 +30,7 @@ struct CalibrateOptions {
   Backend device = Backend::kAuto;
   float target_memory_ratio = 0.2f;
   int reference_context = 0;  // the context the target is met at; 0: min(max positions, 2048)
-  std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
+  std::set<std::string> methods = {"share", "dict", "budget", "refresh"};  // quant: KIVI-style quantization
   int sequences = 16;
   int sequence_length = 512;
   // KVSharer: accept a share while the last hidden state's cosine to the full model stays >= threshold.
@@ -47,6 +47,10 @@ struct CalibrateOptions {
   bool keys_after_rope = false;
   int dictionary_epochs = 6;
   int max_training_vectors = 16384;  // per layer, for keys and for values
+  // Quantization (method quant; a layer is sparse-coded or quantized, not both).
+  int key_bits = 4;
+  int value_bits = 4;
+  int quantization_recent_window = 64;
   BudgetSettings budget_settings;
   RefreshPolicy refresh_policy;
 };

@@ -112,7 +112,7 @@ CommandLine::CommandLine() {
       ->add_option("--reference-context", calibration.reference_context,
                    "the context --target-memory is met at (default: the model's positions, at most 2048)")
       ->check(kPositive);
-  calibrate->add_option("--methods", calibrate_.methods, "comma-separated: share,dict,budget,refresh")
+  calibrate->add_option("--methods", calibrate_.methods, "comma-separated: share,dict,quant,budget,refresh")
       ->delimiter(',')
       ->check(kNonEmpty)
       ->check(CLI::IsMember(KnownMethods()));
@@ -141,6 +141,13 @@ CommandLine::CommandLine() {
   calibrate->add_option("--key-coding", calibrate_.key_coding,
                         "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
                         "attention)");
+  const auto quantization_width = CLI::IsMember({2, 4, 8});
+  calibrate->add_option("--key-bits", calibration.key_bits, "quant: bits per key channel (2, 4, 8)")
+      ->check(quantization_width);
+  calibrate->add_option("--value-bits", calibration.value_bits, "quant: bits per value channel (2, 4, 8)")
+      ->check(quantization_width);
+  calibrate->add_option("--quant-window", calibration.quantization_recent_window, "quant: newest tokens kept in bf16")
+      ->check(kNonNegative);
   calibrate->add_option("--scoring", calibrate_.scoring, "budgets: l2 (key norm) | attention");
   calibrate->add_flag("--no-merge", calibrate_.no_merge, "budgets: drop evicted tokens instead of merging them");
   calibrate

@@ -57,6 +57,13 @@ KVPLAN_HOST_DEVICE inline constexpr uint32_t PackCode(uint16_t atom, uint16_t fp
   return uint32_t(atom) | (uint32_t(fp16_coefficient) << 16);
 }
 
+// A quantized vector of dim channels as 32-bit words: word 0 holds the fp16 scale (low half) and the fp16 minimum
+// (high half); channel d's `bits`-bit integer q (32 % bits == 0) sits at bit (d * bits) % 32 of word
+// 1 + d * bits / 32, and decodes to minimum + scale * q.
+KVPLAN_HOST_DEVICE inline uint32_t QuantizedLevel(const uint32_t* words, int d, int bits) {
+  return (words[1 + d * bits / 32] >> ((d * bits) % 32)) & ((1u << bits) - 1u);
+}
+
 // Deterministic noise for benchmark fills, the same on host and device: a 32-bit mix of (seed, index), and a
 // float in [-0.5, 0.5) from it.
 KVPLAN_HOST_DEVICE inline uint32_t NoiseBits(uint32_t seed, uint64_t index) {
@@ -67,13 +74,17 @@ KVPLAN_HOST_DEVICE inline uint32_t NoiseBits(uint32_t seed, uint64_t index) {
 }
 KVPLAN_HOST_DEVICE inline float NoiseValue(uint32_t bits) { return float(bits >> 8) * 0x1p-24f - 0.5f; }
 
-// What a layer codes against.
+// What a layer codes against: CSR dictionaries, or, with key_bits > 0, per-token integer quantization.
 struct CodingTables {
   int atoms = 0;
   const float* key_atoms = nullptr;    // [atoms, head_dim] unit rows
   const float* value_atoms = nullptr;  // [atoms, head_dim]
-  bool keys_after_rope = false;        // else coded keys are rotated to their positions when decoded
-  const float* inv_freq = nullptr;     // [head_dim / 2]
+  // Quantized layers (then keys_after_rope): a coded vector is QuantizedVector words, keys divided by their
+  // channel's scale before quantizing.
+  int key_bits = 0, value_bits = 0;
+  const float* key_channel_scale = nullptr;  // [kv_heads, head_dim]
+  bool keys_after_rope = false;              // else coded keys are rotated to their positions when decoded
+  const float* inv_freq = nullptr;           // [head_dim / 2]
   float rope_attention_factor = 1.0f;
 };
 

@@ -174,10 +174,16 @@ void RequireSlot(bool fits) {
   if (!fits) std::abort();
 }
 
-// The key and value of coded entry `slot` as attention sees them: keys after RoPE.
-void DecodeCodedEntry(const CompressedLayer& layer, const CodingTables& tables, int64_t slot, float* key,
+// The key and value of coded entry `slot` of KV head `kv_head` as attention sees them: keys after RoPE.
+void DecodeCodedEntry(const CompressedLayer& layer, const CodingTables& tables, int kv_head, int64_t slot, float* key,
                       float* value) {
   const int hd = layer.head_dim;
+  if (tables.key_bits > 0) {
+    dequantize_vector(layer.key_codes + slot * layer.key_sparsity, hd, tables.key_bits,
+                      tables.key_channel_scale + int64_t(kv_head) * hd, key);
+    dequantize_vector(layer.value_codes + slot * layer.value_sparsity, hd, tables.value_bits, nullptr, value);
+    return;
+  }
   decode_codes(tables.key_atoms, hd, layer.key_codes + slot * layer.key_sparsity, layer.key_sparsity, key);
   if (!tables.keys_after_rope)
     apply_rope(key, layer.coded_positions + slot, tables.inv_freq, 1, 1, hd, tables.rope_attention_factor);
@@ -223,6 +229,32 @@ std::vector<std::pair<int, int>> CompactionMoves(const uint8_t* removed, int liv
   std::vector<std::pair<int, int>> moves;
   for (size_t t = 0; t < holes.size(); ++t) moves.push_back({movers[t], holes[t]});
   return moves;
+}
+
+void quantize_vector(const float* x, int dim, int bits, const float* channel_scale, uint32_t* words) {
+  std::vector<float> y(x, x + dim);
+  if (channel_scale)
+    for (int d = 0; d < dim; ++d) y[d] /= channel_scale[d];
+  const auto [low, high] = std::minmax_element(y.begin(), y.end());
+  const float levels = float((1u << bits) - 1u);
+  const uint16_t minimum_bits = FloatToFp16(*low);
+  const float minimum = Fp16ToFloat(minimum_bits);
+  const uint16_t scale_bits = FloatToFp16((*high - minimum) / levels);
+  const float scale = Fp16ToFloat(scale_bits);
+  std::fill_n(words, QuantizedWords(dim, bits), 0u);
+  words[0] = uint32_t(scale_bits) | (uint32_t(minimum_bits) << 16);
+  for (int d = 0; d < dim; ++d) {
+    const float level = scale > 0.0f ? std::clamp(std::nearbyint((y[d] - minimum) / scale), 0.0f, levels) : 0.0f;
+    words[1 + d * bits / 32] |= uint32_t(level) << ((d * bits) % 32);
+  }
+}
+
+void dequantize_vector(const uint32_t* words, int dim, int bits, const float* channel_scale, float* out) {
+  const float scale = Fp16ToFloat(uint16_t(words[0] & 0xffff)), minimum = Fp16ToFloat(uint16_t(words[0] >> 16));
+  for (int d = 0; d < dim; ++d) {
+    out[d] = minimum + scale * float(QuantizedLevel(words, d, bits));
+    if (channel_scale) out[d] *= channel_scale[d];
+  }
 }
 
 void decode_codes(const float* dictionary, int dim, const uint32_t* codes, int sparsity, float* out) {
@@ -277,7 +309,7 @@ void compressed_attention(const CompressedLayer& layer, const CodingTables* tabl
 #pragma omp parallel for if (coded > 64)
       for (int e = 0; e < coded; ++e) {
         const int64_t slot = layer.coded_begin[head] + e;
-        DecodeCodedEntry(layer, *tables, slot, keys.data() + int64_t(e) * hd, values.data() + int64_t(e) * hd);
+        DecodeCodedEntry(layer, *tables, h, slot, keys.data() + int64_t(e) * hd, values.data() + int64_t(e) * hd);
         positions[e] = layer.coded_positions[slot];
         if (subset) in_view[e] = layer.coded_selected[slot] || positions[e] >= refresh->refresh_position[sequence];
       }
@@ -477,7 +509,7 @@ void evict(const CompressedLayer& layer, const CodingTables* tables, const StepR
         std::vector<float> key(hd), value(hd);
         for (const Candidate& victim : candidates) {
           if (victim.coded) {
-            DecodeCodedEntry(layer, *tables, layer.coded_begin[head] + victim.index, key.data(), value.data());
+            DecodeCodedEntry(layer, *tables, h, layer.coded_begin[head] + victim.index, key.data(), value.data());
           } else {
             const int64_t slot = layer.dense_begin[head] + victim.index;
             for (int d = 0; d < hd; ++d) {

@@ -62,6 +62,14 @@ void matching_pursuit(const float* dictionary, int atoms, int dim, const float* 
 void decode_sparse(const float* dictionary, int dim, const uint16_t* indices, const float* coefficients, int sparsity,
                    float* out);
 
+// Quantizes x[dim], each channel first divided by channel_scale[d] when that is non-null, to `bits`-bit integers
+// over the vector's range (QuantizedWords(dim, bits) words, laid out as kernels/compressed_layout.h says): the
+// fp16 minimum is the range's rounded low end, the fp16 scale (high - minimum) / (2^bits - 1), and each integer
+// round-to-nearest-even of (y - minimum) / scale clamped to the levels (0 when the scale is 0).
+void quantize_vector(const float* x, int dim, int bits, const float* channel_scale, uint32_t* words);
+// out[d] = (minimum + scale * q_d) * channel_scale[d] (1 when null).
+void dequantize_vector(const uint32_t* words, int dim, int bits, const float* channel_scale, float* out);
+
 // --- Compressed layer caches (kernels/compressed_layout.h) ----------------------------------------------------
 // Each function is the oracle of the CUDA kernel of the same name and acts on the same arrays the same way, down
 // to which slot an entry lands in, so tests compare the storage exactly.

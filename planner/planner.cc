@@ -66,6 +66,7 @@ std::string ShortfallReason(const plan::Plan& plan) {
     fixed.push_back(
         absl::StrFormat("layer sharing: %d of %d layers", plan.sharing().shares_size(), plan.model().num_layers()));
   if (plan.sparse_coding().layers_size() > 0) fixed.push_back("sparse coding");
+  if (plan.quantization().layers_size() > 0) fixed.push_back("quantization");
   if (plan.refresh().layers_size() > 0) fixed.push_back("RefreshKV");
   return absl::StrCat(
       "the plan has no token budgets to shrink",
@@ -102,6 +103,12 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
   *plan.mutable_sparse_coding() = inputs.sparse_coding;
   const int layers = inputs.model.num_layers(), kv_heads = inputs.model.num_kv_heads();
   const std::set<int> sharers = Sharers(plan);
+  // A sharer stores nothing, so it quantizes nothing.
+  *plan.mutable_quantization() = inputs.quantization;
+  auto* quantized = plan.mutable_quantization()->mutable_layers();
+  quantized->erase(std::remove_if(quantized->begin(), quantized->end(),
+                                  [&](const auto& entry) { return sharers.contains(entry.layer()); }),
+                   quantized->end());
 
   if (inputs.refresh) {
     plan::RefreshSchedule* refresh = plan.mutable_refresh();
@@ -193,6 +200,17 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
   for (const auto& entry : coding.layers())
     absl::StrAppendFormat(&out, "  layer %d: %d atoms; relative error keys %.3f values %.3f\n", entry.layer(),
                           entry.keys().atoms(), entry.keys().relative_error(), entry.values().relative_error());
+
+  const plan::KvQuantization& quantization = plan.quantization();
+  if (Heading(out, "quantization (KIVI-style, per token, key channels scaled):", quantization.layers_size() > 0))
+    absl::StrAppendFormat(&out, " newest %d tokens in bf16\n", quantization.recent_window());
+  for (const auto& entry : quantization.layers())
+    absl::StrAppendFormat(&out, "  layer %d: keys %d bits, values %d bits (%.2f bits/channel with scales)\n",
+                          entry.layer(), entry.key_bits(), entry.value_bits(),
+                          16.0 *
+                              (QuantizedWords(model.head_dim(), entry.key_bits()) +
+                               QuantizedWords(model.head_dim(), entry.value_bits())) /
+                              model.head_dim());
 
   const plan::TokenBudgets& budgets = plan.budgets();
   if (Heading(out, "token budgets:", budgets.layers_size() > 0))

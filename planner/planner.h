@@ -21,8 +21,9 @@ struct PlannerInputs {
   plan::CalibrationInfo calibration;
   float target_memory_ratio = 0.2f;  // plan bytes / full-cache bytes at reference_context
   int reference_context = 2048;
-  plan::LayerSharing sharing;        // accepted shares from the calibration search (may be empty)
-  plan::SparseCoding sparse_coding;  // learned dictionaries (may be empty)
+  plan::LayerSharing sharing;         // accepted shares from the calibration search (may be empty)
+  plan::SparseCoding sparse_coding;   // learned dictionaries (may be empty)
+  plan::KvQuantization quantization;  // per-layer widths and key channel scales (may be empty)
   // Per layer and KV head: the fraction of the context that held 90% of the attention mass on calibration
   // data. Empty: no token budgets.
   std::vector<std::vector<float>> attention_coverage;

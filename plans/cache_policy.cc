@@ -18,6 +18,15 @@ CachePolicy CachePolicyFromPlan(const plan::Plan& plan) {
                                                        .value_sparsity = coding.value_sparsity(),
                                                        .recent_window = coding.recent_window(),
                                                        .keys_after_rope = coding.keys_coded_after_rope()};
+  const plan::KvQuantization& quantization = plan.quantization();
+  for (const auto& entry : quantization.layers())
+    policy.layers[entry.layer()].coding =
+        CodingPolicy{.key_sparsity = QuantizedWords(policy.head_dim, entry.key_bits()),
+                     .value_sparsity = QuantizedWords(policy.head_dim, entry.value_bits()),
+                     .key_bits = entry.key_bits(),
+                     .value_bits = entry.value_bits(),
+                     .recent_window = quantization.recent_window(),
+                     .keys_after_rope = true};
 
   const plan::TokenBudgets& budgets = plan.budgets();
   for (const auto& layer : budgets.layers())

@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "base/number_formats.h"
 #include "plans/kvplan.pb.h"
 
 namespace kvplan {
@@ -23,14 +24,19 @@ inline constexpr int64_t kPositionBytes = 4;     // int32, once eviction or codi
 inline constexpr int64_t kScoreBytes = 4;        // budgets: an entry's eviction score (key norm or attention), fp32
 inline constexpr int64_t kSelectionBytes = 1;    // RefreshKV: whether the small cache holds the entry
 
-// CSR / NeuralDict: entries older than the recent window are coded as sparsity (atom, coefficient) pairs.
+// Entries older than the recent window are coded: as CSR / NeuralDict (atom, coefficient) pairs, or quantized to
+// key_bits / value_bits per channel (KIVI-style, plan::KvQuantization).
 struct CodingPolicy {
+  // 32-bit words per coded key and value: (atom, coefficient) pairs, or QuantizedWords when quantized.
   int key_sparsity = 0;
   int value_sparsity = 0;
-  int recent_window = 0;  // newest tokens stay dense
+  int key_bits = 0, value_bits = 0;  // > 0: quantized
+  int recent_window = 0;             // newest tokens stay dense
   // Keys are coded after RoPE (a query meets coded keys through one q . dictionary table per step) or, as in
   // the CSR paper, before it (each coded key is rebuilt and rotated to its position).
   bool keys_after_rope = false;
+
+  bool quantized() const { return key_bits > 0; }
 };
 
 // Token budgets. The defaults are the planner's defaults; a plan always states every field.

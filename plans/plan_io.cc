@@ -1,5 +1,6 @@
 #include "plans/plan_io.h"
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -9,6 +10,7 @@
 #include "base/atomic_file.h"
 #include "base/hash.h"
 #include "base/status_macros.h"
+#include "plans/cache_policy.h"
 
 namespace kvplan {
 namespace {
@@ -117,6 +119,28 @@ absl::Status ValidatePlanStructure(const plan::Plan& plan) {
                                         " (head_dim ", head_dim, ")"));
       }
     }
+  }
+
+  const plan::KvQuantization& quantization = plan.quantization();
+  if (quantization.recent_window() < 0) return PlanError("quantization needs a non-negative recent window");
+  std::set<int> csr_layers, quantized_layers;
+  for (const auto& entry : coding.layers()) csr_layers.insert(entry.layer());
+  for (const auto& entry : quantization.layers()) {
+    const int layer = entry.layer();
+    if (!layer_ok(layer)) return PlanError(absl::StrCat("quantization for layer ", layer));
+    if (!quantized_layers.insert(layer).second) return PlanError(absl::StrCat("layer ", layer, " quantized twice"));
+    if (csr_layers.contains(layer))
+      return PlanError(absl::StrCat("layer ", layer, " is both sparse-coded and quantized"));
+    for (int bits : {entry.key_bits(), entry.value_bits()})
+      if (!IsQuantizationWidth(bits) || (int64_t(head_dim) * bits) % 32 != 0)
+        return PlanError(absl::StrCat("layer ", layer, " quantizes to ", bits, " bits (2, 4 or 8, head_dim * bits a ",
+                                      "multiple of 32)"));
+    if (entry.key_channel_scale_size() != int64_t(kv_heads) * head_dim)
+      return PlanError(absl::StrCat("quantization of layer ", layer, " has ", entry.key_channel_scale_size(),
+                                    " key channel scales for ", kv_heads, " KV heads of dim ", head_dim));
+    for (float scale : entry.key_channel_scale())
+      if (!(scale > 0.0f && std::isfinite(scale)))
+        return PlanError(absl::StrCat("quantization of layer ", layer, " has key channel scale ", scale));
   }
 
   const plan::TokenBudgets& budgets = plan.budgets();

@@ -39,7 +39,7 @@ absl::StatusOr<std::unique_ptr<Model>> CreateModel(const ModelConfig& config, co
                                   .observer = options.observer};
     if (policies) {
       cuda_options.policy = policies->cache;
-      cuda_options.dictionaries = policies->dictionaries;
+      cuda_options.codebooks = policies->codebooks;
     }
     return CreateCudaModel(config, weights, cuda_options);
   }

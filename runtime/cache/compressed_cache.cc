@@ -24,12 +24,12 @@ T* DataOrNull(std::vector<T>& values) {
 class CompressedLayerCache : public LayerCache {
  public:
   CompressedLayerCache(const ModelConfig& config, int num_sequences, int capacity, int max_step_rows,
-                       const LayerPolicy& policy, std::shared_ptr<const LayerDictionaries> dictionaries)
+                       const LayerPolicy& policy, std::shared_ptr<const LayerCodebook> codebook)
       : config_(config),
         policy_(policy),
         num_sequences_(num_sequences),
         max_step_rows_(max_step_rows),
-        dictionaries_(std::move(dictionaries)),
+        codebook_(std::move(codebook)),
         inv_freq_(RopeInverseFrequencies(config)),
         storage_(MakeStorage(config, policy, num_sequences, capacity, max_step_rows)),
         layer_(storage_.View()) {
@@ -37,10 +37,13 @@ class CompressedLayerCache : public LayerCache {
       dense_probabilities_.resize(storage_.dense_begin.back());
       coded_probabilities_.resize(storage_.coded_begin.back());
     }
-    if (dictionaries_)
-      tables_ = CodingTables{.atoms = dictionaries_->atoms,
-                             .key_atoms = dictionaries_->key_atoms.data(),
-                             .value_atoms = dictionaries_->value_atoms.data(),
+    if (codebook_)
+      tables_ = CodingTables{.atoms = codebook_->atoms,
+                             .key_atoms = codebook_->key_atoms.data(),
+                             .value_atoms = codebook_->value_atoms.data(),
+                             .key_bits = policy.coding->key_bits,
+                             .value_bits = policy.coding->value_bits,
+                             .key_channel_scale = codebook_->key_channel_scale.data(),
                              .keys_after_rope = policy.coding->keys_after_rope,
                              .inv_freq = inv_freq_.data(),
                              .rope_attention_factor = float(config.rope.attention_factor)};
@@ -92,7 +95,7 @@ class CompressedLayerCache : public LayerCache {
 
   void AttendShared(int sequence, const int32_t* positions, int rows, const float* q, float* out) override {
     const Step step(sequence, positions, rows);
-    cpu::compressed_attention(layer_, dictionaries_ ? &tables_ : nullptr, step.view,
+    cpu::compressed_attention(layer_, codebook_ ? &tables_ : nullptr, step.view,
                               policy_.refresh ? &refresh_view_ : nullptr, AttentionParams(), q, out, nullptr, nullptr);
   }
 
@@ -114,7 +117,7 @@ class CompressedLayerCache : public LayerCache {
                                                  .coded = coded.data(),
                                                  .merged = merged.data(),
                                                  .selected = selected.data(),
-                                                 .atoms = dictionaries_ ? dictionaries_->atoms : 1,
+                                                 .atoms = codebook_ ? codebook_->atoms : 1,
                                                  .seed = 7});
   }
 
@@ -186,33 +189,42 @@ class CompressedLayerCache : public LayerCache {
     }
     absl::Status CodeLeaving() {
       const CodingPolicy& coding = *cache_.policy_.coding;
-      const LayerDictionaries& dictionaries = *cache_.dictionaries_;
+      const LayerCodebook& codebook = *cache_.codebook_;
       const int hd = cache_.config_.head_dim, max_leaving = step_.groups.max_rows;
       const int64_t slots = int64_t(step_.view.sequences) * cache_.config_.num_kv_heads * max_leaving;
       std::vector<float> keys(slots * hd), values(slots * hd);
       std::vector<int32_t> leaving_slots(slots), leaving_count(slots / max_leaving);
       cpu::gather_leaving_entries(cache_.layer_, cache_.tables_, step_.view, coding.recent_window, max_leaving,
                                   keys.data(), values.data(), leaving_slots.data(), leaving_count.data());
-      // The batched BLAS encoder codes the gathered rows; rows past a group's count are never read.
+      // Only the gathered rows are coded; rows past a group's count are never read.
       std::vector<int64_t> rows;
       for (int64_t group = 0; group < int64_t(leaving_count.size()); ++group)
         for (int t = 0; t < leaving_count[group]; ++t) rows.push_back(group * max_leaving + t);
       std::vector<uint32_t> key_codes(slots * coding.key_sparsity), value_codes(slots * coding.value_sparsity);
-      auto encode = [&](const std::vector<float>& vectors, const std::vector<float>& atoms, int sparsity,
-                        std::vector<uint32_t>& codes) {
-        std::vector<float> packed(rows.size() * hd);
-        for (size_t i = 0; i < rows.size(); ++i)
-          std::copy_n(vectors.data() + rows[i] * hd, hd, packed.data() + int64_t(i) * hd);
-        const SparseCodes sparse =
-            MatchingPursuit(atoms.data(), dictionaries.atoms, hd, packed.data(), int64_t(rows.size()), sparsity);
-        for (size_t i = 0; i < rows.size(); ++i)
-          for (int c = 0; c < sparsity; ++c)
-            codes[rows[i] * sparsity + c] =
-                cpu::pack_code(sparse.indices[i * sparsity + c], sparse.coefficients[i * sparsity + c]);
-      };
-      if (!rows.empty()) {
-        encode(keys, dictionaries.key_atoms, coding.key_sparsity, key_codes);
-        encode(values, dictionaries.value_atoms, coding.value_sparsity, value_codes);
+      if (coding.quantized()) {
+        for (int64_t row : rows) {
+          const int kv_head = int(row / max_leaving % cache_.config_.num_kv_heads);
+          cpu::quantize_vector(keys.data() + row * hd, hd, coding.key_bits,
+                               codebook.key_channel_scale.data() + int64_t(kv_head) * hd,
+                               key_codes.data() + row * coding.key_sparsity);
+          cpu::quantize_vector(values.data() + row * hd, hd, coding.value_bits, nullptr,
+                               value_codes.data() + row * coding.value_sparsity);
+        }
+      } else if (!rows.empty()) {
+        auto encode = [&](const std::vector<float>& vectors, const std::vector<float>& atoms, int sparsity,
+                          std::vector<uint32_t>& codes) {
+          std::vector<float> packed(rows.size() * hd);
+          for (size_t i = 0; i < rows.size(); ++i)
+            std::copy_n(vectors.data() + rows[i] * hd, hd, packed.data() + int64_t(i) * hd);
+          const SparseCodes sparse =
+              MatchingPursuit(atoms.data(), codebook.atoms, hd, packed.data(), int64_t(rows.size()), sparsity);
+          for (size_t i = 0; i < rows.size(); ++i)
+            for (int c = 0; c < sparsity; ++c)
+              codes[rows[i] * sparsity + c] =
+                  cpu::pack_code(sparse.indices[i * sparsity + c], sparse.coefficients[i * sparsity + c]);
+        };
+        encode(keys, codebook.key_atoms, coding.key_sparsity, key_codes);
+        encode(values, codebook.value_atoms, coding.value_sparsity, value_codes);
       }
       cpu::commit_leaving_entries(cache_.layer_, step_.view, max_leaving, leaving_slots.data(), leaving_count.data(),
                                   key_codes.data(), value_codes.data());
@@ -235,7 +247,7 @@ class CompressedLayerCache : public LayerCache {
                                std::move(regions.dense_begin), std::move(regions.coded_begin));
   }
 
-  const CodingTables* Tables() const { return dictionaries_ ? &tables_ : nullptr; }
+  const CodingTables* Tables() const { return codebook_ ? &tables_ : nullptr; }
   cpu::CompressedAttentionParams AttentionParams() const {
     return cpu::CompressedAttentionParams{
         .heads = config_.num_heads,
@@ -246,7 +258,7 @@ class CompressedLayerCache : public LayerCache {
   ModelConfig config_;
   LayerPolicy policy_;
   int num_sequences_, max_step_rows_;
-  std::shared_ptr<const LayerDictionaries> dictionaries_;  // null unless the policy codes
+  std::shared_ptr<const LayerCodebook> codebook_;  // null unless the policy codes
   std::vector<float> inv_freq_;
   HostCompressedLayer storage_;
   std::vector<float> dense_probabilities_, coded_probabilities_;  // scratch the operations share within a step
@@ -276,9 +288,9 @@ class SharedLayerCache : public LayerCache {
 
 std::unique_ptr<LayerCache> CreateCompressedLayerCache(const ModelConfig& config, int num_sequences, int capacity,
                                                        int max_step_rows, const LayerPolicy& policy,
-                                                       std::shared_ptr<const LayerDictionaries> dictionaries) {
+                                                       std::shared_ptr<const LayerCodebook> codebook) {
   return std::make_unique<CompressedLayerCache>(config, num_sequences, capacity, max_step_rows, policy,
-                                                std::move(dictionaries));
+                                                std::move(codebook));
 }
 
 std::unique_ptr<LayerCache> CreateSharedLayerCache(LayerCache* donor) {

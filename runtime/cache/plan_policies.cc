@@ -28,13 +28,16 @@ absl::StatusOr<PlanPolicies> PoliciesFromPlan(const plan::Plan& plan, const Mode
     return absl::UnimplementedError(absl::StrCat("compressed caches do not implement sliding-window attention (",
                                                  config.architecture, " uses a window of ", config.sliding_window,
                                                  " tokens)"));
-  PlanPolicies policies{.cache = CachePolicyFromPlan(plan), .dictionaries = {}};
-  policies.dictionaries.resize(config.num_layers);
+  PlanPolicies policies{.cache = CachePolicyFromPlan(plan), .codebooks = {}};
+  policies.codebooks.resize(config.num_layers);
   for (const auto& entry : plan.sparse_coding().layers())
-    policies.dictionaries[entry.layer()] = std::make_shared<const LayerDictionaries>(
-        LayerDictionaries{.atoms = entry.keys().atoms(),
-                          .key_atoms = {entry.keys().values().begin(), entry.keys().values().end()},
-                          .value_atoms = {entry.values().values().begin(), entry.values().values().end()}});
+    policies.codebooks[entry.layer()] = std::make_shared<const LayerCodebook>(
+        LayerCodebook{.atoms = entry.keys().atoms(),
+                      .key_atoms = {entry.keys().values().begin(), entry.keys().values().end()},
+                      .value_atoms = {entry.values().values().begin(), entry.values().values().end()}});
+  for (const auto& entry : plan.quantization().layers())
+    policies.codebooks[entry.layer()] = std::make_shared<const LayerCodebook>(
+        LayerCodebook{.key_channel_scale = {entry.key_channel_scale().begin(), entry.key_channel_scale().end()}});
   return policies;
 }
 
@@ -49,7 +52,7 @@ LayerCacheFactory PlanCacheFactory(std::shared_ptr<const PlanPolicies> policies)
         caches.push_back(CreateDenseLayerCache(config, num_sequences, capacity));
       else
         caches.push_back(CreateCompressedLayerCache(config, num_sequences, capacity, max_step_rows, policy,
-                                                    policies->dictionaries[layer]));
+                                                    policies->codebooks[layer]));
     }
     return caches;
   };

@@ -1,5 +1,5 @@
 // A plan, checked against the model it is to run on and turned into what caches execute: the cache policy of
-// every layer and the dictionaries coded layers need. The only runtime code that reads the plan schema.
+// every layer and the codebooks coded layers need. The only runtime code that reads the plan schema.
 #pragma once
 
 #include <memory>
@@ -19,7 +19,7 @@ plan::ModelFingerprint FingerprintModel(const ModelConfig& config, const WeightS
 
 struct PlanPolicies {
   CachePolicy cache;
-  std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries;  // [num_layers], null where not coded
+  std::vector<std::shared_ptr<const LayerCodebook>> codebooks;  // [num_layers], null where not coded
 };
 
 // Every check a plan must pass before it runs: its structure, that it was calibrated for exactly this model,

@@ -63,7 +63,7 @@ class CudaKvCacheImpl : public CudaKvCache {
       if (event != nullptr) cudaEventDestroy(event);
   }
 
-  absl::Status Init(const std::vector<std::shared_ptr<const LayerDictionaries>>& dictionaries) {
+  absl::Status Init(const std::vector<std::shared_ptr<const LayerCodebook>>& codebooks) {
     const ModelConfig& c = config_;
     bool compresses = false;
     for (const LayerPolicy& layer : policy_.layers) compresses |= layer.stores_compressed();
@@ -94,10 +94,10 @@ class CudaKvCacheImpl : public CudaKvCache {
     for (int l = 0; l < c.num_layers; ++l) {
       const LayerPolicy& policy = policy_.layers[l];
       if (!policy.stores_compressed()) continue;
-      if (policy.coding && (l >= int(dictionaries.size()) || dictionaries[l] == nullptr))
-        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " codes but has no dictionaries"));
+      if (policy.coding && (l >= int(codebooks.size()) || codebooks[l] == nullptr))
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " codes but has no codebooks"));
       auto layer = std::make_unique<DeviceLayer>();
-      KVPLAN_RETURN_IF_ERROR(AllocateLayer(policy, policy.coding ? dictionaries[l].get() : nullptr, *layer));
+      KVPLAN_RETURN_IF_ERROR(AllocateLayer(policy, policy.coding ? codebooks[l].get() : nullptr, *layer));
       most_dense = std::max(most_dense, layer->regions.dense_slots());
       most_coded = std::max(most_coded, layer->regions.coded_slots());
       if (policy.coding) {
@@ -435,7 +435,7 @@ class CudaKvCacheImpl : public CudaKvCache {
         "attention");
   }
 
-  absl::Status AllocateLayer(const LayerPolicy& policy, const LayerDictionaries* dictionaries, DeviceLayer& layer) {
+  absl::Status AllocateLayer(const LayerPolicy& policy, const LayerCodebook* codebook, DeviceLayer& layer) {
     const ModelConfig& c = config_;
     const int head_slots = options_.num_sequences * c.num_kv_heads, hd = c.head_dim, n = options_.num_sequences;
     layer.policy = policy;
@@ -477,8 +477,8 @@ class CudaKvCacheImpl : public CudaKvCache {
     for (const auto& [buffer, bytes] : arrays)
       if (bytes > 0) KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
     if (coding) {
-      KVPLAN_RETURN_IF_ERROR(layer.key_atoms.Upload(dictionaries->key_atoms));
-      KVPLAN_RETURN_IF_ERROR(layer.value_atoms.Upload(dictionaries->value_atoms));
+      KVPLAN_RETURN_IF_ERROR(layer.key_atoms.Upload(codebook->key_atoms));
+      KVPLAN_RETURN_IF_ERROR(layer.value_atoms.Upload(codebook->value_atoms));
     }
     layer.view = CompressedLayer{.head_slots = head_slots,
                                  .kv_heads = c.num_kv_heads,
@@ -503,7 +503,7 @@ class CudaKvCacheImpl : public CudaKvCache {
                                  .merged_values = layer.merged_values.as_or_null<float>(),
                                  .merged_tokens = layer.merged_tokens.as_or_null<float>()};
     if (coding)
-      layer.tables = CodingTables{.atoms = dictionaries->atoms,
+      layer.tables = CodingTables{.atoms = codebook->atoms,
                                   .key_atoms = layer.key_atoms.as<float>(),
                                   .value_atoms = layer.value_atoms.as<float>(),
                                   .keys_after_rope = policy.coding->keys_after_rope,
@@ -546,7 +546,7 @@ class CudaKvCacheImpl : public CudaKvCache {
 
 absl::StatusOr<std::unique_ptr<CudaKvCache>> CreateCudaKvCache(
     const ModelConfig& config, const CachePolicy& policy,
-    const std::vector<std::shared_ptr<const LayerDictionaries>>& dictionaries, const CudaCacheOptions& options,
+    const std::vector<std::shared_ptr<const LayerCodebook>>& codebooks, const CudaCacheOptions& options,
     cudaStream_t stream) {
   if (int(policy.layers.size()) != config.num_layers)
     return absl::InvalidArgumentError(
@@ -554,7 +554,7 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CreateCudaKvCache(
   if (options.num_sequences <= 0 || options.capacity <= 0 || options.max_rows <= 0)
     return absl::InvalidArgumentError("num_sequences, capacity and max_rows must be positive");
   auto cache = std::make_unique<CudaKvCacheImpl>(config, policy, options, stream);
-  KVPLAN_RETURN_IF_ERROR(cache->Init(dictionaries));
+  KVPLAN_RETURN_IF_ERROR(cache->Init(codebooks));
   return cache;
 }
 

@@ -61,11 +61,11 @@ class CudaKvCache {
   virtual absl::StatusOr<std::vector<HeadEntries>> ReadHeadEntries(int layer) const = 0;
 };
 
-// `dictionaries`: [num_layers], the coded layers' dictionaries (PlanPolicies::dictionaries); empty for a policy
+// `codebooks`: [num_layers], the coded layers' codebooks (PlanPolicies::codebooks); empty for a policy
 // that codes nothing.
 absl::StatusOr<std::unique_ptr<CudaKvCache>> CreateCudaKvCache(
     const ModelConfig& config, const CachePolicy& policy,
-    const std::vector<std::shared_ptr<const LayerDictionaries>>& dictionaries, const CudaCacheOptions& options,
+    const std::vector<std::shared_ptr<const LayerCodebook>>& codebooks, const CudaCacheOptions& options,
     cudaStream_t stream);
 
 }  // namespace kvplan

@@ -62,7 +62,7 @@ class CudaModel : public Model {
         max_rows_(options.max_rows),
         use_graphs_(options.cuda_graphs && options.observer == nullptr),  // observing synchronises
         policy_(options.policy ? *options.policy : FullCachePolicy(config)),
-        dictionaries_(options.dictionaries),
+        codebook_(options.codebooks),
         observer_(options.observer) {}
 
   ~CudaModel() override {
@@ -152,7 +152,7 @@ class CudaModel : public Model {
     cache_.reset();
     KVPLAN_ASSIGN_OR_RETURN(
         cache_,
-        CreateCudaKvCache(config_, policy_, dictionaries_,
+        CreateCudaKvCache(config_, policy_, codebook_,
                           {.num_sequences = num_sequences_, .capacity = capacity_, .max_rows = max_rows_}, stream_));
     lengths_.assign(num_sequences_, 0);
     return absl::OkStatus();
@@ -168,7 +168,7 @@ class CudaModel : public Model {
                          "'s K/V weights were left on the host (the model was made with a plan that "
                          "shares the layer); make the model without a plan to switch plans"));
     policy_ = std::move(policy);
-    dictionaries_ = policies ? policies->dictionaries : std::vector<std::shared_ptr<const LayerDictionaries>>();
+    codebook_ = policies ? policies->codebooks : std::vector<std::shared_ptr<const LayerCodebook>>();
     return BuildCache();  // activations depend on the batch alone, and stay
   }
 
@@ -432,7 +432,7 @@ class CudaModel : public Model {
   std::map<int, GraphExec> graphs_;  // decode graphs by row count
   int64_t weight_bytes_ = 0;         // what the uploads took on the device
   CachePolicy policy_;
-  std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries_;
+  std::vector<std::shared_ptr<const LayerCodebook>> codebook_;
   std::unique_ptr<CudaKvCache> cache_;
   std::vector<int32_t> lengths_;
   ForwardObserver* observer_;

@@ -20,10 +20,10 @@ struct CudaModelOptions {
   int max_rows = 2048;  // most rows one Forward may carry
   // Decode steps (one row per sequence) run as CUDA graphs, captured once per row count.
   bool cuda_graphs = true;
-  // The cache policy to execute (runtime/cache/plan_policies.h makes it and the dictionaries from a plan); none:
+  // The cache policy to execute (runtime/cache/plan_policies.h makes it and the codebooks from a plan); none:
   // the full cache.
   std::optional<CachePolicy> policy;
-  std::vector<std::shared_ptr<const LayerDictionaries>> dictionaries;  // [num_layers] where the policy codes
+  std::vector<std::shared_ptr<const LayerCodebook>> codebooks;  // [num_layers] where the policy codes
   // Sees each pass's layer tensors and final hidden states on the host, as the CPU runtime shows them (fp32;
   // queries and keys after RoPE); each costs a copy from the device and a synchronisation.
   ForwardObserver* observer = nullptr;

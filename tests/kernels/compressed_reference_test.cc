@@ -1,6 +1,7 @@
 // The CPU references of the compressed-cache operations on hand-made entries: which entries eviction, coding and
 // RefreshKV selection pick, and where the survivors land. The CUDA kernels are held to these references.
 #include <algorithm>
+#include <cmath>
 #include <random>
 
 #include "gtest/gtest.h"
@@ -33,6 +34,37 @@ std::vector<int32_t> SurvivorsAfterEviction(HostLayer& layer, int kept, const Ev
   const std::vector<int32_t> targets = {kept};
   cpu::evict(layer.View(), nullptr, step.View(), StepTargets{.kept = targets.data()}, settings);
   return Sorted(layer.DensePositions(0));
+}
+
+// Every channel decodes to within half a step of the vector's range (plus fp16 rounding of scale and minimum),
+// the range's ends are hit, and channel scales divide before and multiply after.
+TEST(CompressedReferenceTest, QuantizedVectorsDecodeWithinHalfAStep) {
+  std::mt19937 generator(3);
+  std::normal_distribution<float> normal;
+  for (int bits : {2, 4, 8})
+    for (bool scaled : {false, true}) {
+      const int dim = 64;
+      std::vector<float> x(dim), scale(dim), decoded(dim);
+      for (int d = 0; d < dim; ++d) {
+        scale[d] = 0.25f + float(d % 5);
+        x[d] = normal(generator) * (scaled ? scale[d] : 1.0f);
+      }
+      std::vector<uint32_t> words(QuantizedWords(dim, bits));
+      cpu::quantize_vector(x.data(), dim, bits, scaled ? scale.data() : nullptr, words.data());
+      cpu::dequantize_vector(words.data(), dim, bits, scaled ? scale.data() : nullptr, decoded.data());
+      float low = INFINITY, high = -INFINITY;
+      for (int d = 0; d < dim; ++d) {
+        const float y = scaled ? x[d] / scale[d] : x[d];
+        low = std::min(low, y);
+        high = std::max(high, y);
+      }
+      const float step = (high - low) / float((1 << bits) - 1);
+      for (int d = 0; d < dim; ++d) {
+        const float unit = scaled ? scale[d] : 1.0f;
+        EXPECT_NEAR(decoded[d], x[d], (0.5f * step + 2e-3f * (std::fabs(low) + step)) * unit)
+            << bits << " bits, channel " << d;
+      }
+    }
 }
 
 TEST(CompressedReferenceTest, EvictionKeepsSinksRecentAndTheBestScores) {

@@ -1,6 +1,7 @@
 // Plan files: round trip, and every way a file can be wrong (truncated, corrupt, foreign, future version,
 // inconsistent, for another model) gives an error naming the problem. Includes a seeded mutation fuzz.
 
+#include "absl/strings/match.h"
 #include "planner/planner.h"
 #include "plans/plan_io.h"
 #include "runtime/cache/plan_policies.h"
@@ -96,6 +97,29 @@ TEST(PlanFileTest, InconsistentPlansAreRejected) {
   plan::Plan bad_fraction = SmallPlan();
   bad_fraction.mutable_budgets()->mutable_layers(0)->set_head_keep_fraction(0, 1.5f);
   EXPECT_FALSE(ValidatePlanStructure(bad_fraction).ok());
+
+  // Quantization: widths 2/4/8, one positive scale per key channel, and never on a sparse-coded layer.
+  auto quantized = [](int layer, int bits) {
+    plan::Plan plan = SmallPlan();
+    auto* entry = plan.mutable_quantization()->add_layers();
+    entry->set_layer(layer);
+    entry->set_key_bits(bits);
+    entry->set_value_bits(4);
+    entry->mutable_key_channel_scale()->Resize(plan.model().num_kv_heads() * plan.model().head_dim(), 1.0f);
+    return plan;
+  };
+  const int uncoded = 2;  // neither sparse-coded nor a sharer
+  EXPECT_TRUE(ValidatePlanStructure(quantized(uncoded, 2)).ok()) << ValidatePlanStructure(quantized(uncoded, 2));
+  EXPECT_TRUE(absl::StrContains(ValidatePlanStructure(quantized(uncoded, 3)).message(), "quantizes to 3 bits"));
+  plan::Plan short_scales = quantized(uncoded, 4);
+  short_scales.mutable_quantization()->mutable_layers(0)->mutable_key_channel_scale()->RemoveLast();
+  EXPECT_TRUE(absl::StrContains(ValidatePlanStructure(short_scales).message(), "key channel scales"));
+  plan::Plan zero_scale = quantized(uncoded, 4);
+  zero_scale.mutable_quantization()->mutable_layers(0)->set_key_channel_scale(0, 0.0f);
+  EXPECT_FALSE(ValidatePlanStructure(zero_scale).ok());
+  const int coded = SmallPlan().sparse_coding().layers(0).layer();
+  EXPECT_TRUE(
+      absl::StrContains(ValidatePlanStructure(quantized(coded, 4)).message(), "both sparse-coded and quantized"));
 
   // WritePlanFile refuses to write an inconsistent plan.
   EXPECT_FALSE(WritePlanFile(bad_fraction, "/tmp/kvplan_bad_plan.kvplan").ok());

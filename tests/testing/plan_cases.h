@@ -15,7 +15,22 @@ namespace kvplan::testing {
 struct PlanCase {
   const char* name;
   bool budgets = false, merge = false, attention = false, coding = false, refresh = false, share = false;
+  int quantize_bits = 0;  // > 0: every layer quantized to this width (exclusive with coding)
 };
+
+// Every layer quantized to `bits`, keys' channel scales cycling through 0.5, 1, 2 so the scaling path is used.
+inline plan::KvQuantization TestQuantization(int num_layers, int kv_dim, int bits, int recent_window) {
+  plan::KvQuantization quantization;
+  quantization.set_recent_window(recent_window);
+  for (int layer = 0; layer < num_layers; ++layer) {
+    auto* entry = quantization.add_layers();
+    entry->set_layer(layer);
+    entry->set_key_bits(bits);
+    entry->set_value_bits(bits);
+    for (int c = 0; c < kv_dim; ++c) entry->add_key_channel_scale(0.5f * float(1 << (c % 3)));
+  }
+  return quantization;
+}
 
 // `coding` supplies the dictionaries when the case codes; layer 4 shares layer 2's cache when the case shares.
 inline plan::Plan CompileTestPlan(const PlanCase& c, const LoadedModel& loaded, const plan::SparseCoding& coding) {
@@ -43,6 +58,9 @@ inline plan::Plan CompileTestPlan(const PlanCase& c, const LoadedModel& loaded, 
           std::remove_if(layers->begin(), layers->end(), [](const auto& entry) { return entry.layer() == 4; }),
           layers->end());
   }
+  if (c.quantize_bits > 0)
+    inputs.quantization =
+        TestQuantization(loaded.config.num_layers, loaded.config.kv_dim(), c.quantize_bits, /*recent_window=*/32);
   inputs.refresh = c.refresh;
   inputs.refresh_policy.min_small_cache_tokens = 16;
   auto plan = CompilePlan(inputs);

@@ -74,6 +74,22 @@ TEST(CompressedCacheTest, LosslessLimitsMatchTheDenseCache) {
   EXPECT_LT(testing::RelativeError(Logits(fixture, &basis).data(), dense.data(), dense.size()), kBf16Storage);
 }
 
+// 8-bit quantization is nearly lossless and 4-bit close; both keep the model's predictions (the bound for each
+// width is a few times what the fixture measures: 8 bits ~2e-3, 4 bits ~3e-2 relative error of the logits).
+TEST(CompressedCacheTest, QuantizedCachesStayCloseToTheDenseCache) {
+  const Fixture fixture = LoadFixture();
+  const ModelConfig& config = fixture.loaded.config;
+  const std::vector<float> dense = Logits(fixture, nullptr);
+  for (const auto& [bits, tolerance] : {std::pair{8, 1e-2}, {4, 1e-1}}) {
+    plan::Plan plan = EmptyPlan(fixture);
+    *plan.mutable_quantization() = testing::TestQuantization(config.num_layers, config.kv_dim(), bits, 16);
+    const std::vector<float> quantized = Logits(fixture, &plan);
+    const double error = testing::RelativeError(quantized.data(), dense.data(), dense.size());
+    EXPECT_LT(error, tolerance) << bits << " bits";
+    EXPECT_GT(error, 1e-5) << bits << " bits: the old entries really are quantized";
+  }
+}
+
 TEST(CompressedCacheTest, SharedLayersStoreNothing) {
   const Fixture fixture = LoadFixture();
   int64_t dense_bytes = 0, shared_bytes = 0;
@@ -104,6 +120,8 @@ TEST(CompressedCacheTest, MeasuredBytesEqualThePlannerEstimate) {
       {"share", false, false, false, false, false, true},
       {"budgets+coding", true, true, false, true, false, false},
       {"everything", true, true, true, true, true, true},
+      {"quantized 4 bits", false, false, false, false, false, false, 4},
+      {"quantized 2 bits + attention budgets + merge + refresh + share", true, true, true, false, true, true, 2},
   };
   // A coding window wider than the budgets' recent window, 8 atoms per vector.
   const plan::SparseCoding coding = testing::BasisCoding(config.num_layers, config.head_dim, 8, 32);
