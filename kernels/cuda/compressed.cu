@@ -8,6 +8,7 @@
 
 #include <cooperative_groups.h>
 
+#include "base/number_formats.h"
 #include "kernels/cuda/kernels.h"
 #include "kernels/cuda/softmax_merge.cuh"
 #include "kernels/cuda/split_kv.cuh"
@@ -36,6 +37,22 @@ __device__ inline uint32_t code_atom(uint32_t code) { return code & 0xffff; }
 // fp16 as the CPU stores coefficients: round to nearest even, saturating at the largest finite value.
 __device__ inline uint16_t saturated_fp16_bits(float value) {
   return __half_as_ushort(__float2half_rn(fminf(fmaxf(value, -65504.0f), 65504.0f)));
+}
+__device__ inline float fp16_value(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+
+// A quantized vector's scale and minimum (word 0, kernels/compressed_layout.h).
+struct QuantizedRange {
+  float scale, minimum;
+};
+__device__ inline QuantizedRange quantized_range(const uint32_t* words) {
+  const uint32_t word = words[0];
+  return {fp16_value(uint16_t(word & 0xffff)), fp16_value(uint16_t(word >> 16))};
+}
+// Channel d of a quantized vector as cpu::dequantize_vector rounds it: a multiply and an add, not fused.
+__device__ inline float dequantized_channel(const uint32_t* words, const QuantizedRange& range, int d, int bits,
+                                            const float* channel_scale) {
+  const float value = __fadd_rn(range.minimum, __fmul_rn(range.scale, float(QuantizedLevel(words, d, bits))));
+  return channel_scale != nullptr ? __fmul_rn(value, channel_scale[d]) : value;
 }
 
 // cos and sin of position * inv_freq as cpu::apply_rope forms them (double angle), scaled by the YaRN factor.
@@ -233,6 +250,18 @@ __device__ void decode_lane(const float* dictionary, const uint32_t* codes, int 
   }
 }
 
+template <int kPairs>
+__device__ void dequantize_lane(const uint32_t* words, int bits, const float* channel_scale, int lane,
+                                LaneVector<kPairs>& out) {
+  constexpr int kHalf = kPairs * 32;
+  const QuantizedRange range = quantized_range(words);
+#pragma unroll
+  for (int i = 0; i < kPairs; ++i) {
+    out.low[i] = dequantized_channel(words, range, lane + 32 * i, bits, channel_scale);
+    out.high[i] = dequantized_channel(words, range, kHalf + lane + 32 * i, bits, channel_scale);
+  }
+}
+
 // One entry of a head as attention sees it: key after RoPE, value, position, logit bias.
 template <int kPairs>
 struct EntryReader {
@@ -261,7 +290,12 @@ struct EntryReader {
                        float& bias) const {
     constexpr int kHalf = kPairs * 32, kHeadDim = 2 * kHalf;
     bias = 0.0f;
-    if (e < coded) {
+    if (e < coded && tables.key_bits > 0) {
+      const int64_t slot = layer.coded_begin[head] + e;
+      dequantize_lane<kPairs>(layer.key_codes + slot * layer.key_sparsity, tables.key_bits,
+                              tables.key_channel_scale + int64_t(head % layer.kv_heads) * kHeadDim, lane, key);
+      dequantize_lane<kPairs>(layer.value_codes + slot * layer.value_sparsity, tables.value_bits, nullptr, lane, value);
+    } else if (e < coded) {
       const int64_t slot = layer.coded_begin[head] + e;
       decode_lane<kPairs>(tables.key_atoms, layer.key_codes + slot * layer.key_sparsity, layer.key_sparsity, lane, key);
       if (!tables.keys_after_rope) {
@@ -1171,9 +1205,9 @@ __global__ void __launch_bounds__(kSplitThreads) compressed_combine_kernel(Atten
   }
 }
 
-// Whether a layer takes the split path, and with which code bound: uncoded layers always; coded ones when their keys
-// were coded after RoPE, their sparsities are multiples of 4 up to 16, and the group's table and atom weights fit in
-// shared memory beside the merge area.
+// Whether a layer takes the split path, and with which code bound: uncoded layers always; coded ones when they code
+// with dictionaries (quantized layers take the general kernel), their keys were coded after RoPE, their sparsities
+// are multiples of 4 up to 16, and the group's table and atom weights fit in shared memory beside the merge area.
 struct SplitPathChoice {
   bool taken;
   int max_codes;  // 0: no coded entries
@@ -1184,8 +1218,8 @@ SplitPathChoice choose_split_path(const CompressedLayer& layer, const CodingTabl
   const int width = group_width(group);
   if (!coded) return {true, 0, split_shared_layout(layer.head_dim, width, 0, false).floats * sizeof(float)};
   const int most_codes = std::max(layer.key_sparsity, layer.value_sparsity);
-  if (tables == nullptr || !tables->keys_after_rope || layer.key_sparsity % 4 != 0 || layer.value_sparsity % 4 != 0 ||
-      most_codes > 16)
+  if (tables == nullptr || tables->key_bits > 0 || !tables->keys_after_rope || layer.key_sparsity % 4 != 0 ||
+      layer.value_sparsity % 4 != 0 || most_codes > 16)
     return {false, 0, 0};
   const size_t bytes = split_shared_layout(layer.head_dim, width, tables->atoms, true).floats * sizeof(float);
   int device = 0, limit = 0;
@@ -1471,6 +1505,18 @@ __device__ void victim_pair(const CompressedLayer& layer, const CodingTables& ta
     return;
   }
   const int64_t slot = layer.coded_begin[head] + index;
+  if (tables.key_bits > 0) {
+    const uint32_t* key_words = layer.key_codes + slot * layer.key_sparsity;
+    const uint32_t* value_words = layer.value_codes + slot * layer.value_sparsity;
+    const QuantizedRange key_range = quantized_range(key_words), value_range = quantized_range(value_words);
+    const float* channel_scale = tables.key_channel_scale + int64_t(head % layer.kv_heads) * hd;
+    for (int k = 0; k < 2; ++k) {
+      const int d = pair + k * half;
+      key[k] = dequantized_channel(key_words, key_range, d, tables.key_bits, channel_scale);
+      value[k] = dequantized_channel(value_words, value_range, d, tables.value_bits, nullptr);
+    }
+    return;
+  }
   key[0] = key[1] = value[0] = value[1] = 0.0f;
   for (int s = 0; s < layer.key_sparsity; ++s) {
     const uint32_t code = layer.key_codes[slot * layer.key_sparsity + s];
@@ -1693,6 +1739,75 @@ __global__ void commit_leaving_kernel(CompressedLayer layer, StepRowsView step, 
   }
 }
 
+// The vectors a coding launch codes: the first counts[g] (all when counts is null) of each group of group_size.
+struct CodingRows {
+  int groups, group_size;
+  const int32_t* counts;
+  __host__ __device__ int64_t vectors() const { return int64_t(groups) * group_size; }
+  __device__ bool coded(int64_t vector) const {
+    if (vector >= vectors()) return false;
+    return counts == nullptr || vector % group_size < counts[vector / group_size];
+  }
+};
+
+struct QuantizeLaunch {
+  QuantizeJob jobs[kMaxCodingJobs];
+  int words[kMaxCodingJobs];  // per vector: QuantizedWords(dim, bits)
+  int dim, kv_heads;
+  CodingRows rows;
+};
+constexpr int kQuantizeWarps = kBlock / 32;
+
+// Grid (vector blocks, jobs); a warp per vector. Every step rounds as cpu::quantize_vector does (IEEE division,
+// no fused operations, fp16 rounded to nearest even), so the words come out identical.
+__global__ void __launch_bounds__(kBlock) quantize_vectors_kernel(QuantizeLaunch p) {
+  const QuantizeJob job = p.jobs[blockIdx.y];
+  const int64_t vector = int64_t(blockIdx.x) * kQuantizeWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, dim = p.dim;
+  if (!p.rows.coded(vector)) return;  // the whole warp
+  const float* x = job.x + vector * dim;
+  const float* channel_scale =
+      job.channel_scale != nullptr ? job.channel_scale + vector / p.rows.group_size % p.kv_heads * dim : nullptr;
+  auto channel = [&](int d) { return channel_scale != nullptr ? __fdiv_rn(x[d], channel_scale[d]) : x[d]; };
+  // The range's ends are the values of the first smallest and the last largest channel, as std::minmax_element
+  // picks them: -0 and 0 compare equal but round to different fp16 bits.
+  float low = FLT_MAX, high = -FLT_MAX;
+  for (int d = lane; d < dim; d += 32) {
+    low = fminf(low, channel(d));
+    high = fmaxf(high, channel(d));
+  }
+  low = -warp_max(-low);
+  high = warp_max(high);
+  int first_low = dim, last_high = -1;
+  for (int base = 0; base < dim; base += 32) {
+    const int d = base + lane;
+    const float y = d < dim ? channel(d) : 0.0f;
+    const unsigned lows = __ballot_sync(0xffffffffu, d < dim && y == low);
+    const unsigned highs = __ballot_sync(0xffffffffu, d < dim && y == high);
+    if (lows != 0 && first_low == dim) first_low = base + __ffs(int(lows)) - 1;
+    if (highs != 0) last_high = base + 31 - __clz(int(highs));
+  }
+  const float levels = float((1u << job.bits) - 1u);
+  const uint16_t minimum_bits = saturated_fp16_bits(channel(first_low));
+  const float minimum = fp16_value(minimum_bits);
+  const uint16_t scale_bits = saturated_fp16_bits(__fdiv_rn(__fsub_rn(channel(last_high), minimum), levels));
+  const float scale = fp16_value(scale_bits);
+  uint32_t* words = job.words + vector * p.words[blockIdx.y];
+  if (lane == 0) words[0] = uint32_t(scale_bits) | (uint32_t(minimum_bits) << 16);
+  const int per_word = 32 / job.bits;
+  for (int w = lane; w < dim / per_word; w += 32) {
+    uint32_t word = 0;
+    for (int k = 0; k < per_word; ++k) {
+      const float level =
+          scale > 0.0f
+              ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(channel(w * per_word + k), minimum), scale)), 0.0f), levels)
+              : 0.0f;
+      word |= uint32_t(level) << (k * job.bits);
+    }
+    words[1 + w] = word;
+  }
+}
+
 // A cluster of blocks codes kVectors vectors at once: each block holds a slice of the dictionary's atoms (in
 // shared memory when it fits) and finds its slice's best atom per vector, a warp per atom at a time with the
 // lanes reading the atom's row coalesced and reducing with shuffles; the cluster then agrees on the best atom
@@ -1710,17 +1825,11 @@ __device__ inline bool better_pursuit_choice(float value, int index, float best_
 }
 
 struct PursuitLaunch {
-  PursuitJob jobs[kMaxPursuitJobs];
+  PursuitJob jobs[kMaxCodingJobs];
   int atoms, dim;
-  int groups, group_size;
-  const int32_t* counts;
+  CodingRows rows;
   bool slice_in_shared;
 };
-
-__device__ inline bool pursuit_vector_coded(const PursuitLaunch& p, int64_t vector) {
-  if (vector >= int64_t(p.groups) * p.group_size) return false;
-  return p.counts == nullptr || vector % p.group_size < p.counts[vector / p.group_size];
-}
 
 template <int kVectors>
 __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(PursuitLaunch p) {
@@ -1730,7 +1839,7 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
   const int rank = int(cluster.block_rank()), blocks = int(cluster.num_blocks());
   const int64_t first_vector = int64_t(blockIdx.x / blocks) * kVectors;
   bool any_coded = false;
-  for (int v = 0; v < kVectors; ++v) any_coded |= pursuit_vector_coded(p, first_vector + v);
+  for (int v = 0; v < kVectors; ++v) any_coded |= p.rows.coded(first_vector + v);
   if (!any_coded) return;  // the same for every block of the cluster
 
   extern __shared__ float shared[];
@@ -1755,7 +1864,7 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
   }
   for (int i = threadIdx.x; i < kVectors * dim; i += blockDim.x) {
     const int64_t vector = first_vector + i / dim;
-    residual[i] = pursuit_vector_coded(p, vector) ? job.x[vector * dim + i % dim] : 0.0f;
+    residual[i] = p.rows.coded(vector) ? job.x[vector * dim + i % dim] : 0.0f;
   }
   __syncthreads();
 
@@ -1834,7 +1943,7 @@ __global__ void __launch_bounds__(kPursuitWarps * 32) matching_pursuit_kernel(Pu
       if (r == 0) {
         const uint16_t rounded = saturated_fp16_bits(value);
         const int64_t vector = first_vector + v;
-        if (rank == 0 && pursuit_vector_coded(p, vector))
+        if (rank == 0 && p.rows.coded(vector))
           job.codes[vector * job.sparsity + s] = PackCode(uint16_t(index), rounded);
         chosen_value[v] = __half2float(__ushort_as_half(rounded));
         chosen_index[v] = index;
@@ -1880,7 +1989,7 @@ int pursuit_shared_limit() {
 template <int kVectors>
 cudaError_t launch_pursuit(PursuitLaunch launch, int jobs, int blocks, cudaStream_t stream) {
   const int limit = pursuit_shared_limit<kVectors>();
-  const int64_t clusters = (int64_t(launch.groups) * launch.group_size + kVectors - 1) / kVectors;
+  const int64_t clusters = (launch.rows.vectors() + kVectors - 1) / kVectors;
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeClusterDimension;
   cudaLaunchConfig_t config = {};
@@ -2105,12 +2214,27 @@ cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsV
   return cudaGetLastError();
 }
 
+cudaError_t quantize_vectors(const QuantizeJob* jobs, int job_count, int dim, int kv_heads, int groups, int group_size,
+                             const int32_t* counts, cudaStream_t stream) {
+  QuantizeLaunch launch = {{}, {}, dim, kv_heads, {groups, group_size, counts}};
+  if (launch.rows.vectors() == 0 || job_count == 0) return cudaSuccess;
+  if (job_count > kMaxCodingJobs || kv_heads <= 0) return cudaErrorInvalidValue;
+  for (int j = 0; j < job_count; ++j) {
+    if (!IsQuantizationWidth(jobs[j].bits) || dim * jobs[j].bits % 32 != 0) return cudaErrorInvalidValue;
+    launch.jobs[j] = jobs[j];
+    launch.words[j] = QuantizedWords(dim, jobs[j].bits);
+  }
+  const dim3 grid(unsigned((launch.rows.vectors() + kQuantizeWarps - 1) / kQuantizeWarps), job_count);
+  quantize_vectors_kernel<<<grid, kBlock, 0, stream>>>(launch);
+  return cudaGetLastError();
+}
+
 cudaError_t matching_pursuit(const PursuitJob* jobs, int job_count, int atoms, int dim, int groups, int group_size,
                              const int32_t* counts, cudaStream_t stream) {
   const int64_t vectors = int64_t(groups) * group_size;
   if (vectors == 0 || job_count == 0) return cudaSuccess;
-  if (job_count > kMaxPursuitJobs) return cudaErrorInvalidValue;
-  PursuitLaunch launch = {{}, atoms, dim, groups, group_size, counts, false};
+  if (job_count > kMaxCodingJobs) return cudaErrorInvalidValue;
+  PursuitLaunch launch = {{}, atoms, dim, {groups, group_size, counts}, false};
   std::copy_n(jobs, job_count, launch.jobs);
   const int blocks = std::clamp(atoms / kPursuitAtomsPerBlock, 1, kMaxPursuitClusterBlocks);
   // One vector per cluster while that leaves SMs idle (decode steps); eight, sharing each slice, after that.

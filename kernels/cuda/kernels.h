@@ -131,19 +131,33 @@ cudaError_t commit_leaving_entries(const CompressedLayer& layer, const StepRowsV
 // Benchmarks: cpu::fill_compressed_noise; fill's arrays in device memory.
 cudaError_t fill_compressed_noise(const CompressedLayer& layer, const NoiseFill& fill, cudaStream_t stream);
 
-// One matching pursuit (oracle cpu::matching_pursuit, codes packed with cpu::pack_code) of vectors x ([groups *
-// group_size, dim]) over a dictionary ([atoms, dim] unit rows), `sparsity` atoms each into codes.
+// Coding the gathered leaving rows: vectors x ([groups * group_size, dim]) are coded in up to kMaxCodingJobs jobs
+// of one shape in one launch; with counts non-null only the first counts[g] vectors of each group are coded (the
+// rest are left as they are).
+inline constexpr int kMaxCodingJobs = 2;  // a layer's keys and values
+
+// One matching pursuit (oracle cpu::matching_pursuit, codes packed with cpu::pack_code) over a dictionary ([atoms,
+// dim] unit rows), `sparsity` atoms each into codes.
 struct PursuitJob {
   const float* dictionary;
   const float* x;
   int sparsity;
   uint32_t* codes;
 };
-inline constexpr int kMaxPursuitJobs = 2;  // a layer's keys and values
-
-// Runs up to kMaxPursuitJobs pursuits of one shape in one launch; with counts non-null only the first counts[g]
-// vectors of each group are coded (the rest are left as they are).
 cudaError_t matching_pursuit(const PursuitJob* jobs, int job_count, int atoms, int dim, int groups, int group_size,
+                             const int32_t* counts, cudaStream_t stream);
+
+// Quantization to `bits`-bit integers, bit for bit cpu::quantize_vector, into QuantizedWords(dim, bits) words per
+// vector; with channel_scale ([kv_heads, dim]) non-null, the vectors of group g are divided by its row
+// g % kv_heads first (gather_leaving_entries' group g = step sequence * kv_heads + KV head). dim * bits must be a
+// multiple of 32.
+struct QuantizeJob {
+  const float* x;
+  int bits;
+  const float* channel_scale;
+  uint32_t* words;
+};
+cudaError_t quantize_vectors(const QuantizeJob* jobs, int job_count, int dim, int kv_heads, int groups, int group_size,
                              const int32_t* counts, cudaStream_t stream);
 
 }  // namespace kvplan::cuda

@@ -21,7 +21,7 @@ struct DeviceLayer {
   DeviceBuffer dense_keys, dense_values, dense_positions, dense_scores, dense_selected;
   DeviceBuffer key_codes, value_codes, coded_positions, coded_scores, coded_selected;
   DeviceBuffer merged_keys, merged_values, merged_tokens;
-  DeviceBuffer key_atoms, value_atoms;
+  DeviceBuffer key_atoms, value_atoms, key_channel_scale;  // dictionaries, or a quantized layer's key scales
   DeviceBuffer refresh_position, steps_since_refresh, has_query, full_step, query, step_query;
   CompressedLayer view;
   CodingTables tables;
@@ -346,11 +346,19 @@ class CudaKvCacheImpl : public CudaKvCache {
       KVPLAN_CUDA(cuda::gather_leaving_entries(layer_.view, layer_.tables, step_, coding.recent_window, max_leaving,
                                                cache_.leaving_keys_.as<float>(), cache_.leaving_values_.as<float>(),
                                                slots, counts, cache_.stream_));
-      const cuda::PursuitJob jobs[] = {
-          {layer_.key_atoms.as<float>(), cache_.leaving_keys_.as<float>(), coding.key_sparsity, key_codes},
-          {layer_.value_atoms.as<float>(), cache_.leaving_values_.as<float>(), coding.value_sparsity, value_codes}};
-      KVPLAN_CUDA(
-          cuda::matching_pursuit(jobs, 2, layer_.tables.atoms, hd, groups, max_leaving, counts, cache_.stream_));
+      if (coding.quantized()) {
+        const cuda::QuantizeJob jobs[] = {
+            {cache_.leaving_keys_.as<float>(), coding.key_bits, layer_.key_channel_scale.as<float>(), key_codes},
+            {cache_.leaving_values_.as<float>(), coding.value_bits, nullptr, value_codes}};
+        KVPLAN_CUDA(cuda::quantize_vectors(jobs, 2, hd, cache_.config_.num_kv_heads, groups, max_leaving, counts,
+                                           cache_.stream_));
+      } else {
+        const cuda::PursuitJob jobs[] = {
+            {layer_.key_atoms.as<float>(), cache_.leaving_keys_.as<float>(), coding.key_sparsity, key_codes},
+            {layer_.value_atoms.as<float>(), cache_.leaving_values_.as<float>(), coding.value_sparsity, value_codes}};
+        KVPLAN_CUDA(
+            cuda::matching_pursuit(jobs, 2, layer_.tables.atoms, hd, groups, max_leaving, counts, cache_.stream_));
+      }
       return CudaStatus(cuda::commit_leaving_entries(layer_.view, step_, max_leaving, slots, counts, key_codes,
                                                      value_codes, cache_.stream_),
                         "commit_leaving_entries");
@@ -476,7 +484,14 @@ class CudaKvCacheImpl : public CudaKvCache {
         {&layer.step_query, refresh ? int64_t(n) * hd * 4 : 0}};
     for (const auto& [buffer, bytes] : arrays)
       if (bytes > 0) KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
-    if (coding) {
+    const bool quantized = coding && policy.coding->quantized();
+    if (quantized) {
+      if (codebook->key_channel_scale.size() != size_t(c.num_kv_heads) * hd)
+        return absl::InvalidArgumentError(absl::StrCat("a quantized layer has ", codebook->key_channel_scale.size(),
+                                                       " key channel scales; the model has ", c.num_kv_heads * hd,
+                                                       " key channels"));
+      KVPLAN_RETURN_IF_ERROR(layer.key_channel_scale.Upload(codebook->key_channel_scale));
+    } else if (coding) {
       KVPLAN_RETURN_IF_ERROR(layer.key_atoms.Upload(codebook->key_atoms));
       KVPLAN_RETURN_IF_ERROR(layer.value_atoms.Upload(codebook->value_atoms));
     }
@@ -504,8 +519,11 @@ class CudaKvCacheImpl : public CudaKvCache {
                                  .merged_tokens = layer.merged_tokens.as_or_null<float>()};
     if (coding)
       layer.tables = CodingTables{.atoms = codebook->atoms,
-                                  .key_atoms = layer.key_atoms.as<float>(),
-                                  .value_atoms = layer.value_atoms.as<float>(),
+                                  .key_atoms = layer.key_atoms.as_or_null<float>(),
+                                  .value_atoms = layer.value_atoms.as_or_null<float>(),
+                                  .key_bits = policy.coding->key_bits,
+                                  .value_bits = policy.coding->value_bits,
+                                  .key_channel_scale = layer.key_channel_scale.as_or_null<float>(),
                                   .keys_after_rope = policy.coding->keys_after_rope,
                                   .inv_freq = inv_freq_.as<float>(),
                                   .rope_attention_factor = float(c.rope.attention_factor)};

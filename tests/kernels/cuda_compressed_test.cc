@@ -3,6 +3,7 @@
 // step. Where a kernel only moves data or makes a decision, storage must match the reference exactly, slot for
 // slot; where it computes, per element within the tolerance stated beside the check.
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -138,6 +139,28 @@ class DeviceStep {
   int rows_, sequences_;
 };
 
+// Words [begin, begin + n) of two arrays of 32-bit codes are identical; else the first difference, and for quantized
+// vectors (quantized_words > 0 words each) the scale and minimum of both versions of its vector.
+::testing::AssertionResult SameWords(const std::vector<uint32_t>& actual, const std::vector<uint32_t>& expected,
+                                     size_t begin, size_t n, int quantized_words = 0) {
+  for (size_t i = begin; i < begin + n; ++i) {
+    if (actual[i] == expected[i]) continue;
+    auto result = ::testing::AssertionFailure()
+                  << absl::StrFormat("word %d differs: actual %08x expected %08x", i, actual[i], expected[i]);
+    if (quantized_words > 0) {
+      const size_t first = i / quantized_words * quantized_words;
+      auto range = [](uint32_t word) {
+        return absl::StrFormat("scale %.9g minimum %.9g", Fp16ToFloat(uint16_t(word & 0xffff)),
+                               Fp16ToFloat(uint16_t(word >> 16)));
+      };
+      result << " (word " << i - first << " of its vector; actual " << range(actual[first]) << ", expected "
+             << range(expected[first]) << ")";
+    }
+    return result;
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // Only the live part of each region is compared: dead slots hold whatever the last move left.
 void ExpectSameLiveEntries(const HostLayer& actual, const HostLayer& expected, const std::string& context) {
   const int hd = expected.shape.head_dim, sk = expected.shape.key_sparsity, sv = expected.shape.value_sparsity;
@@ -162,11 +185,8 @@ void ExpectSameLiveEntries(const HostLayer& actual, const HostLayer& expected, c
     if (sk == 0) continue;
     for (int64_t slot = expected.coded_begin[i]; slot < expected.coded_begin[i] + expected.coded_count[i]; ++slot) {
       ASSERT_EQ(actual.coded_positions[slot], expected.coded_positions[slot]) << context << " coded slot " << slot;
-      ASSERT_TRUE(std::equal(expected.key_codes.begin() + slot * sk, expected.key_codes.begin() + (slot + 1) * sk,
-                             actual.key_codes.begin() + slot * sk))
-          << context << " key codes " << slot;
-      ASSERT_TRUE(std::equal(expected.value_codes.begin() + slot * sv, expected.value_codes.begin() + (slot + 1) * sv,
-                             actual.value_codes.begin() + slot * sv))
+      ASSERT_TRUE(SameWords(actual.key_codes, expected.key_codes, slot * sk, sk)) << context << " key codes " << slot;
+      ASSERT_TRUE(SameWords(actual.value_codes, expected.value_codes, slot * sv, sv))
           << context << " value codes " << slot;
       if (expected.shape.scores) {
         ASSERT_EQ(actual.coded_scores[slot], expected.coded_scores[slot]) << context;
@@ -197,14 +217,32 @@ std::vector<float> InverseFrequencies(int head_dim, double theta) {
 struct LayerCase {
   int sequences, kv_heads, head_dim, key_sparsity, value_sparsity, atoms;
   bool keys_after_rope;
-  int rows_per_sequence;  // rows each stepping sequence brings (1: decode)
-  int context;            // entries already in each head before the step, about
+  int rows_per_sequence;             // rows each stepping sequence brings (1: decode)
+  int context;                       // entries already in each head before the step, about
+  int key_bits = 0, value_bits = 0;  // > 0: quantized (then the sparsities are QuantizedWords and atoms 0)
   std::string Name() const {
-    return absl::StrFormat("%d seq x %d kv heads, head_dim %d, codes %d+%d of %d atoms%s, %d rows, context %d",
-                           sequences, kv_heads, head_dim, key_sparsity, value_sparsity, atoms,
-                           keys_after_rope ? " (after RoPE)" : "", rows_per_sequence, context);
+    const std::string coding = key_bits > 0
+                                   ? absl::StrFormat("quantized %d+%d bits", key_bits, value_bits)
+                                   : absl::StrFormat("codes %d+%d of %d atoms", key_sparsity, value_sparsity, atoms);
+    return absl::StrFormat("%d seq x %d kv heads, head_dim %d, %s%s, %d rows, context %d", sequences, kv_heads,
+                           head_dim, coding, keys_after_rope ? " (after RoPE)" : "", rows_per_sequence, context);
   }
 };
+// A quantized layer case: keys after RoPE, as quantized layers code them.
+LayerCase QuantizedCase(int sequences, int kv_heads, int head_dim, int key_bits, int value_bits, int rows_per_sequence,
+                        int context) {
+  return {sequences,
+          kv_heads,
+          head_dim,
+          QuantizedWords(head_dim, key_bits),
+          QuantizedWords(head_dim, value_bits),
+          0,
+          true,
+          rows_per_sequence,
+          context,
+          key_bits,
+          value_bits};
+}
 
 // A layer whose heads hold ragged numbers of entries: positions 0..length-1 of each sequence split between the
 // coded region (the older ones) and the dense region, some dropped as if evicted, slots shuffled; random scores
@@ -213,16 +251,43 @@ struct RandomLayer {
   HostLayer host;
   std::vector<int32_t> lengths;
   std::vector<float> key_atoms, value_atoms, inv_freq;
+  std::vector<float> key_channel_scale;  // [kv_heads, head_dim]; quantized cases
   CodingTables Tables() const {
     return CodingTables{.atoms = c.atoms,
                         .key_atoms = key_atoms.data(),
                         .value_atoms = value_atoms.data(),
+                        .key_bits = c.key_bits,
+                        .value_bits = c.value_bits,
+                        .key_channel_scale = key_channel_scale.empty() ? nullptr : key_channel_scale.data(),
                         .keys_after_rope = c.keys_after_rope,
                         .inv_freq = inv_freq.data(),
                         .rope_attention_factor = 1.0f};
   }
   LayerCase c;
 };
+
+// A quantized case's coded entries: random keys and values quantized by the CPU reference, against random key
+// channel scales in [0.5, 2).
+void QuantizeCodedEntries(RandomLayer& layer, std::mt19937& generator) {
+  const LayerCase& c = layer.c;
+  const int hd = c.head_dim, sk = c.key_sparsity, sv = c.value_sparsity;
+  std::uniform_real_distribution<float> uniform(0.5f, 2.0f);
+  std::normal_distribution<float> normal;
+  layer.key_channel_scale.resize(size_t(c.kv_heads) * hd);
+  for (float& scale : layer.key_channel_scale) scale = uniform(generator);
+  std::vector<float> key(hd), value(hd);
+  HostLayer& host = layer.host;
+  for (int i = 0; i < c.sequences * c.kv_heads; ++i)
+    for (int64_t slot = host.coded_begin[i]; slot < host.coded_begin[i] + host.coded_count[i]; ++slot) {
+      for (int d = 0; d < hd; ++d) {
+        key[d] = 1.5f * normal(generator);
+        value[d] = normal(generator);
+      }
+      cpu::quantize_vector(key.data(), hd, c.key_bits, layer.key_channel_scale.data() + int64_t(i % c.kv_heads) * hd,
+                           host.key_codes.data() + slot * sk);
+      cpu::quantize_vector(value.data(), hd, c.value_bits, nullptr, host.value_codes.data() + slot * sv);
+    }
+}
 
 RandomLayer MakeRandomLayer(const LayerCase& c, uint32_t seed) {
   std::mt19937 generator(seed);
@@ -243,6 +308,7 @@ RandomLayer MakeRandomLayer(const LayerCase& c, uint32_t seed) {
                     UnitRows(std::max(c.atoms, 1), c.head_dim, seed + 1),
                     UnitRows(std::max(c.atoms, 1), c.head_dim, seed + 2),
                     InverseFrequencies(c.head_dim, 10000.0),
+                    {},
                     c};
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   for (int s = 0; s < c.sequences; ++s) {
@@ -258,7 +324,7 @@ RandomLayer MakeRandomLayer(const LayerCase& c, uint32_t seed) {
       std::vector<int32_t> older(kept.begin(), kept.begin() + coded_part), newer(kept.begin() + coded_part, kept.end());
       std::shuffle(older.begin(), older.end(), generator);
       std::shuffle(newer.begin(), newer.end(), generator);
-      for (int32_t p : older) layer.host.AddCoded(i, p, uniform(generator), c.atoms, generator);
+      for (int32_t p : older) layer.host.AddCoded(i, p, uniform(generator), std::max(c.atoms, 1), generator);
       for (int32_t p : newer) layer.host.AddDense(i, p, uniform(generator), generator);
       if (i % 3 != 1) {  // most heads have a merged slot
         layer.host.merged_tokens[i] = float(1 + generator() % 9);
@@ -271,8 +337,31 @@ RandomLayer MakeRandomLayer(const LayerCase& c, uint32_t seed) {
   }
   for (auto& flag : layer.host.dense_selected) flag = uniform(generator) < 0.3f;
   for (auto& flag : layer.host.coded_selected) flag = uniform(generator) < 0.3f;
+  if (c.key_bits > 0) QuantizeCodedEntries(layer, generator);
   return layer;
 }
+
+// A RandomLayer's coding tables with their arrays on the device.
+class DeviceTables {
+ public:
+  explicit DeviceTables(const RandomLayer& layer)
+      : key_atoms_(layer.key_atoms),
+        value_atoms_(layer.value_atoms),
+        inv_freq_(layer.inv_freq),
+        key_channel_scale_(layer.key_channel_scale),
+        tables_(layer.Tables()) {
+    tables_.key_atoms = key_atoms_.get();
+    tables_.value_atoms = value_atoms_.get();
+    tables_.inv_freq = inv_freq_.get();
+    if (tables_.key_channel_scale != nullptr) tables_.key_channel_scale = key_channel_scale_.get();
+  }
+  const CodingTables& get() const { return tables_; }
+  const float* key_channel_scale() const { return tables_.key_channel_scale; }
+
+ private:
+  Device<float> key_atoms_, value_atoms_, inv_freq_, key_channel_scale_;
+  CodingTables tables_;
+};
 
 // Every sequence but the second steps, each with rows_per_sequence rows continuing its length.
 HostStep MakeStep(const RandomLayer& layer) {
@@ -292,10 +381,17 @@ void AppendStepRows(RandomLayer& layer, const HostStep& step, uint32_t seed) {
 }
 
 const LayerCase kLayerCases[] = {
-    {3, 2, 64, 8, 8, 64, false, 1, 150},    {3, 2, 64, 8, 8, 64, true, 1, 150},
-    {2, 8, 128, 8, 4, 1024, false, 1, 300}, {4, 1, 64, 0, 0, 0, false, 1, 90},
-    {3, 2, 64, 4, 4, 37, false, 17, 120},   {2, 4, 128, 0, 0, 0, false, 5, 260},
+    {3, 2, 64, 8, 8, 64, false, 1, 150},
+    {3, 2, 64, 8, 8, 64, true, 1, 150},
+    {2, 8, 128, 8, 4, 1024, false, 1, 300},
+    {4, 1, 64, 0, 0, 0, false, 1, 90},
+    {3, 2, 64, 4, 4, 37, false, 17, 120},
+    {2, 4, 128, 0, 0, 0, false, 5, 260},
     {3, 1, 256, 16, 16, 300, false, 1, 70},
+    // Quantized: odd widths of keys and values, every head_dim, decode and prefill-sized steps.
+    QuantizedCase(3, 2, 64, 4, 2, 1, 150),
+    QuantizedCase(2, 4, 128, 8, 8, 5, 260),
+    QuantizedCase(3, 1, 256, 2, 4, 17, 120),
 };
 
 TEST(CudaCompressedTest, AppendMatchesCpu) {
@@ -332,7 +428,7 @@ TEST(CudaCompressedTest, AppendMatchesCpu) {
 // paths. Keys coded after RoPE take the table path (1024 and 4096 atoms; at 4096 atoms and group 8 its shared memory
 // does not fit and the general kernel runs) over contexts past 4096 that use several splits, and in steps of 17 rows
 // per sequence (more rows than one table launch takes); budget-only layers keep thousands of dense entries; a
-// sparsity that is no multiple of 4 falls back to the general kernel.
+// sparsity that is no multiple of 4, and a quantized layer, fall back to the general kernel.
 std::vector<std::pair<LayerCase, std::vector<int>>> AttentionCases() {
   std::vector<std::pair<LayerCase, std::vector<int>>> cases;
   for (const LayerCase& c : kLayerCases) cases.push_back({c, {1, 4}});
@@ -340,7 +436,7 @@ std::vector<std::pair<LayerCase, std::vector<int>>> AttentionCases() {
       {3, 2, 128, 8, 8, 1024, true, 1, 4500}, {3, 1, 128, 8, 8, 4096, true, 1, 5000},
       {3, 2, 128, 8, 4, 1024, true, 17, 700}, {3, 1, 256, 16, 12, 300, true, 1, 2100},
       {3, 2, 128, 0, 0, 0, false, 1, 6000},   {3, 2, 64, 0, 0, 0, false, 17, 1500},
-      {3, 2, 64, 6, 6, 200, true, 1, 300},
+      {3, 2, 64, 6, 6, 200, true, 1, 300},    QuantizedCase(3, 2, 128, 4, 4, 1, 2100),
   };
   for (const LayerCase& c : path_cases) cases.push_back({c, {2, 4, 8}});
   return cases;
@@ -374,16 +470,13 @@ TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
 
       DeviceLayer device(layer.host);
       DeviceStep device_step(step);
-      Device<float> d_q(q), d_key_atoms(layer.key_atoms), d_value_atoms(layer.value_atoms), d_freq(layer.inv_freq);
+      Device<float> d_q(q);
+      const DeviceTables device_tables(layer);
       Device<int32_t> d_refresh_position(refresh_position), d_steps(steps);
       Device<uint8_t> d_has_query(has_query), d_full_step(full_step);
       Device<float> d_queries(queries);
       const RefreshStateView device_refresh{d_refresh_position.get(), d_steps.get(),   d_has_query.get(),
                                             d_full_step.get(),        d_queries.get(), d_queries.get()};
-      CodingTables device_tables = tables;
-      device_tables.key_atoms = d_key_atoms.get();
-      device_tables.value_atoms = d_value_atoms.get();
-      device_tables.inv_freq = d_freq.get();
       const int max_region = (layer.host.dense_begin[1] - layer.host.dense_begin[0]) +
                              (layer.host.coded_begin[1] - layer.host.coded_begin[0]) + 1;
       const cuda::CompressedAttentionShape shape{.heads = heads,
@@ -396,11 +489,12 @@ TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
                                                                         c.key_sparsity ? c.atoms : 0));
       Device<float> d_dense_probabilities(dense_probabilities.size()),
           d_coded_probabilities(coded_probabilities.size());
-      ASSERT_EQ(cuda::compressed_attention(device.View(), &device_tables, device_step.View(), &device_refresh, shape,
-                                           d_q.get(), testing::AsBf16(out), row_stats.get(), workspace.get(), nullptr),
-                cudaSuccess);
-      ASSERT_EQ(cuda::entry_probabilities(device.View(), &device_tables, device_step.View(), &device_refresh, shape,
-                                          d_q.get(), row_stats.get(), false, d_dense_probabilities.get(),
+      ASSERT_EQ(
+          cuda::compressed_attention(device.View(), &device_tables.get(), device_step.View(), &device_refresh, shape,
+                                     d_q.get(), testing::AsBf16(out), row_stats.get(), workspace.get(), nullptr),
+          cudaSuccess);
+      ASSERT_EQ(cuda::entry_probabilities(device.View(), &device_tables.get(), device_step.View(), &device_refresh,
+                                          shape, d_q.get(), row_stats.get(), false, d_dense_probabilities.get(),
                                           d_coded_probabilities.get(), nullptr),
                 cudaSuccess);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -523,11 +617,8 @@ TEST(CudaCompressedTest, EvictionMatchesCpu) {
         DeviceLayer device(layer.host);
         DeviceStep device_step(step);
         Device<int32_t> d_kept(kept);
-        Device<float> d_key_atoms(layer.key_atoms), d_value_atoms(layer.value_atoms), d_freq(layer.inv_freq);
-        CodingTables tables = layer.Tables(), device_tables = tables;
-        device_tables.key_atoms = d_key_atoms.get();
-        device_tables.value_atoms = d_value_atoms.get();
-        device_tables.inv_freq = d_freq.get();
+        const CodingTables tables = layer.Tables();
+        const DeviceTables device_tables(layer);
         // The first case's targets are small enough that some heads could lose more than one step allows.
         bool fits = true;
         for (int j = 0; j < int(step.sequence.size()); ++j)
@@ -538,9 +629,9 @@ TEST(CudaCompressedTest, EvictionMatchesCpu) {
           }
         ASSERT_TRUE(fits) << "test targets exceed one step's evictions";
         cpu::evict(layer.host.View(), &tables, step.View(), {.kept = kept.data()}, settings);
-        ASSERT_EQ(
-            cuda::evict(device.View(), &device_tables, device_step.View(), {.kept = d_kept.get()}, settings, nullptr),
-            cudaSuccess);
+        ASSERT_EQ(cuda::evict(device.View(), &device_tables.get(), device_step.View(), {.kept = d_kept.get()}, settings,
+                              nullptr),
+                  cudaSuccess);
         const HostLayer actual = device.Read();
         const std::string name =
             absl::StrFormat("%s, %s, merge %d", c.Name(), keep_low_key_norms ? "L2" : "attention", merge);
@@ -569,14 +660,10 @@ TEST(CudaCompressedTest, CodingLeavingEntriesMatchesCpu) {
                                 slots.data(), counts.data());
     DeviceLayer device(layer.host);
     DeviceStep device_step(step);
-    Device<float> d_key_atoms(layer.key_atoms), d_value_atoms(layer.value_atoms), d_freq(layer.inv_freq);
-    CodingTables device_tables = tables;
-    device_tables.key_atoms = d_key_atoms.get();
-    device_tables.value_atoms = d_value_atoms.get();
-    device_tables.inv_freq = d_freq.get();
+    const DeviceTables device_tables(layer);
     Device<float> d_keys(keys.size()), d_values(values.size());
     Device<int32_t> d_slots(slots.size()), d_counts(counts.size());
-    ASSERT_EQ(cuda::gather_leaving_entries(device.View(), device_tables, device_step.View(), window, max_leaving,
+    ASSERT_EQ(cuda::gather_leaving_entries(device.View(), device_tables.get(), device_step.View(), window, max_leaving,
                                            d_keys.get(), d_values.get(), d_slots.get(), d_counts.get(), nullptr),
               cudaSuccess);
     ASSERT_EQ(d_counts.Read(), counts) << c.Name();
@@ -596,12 +683,46 @@ TEST(CudaCompressedTest, CodingLeavingEntriesMatchesCpu) {
     EXPECT_TRUE(AllClose(live_keys, expected_keys, kUnrotated)) << c.Name();
     EXPECT_EQ(live_values, expected_values) << c.Name();
 
-    // Both commits take the CPU's codes, so the storage must come out identical.
-    std::vector<uint32_t> key_codes(size_t(groups) * max_leaving * c.key_sparsity),
-        value_codes(size_t(groups) * max_leaving * c.value_sparsity);
-    for (size_t i = 0; i < key_codes.size(); ++i) key_codes[i] = cpu::pack_code(uint16_t(i % c.atoms), 0.25f * (i % 7));
-    for (size_t i = 0; i < value_codes.size(); ++i) value_codes[i] = cpu::pack_code(uint16_t(i % c.atoms), -0.5f);
-    Device<uint32_t> d_key_codes(key_codes), d_value_codes(value_codes);
+    // Dictionary codes: both commits take the CPU's codes. Quantized layers: each backend quantizes its own gathered
+    // rows (identical, keys being gathered after RoPE as they are stored) as CodeLeaving does, and the words must be
+    // identical. Either way the storage must come out identical.
+    const size_t rows = size_t(groups) * max_leaving;
+    std::vector<uint32_t> key_codes(rows * c.key_sparsity), value_codes(rows * c.value_sparsity);
+    Device<uint32_t> d_key_codes(key_codes.size()), d_value_codes(value_codes.size());
+    if (c.key_bits > 0) {
+      for (int g = 0; g < groups; ++g)
+        for (int t = 0; t < counts[g]; ++t) {
+          const size_t row = size_t(g) * max_leaving + t;
+          cpu::quantize_vector(keys.data() + row * hd, hd, c.key_bits,
+                               layer.key_channel_scale.data() + (g % c.kv_heads) * hd,
+                               key_codes.data() + row * c.key_sparsity);
+          cpu::quantize_vector(values.data() + row * hd, hd, c.value_bits, nullptr,
+                               value_codes.data() + row * c.value_sparsity);
+        }
+      const cuda::QuantizeJob jobs[] = {
+          {d_keys.get(), c.key_bits, device_tables.key_channel_scale(), d_key_codes.get()},
+          {d_values.get(), c.value_bits, nullptr, d_value_codes.get()}};
+      ASSERT_EQ(cuda::quantize_vectors(jobs, 2, hd, c.kv_heads, groups, max_leaving, d_counts.get(), nullptr),
+                cudaSuccess);
+      const std::vector<uint32_t> actual_key_codes = d_key_codes.Read(), actual_value_codes = d_value_codes.Read();
+      for (int g = 0; g < groups; ++g)
+        for (int t = 0; t < counts[g]; ++t) {
+          const size_t row = size_t(g) * max_leaving + t;
+          ASSERT_TRUE(SameWords(actual_key_codes, key_codes, row * c.key_sparsity, c.key_sparsity, c.key_sparsity))
+              << c.Name() << ", key of group " << g << " row " << t;
+          ASSERT_TRUE(
+              SameWords(actual_value_codes, value_codes, row * c.value_sparsity, c.value_sparsity, c.value_sparsity))
+              << c.Name() << ", value of group " << g << " row " << t;
+        }
+    } else {
+      for (size_t i = 0; i < key_codes.size(); ++i)
+        key_codes[i] = cpu::pack_code(uint16_t(i % c.atoms), 0.25f * (i % 7));
+      for (size_t i = 0; i < value_codes.size(); ++i) value_codes[i] = cpu::pack_code(uint16_t(i % c.atoms), -0.5f);
+      ASSERT_EQ(cudaMemcpy(d_key_codes.get(), key_codes.data(), key_codes.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(d_value_codes.get(), value_codes.data(), value_codes.size() * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+    }
     cpu::commit_leaving_entries(layer.host.View(), step.View(), max_leaving, slots.data(), counts.data(),
                                 key_codes.data(), value_codes.data());
     ASSERT_EQ(cuda::commit_leaving_entries(device.View(), device_step.View(), max_leaving, d_slots.get(),
@@ -609,6 +730,58 @@ TEST(CudaCompressedTest, CodingLeavingEntriesMatchesCpu) {
               cudaSuccess);
     ExpectSameLiveEntries(device.Read(), layer.host, "commit " + c.Name());
   }
+}
+
+// Keys and values quantized in one launch, as a layer codes them: every width and head_dim, with and without key
+// channel scales, odd group sizes and counts (uncounted rows stay untouched), and rows at the format's edges. The
+// words must be the CPU reference's, bit for bit.
+TEST(CudaCompressedTest, QuantizeVectorsMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  const int kv_heads = 3, groups = 5, group_size = 7;
+  const std::vector<int32_t> counts = {7, 3, 0, 5, 1};
+  Device<int32_t> d_counts(counts);
+  const size_t vectors = size_t(groups) * group_size;
+  for (const int dim : {64, 128, 256})
+    for (const int bits : {2, 4, 8})
+      for (const bool scaled : {true, false}) {
+        const int value_bits = bits == 8 ? 2 : 2 * bits;
+        std::vector<float> keys = RandomVector(vectors * dim, 61 + bits, 1.5f), values = RandomVector(keys.size(), 62);
+        const std::vector<float> scales = RandomVector(size_t(kv_heads) * dim, 63);
+        std::vector<float> channel_scale;
+        for (float s : scales) channel_scale.push_back(0.5f + std::fabs(s));
+        // Group 0's first rows: constant (scale 0); signed zeros at the low end of the range; beyond fp16's range
+        // (saturated minimum and scale); a range so narrow that the scale is an fp16 subnormal.
+        for (std::vector<float>* x : {&keys, &values})
+          for (int d = 0; d < dim; ++d) {
+            (*x)[d] = 0.75f;
+            (*x)[dim + d] = d % 5 == 0 ? (d % 2 == 0 ? -0.0f : 0.0f) : std::fabs((*x)[dim + d]);
+            (*x)[2 * dim + d] *= 1e5f;
+            (*x)[3 * dim + d] = 1.0f + 1e-5f * (*x)[3 * dim + d];
+          }
+        const int key_words = QuantizedWords(dim, bits), value_words = QuantizedWords(dim, value_bits);
+        Device<float> d_keys(keys), d_values(values), d_scale(channel_scale);
+        Device<uint32_t> d_key_words(vectors * key_words), d_value_words(vectors * value_words);
+        const cuda::QuantizeJob jobs[] = {{d_keys.get(), bits, scaled ? d_scale.get() : nullptr, d_key_words.get()},
+                                          {d_values.get(), value_bits, nullptr, d_value_words.get()}};
+        ASSERT_EQ(cuda::quantize_vectors(jobs, 2, dim, kv_heads, groups, group_size, d_counts.get(), nullptr),
+                  cudaSuccess);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<uint32_t> actual_keys = d_key_words.Read(), actual_values = d_value_words.Read();
+        std::vector<uint32_t> expected_keys(actual_keys.size(), 0xffffffffu),
+            expected_values(actual_values.size(), 0xffffffffu);
+        for (size_t v = 0; v < vectors; ++v) {
+          if (int(v % group_size) >= counts[v / group_size]) continue;
+          const float* scale = scaled ? channel_scale.data() + (v / group_size % kv_heads) * dim : nullptr;
+          cpu::quantize_vector(keys.data() + v * dim, dim, bits, scale, expected_keys.data() + v * key_words);
+          cpu::quantize_vector(values.data() + v * dim, dim, value_bits, nullptr,
+                               expected_values.data() + v * value_words);
+        }
+        const std::string name =
+            absl::StrFormat("dim %d, %d/%d bits%s", dim, bits, value_bits, scaled ? ", key channel scales" : "");
+        EXPECT_TRUE(SameWords(actual_keys, expected_keys, 0, expected_keys.size(), key_words)) << name << ", keys";
+        EXPECT_TRUE(SameWords(actual_values, expected_values, 0, expected_values.size(), value_words))
+            << name << ", values";
+      }
 }
 
 // Two pursuits of one shape in one launch, as a layer codes its keys and values: different dictionaries, vectors
