@@ -1,4 +1,4 @@
-#include "eval/token_statistics.h"
+#include "base/token_statistics.h"
 
 #include <algorithm>
 #include <cmath>

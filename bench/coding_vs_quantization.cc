@@ -2,7 +2,7 @@
 // spends (issue 9: CSR must at least match int4). Keys before RoPE and values come from a fixture model's
 // forward passes: dictionaries learn from calibration text (as `kvplan calibrate` does), and every coder is
 // judged on held-out text by the relative reconstruction error ||x - x'|| / ||x|| over all its vectors.
-//   build/bench/coding_vs_quantization MODEL_DIR CALIBRATION_TEXT HELDOUT_TEXT [atoms=1024]
+//   build/bench/coding_vs_quantization MODEL_DIR CALIBRATION_TEXT HELDOUT_TEXT [atoms=1024; 0: no CSR]
 // Quantizers (asymmetric, round to nearest, fp16 scale and zero point per group):
 //   per-token   one group per head vector (head_dim channels): bits + 32 / head_dim per channel (KIVI's values)
 //   per-channel one group per channel and 128 consecutive tokens: bits + 32 / 128 per channel (KIVI's keys)
@@ -212,7 +212,8 @@ int Run(int argc, char** argv) {
     for (int scaled : {0, 1})
       rows.push_back({"Hadamard int" + std::to_string(bits) + (scaled ? " scaled" : ""), bits + 32.0 / hd});
   for (int sparsity : {4, 8})
-    rows.push_back({"CSR " + std::to_string(atoms) + " atoms, s=" + std::to_string(sparsity), 32.0 * sparsity / hd});
+    if (atoms > 0)
+      rows.push_back({"CSR " + std::to_string(atoms) + " atoms, s=" + std::to_string(sparsity), 32.0 * sparsity / hd});
   const int layers = loaded->config.num_layers;
   for (int l = 0; l < layers; ++l) {
     const auto& keys = heldout->keys[l];

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "base/token_statistics.h"
 #include "calibrate/dictionary_learning.h"
 #include "kernels/cpu_reference.h"
 #include "kernels/cpu_statistics_reference.h"
@@ -493,10 +494,132 @@ absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
   return CompilePlan(inputs);
 }
 
+// Next-token distributions of sequences under one cache plan, compared with the full cache's.
+class DistributionComparison {
+ public:
+  DistributionComparison(Model& model, const std::vector<std::vector<int32_t>>& sequences)
+      : model_(model), sequences_(sequences) {}
+
+  // The full cache's logits, kept for every later comparison.
+  absl::Status RunReference() {
+    KVPLAN_RETURN_IF_ERROR(model_.UsePolicies(nullptr));
+    reference_.clear();
+    for (const auto& sequence : sequences_) {
+      model_.Reset();
+      KVPLAN_ASSIGN_OR_RETURN(auto logits, model_.Forward(SequenceRows(sequence, 0, 0), LogitRows::kAll));
+      reference_.push_back(std::move(logits));
+    }
+    return absl::OkStatus();
+  }
+
+  struct Result {
+    double kl = 0, top1_agreement = 0;
+    int64_t tokens = 0;
+  };
+  // Mean KL divergence per token from the reference, and how often both pick the same next token.
+  absl::StatusOr<Result> Compare(std::shared_ptr<const PlanPolicies> policies) {
+    KVPLAN_RETURN_IF_ERROR(model_.UsePolicies(std::move(policies)));
+    const int vocab = model_.config().vocab_size;
+    Result result;
+    double kl = 0, agreed = 0;
+    for (size_t i = 0; i < sequences_.size(); ++i) {
+      model_.Reset();
+      KVPLAN_ASSIGN_OR_RETURN(auto logits, model_.Forward(SequenceRows(sequences_[i], 0, 0), LogitRows::kAll));
+      const int64_t rows = int64_t(sequences_[i].size());
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* reference = reference_[i].data() + r * vocab;
+        const float* row = logits.data() + r * vocab;
+        kl += KlDivergence(LogitRow(reference, vocab), LogitRow(row, vocab));
+        agreed += Argmax(reference, vocab) == Argmax(row, vocab) ? 1 : 0;
+      }
+      result.tokens += rows;
+    }
+    result.kl = kl / std::max<int64_t>(1, result.tokens);
+    result.top1_agreement = agreed / std::max<int64_t>(1, result.tokens);
+    return result;
+  }
+
+ private:
+  Model& model_;
+  const std::vector<std::vector<int32_t>>& sequences_;
+  std::vector<std::vector<float>> reference_;
+};
+
+// The policies of `base` (the accepted shares) with one layer's setting changed.
+std::shared_ptr<const PlanPolicies> WithLayerSetting(const PlanPolicies& base, const PlannerInputs& inputs, int layer,
+                                                     const LayerSetting& setting) {
+  auto policies = std::make_shared<PlanPolicies>(base);
+  const int hd = inputs.model.head_dim(), kv_heads = inputs.model.num_kv_heads();
+  policies->cache.layers[layer] =
+      LayerPolicyForSetting(setting, inputs.budget_settings.policy, inputs.quantization.recent_window(), hd, kv_heads);
+  if (setting.bits < 16) {
+    const auto& scales = inputs.quantization.layers(layer).key_channel_scale();
+    policies->codebooks[layer] =
+        std::make_shared<const LayerCodebook>(LayerCodebook{.key_channel_scale = {scales.begin(), scales.end()}});
+  }
+  return policies;
+}
+
+// The quality optimiser's measurements: every layer (sharers aside) under every combination of the options'
+// widths and fractions, alone, on `sequences`; the loss is the KL added to the base plan's (the shares').
+absl::StatusOr<std::vector<std::vector<MeasuredSetting>>> MeasureSettings(
+    const CalibrateOptions& options, const ModelConfig& config, const WeightSource& weights,
+    const PlannerInputs& inputs, const std::vector<std::vector<int32_t>>& sequences, Model& model, StageClock& clock) {
+  std::vector<LayerSetting> settings;
+  std::vector<int> widths = {16};
+  widths.insert(widths.end(), options.optimiser_widths.begin(), options.optimiser_widths.end());
+  std::vector<float> fractions = {1.0f};
+  fractions.insert(fractions.end(), options.optimiser_keep_fractions.begin(), options.optimiser_keep_fractions.end());
+  for (int bits : widths)
+    for (float fraction : fractions)
+      if (bits < 16 || fraction < 1.0f) settings.push_back({bits, fraction});
+  plan::Plan base_plan;
+  *base_plan.mutable_model() = inputs.model;
+  *base_plan.mutable_sharing() = inputs.sharing;
+  KVPLAN_ASSIGN_OR_RETURN(PlanPolicies base, PoliciesFromPlan(base_plan, config, weights));
+  std::set<int> sharers;
+  for (const auto& share : inputs.sharing.shares()) sharers.insert(share.layer());
+
+  const int64_t total = int64_t(config.num_layers) * int64_t(settings.size());
+  clock.Progress("optimiser: measuring settings", 0, total);
+  DistributionComparison comparison(model, sequences);
+  KVPLAN_RETURN_IF_ERROR(comparison.RunReference());
+  KVPLAN_ASSIGN_OR_RETURN(auto base_result, comparison.Compare(std::make_shared<const PlanPolicies>(base)));
+  std::vector<std::vector<MeasuredSetting>> measured(config.num_layers);
+  int64_t done = 0;
+  for (int layer = 0; layer < config.num_layers; ++layer) {
+    for (const LayerSetting& setting : settings) {
+      clock.Progress("optimiser: measuring settings", done++, total);
+      if (sharers.contains(layer)) continue;
+      KVPLAN_ASSIGN_OR_RETURN(auto result, comparison.Compare(WithLayerSetting(base, inputs, layer, setting)));
+      measured[layer].push_back({setting, std::max(0.0, result.kl - base_result.kl)});
+    }
+  }
+  clock.Progress("optimiser: measuring settings", total, total);
+  return measured;
+}
+
+// The chosen plan, whole, on sequences the measurements did not see.
+absl::Status VerifyPlan(const ModelConfig& config, const WeightSource& weights,
+                        const std::vector<std::vector<int32_t>>& sequences, Model& model, StageClock& clock,
+                        plan::Plan& plan) {
+  clock.Progress("optimiser: verifying the plan", 0, 1);
+  KVPLAN_ASSIGN_OR_RETURN(PlanPolicies policies, PoliciesFromPlan(plan, config, weights));
+  DistributionComparison comparison(model, sequences);
+  KVPLAN_RETURN_IF_ERROR(comparison.RunReference());
+  KVPLAN_ASSIGN_OR_RETURN(auto result, comparison.Compare(std::make_shared<const PlanPolicies>(std::move(policies))));
+  plan::OptimiserDecisions* decisions = plan.mutable_optimiser();
+  decisions->set_verified_kl(result.kl);
+  decisions->set_verified_top1_agreement(result.top1_agreement);
+  decisions->set_verified_tokens(result.tokens);
+  clock.Progress("optimiser: verifying the plan", 1, 1);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 const std::set<std::string>& KnownMethods() {
-  static const std::set<std::string> methods = {"share", "dict", "quant", "budget", "refresh"};
+  static const std::set<std::string> methods = {"share", "dict", "quant", "budget", "refresh", "optimise"};
   return methods;
 }
 
@@ -515,6 +638,17 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   if (options.dictionary_atoms > 65536) return absl::InvalidArgumentError("at most 65536 atoms (16-bit indices)");
   if (options.methods.contains("dict") && options.methods.contains("quant"))
     return absl::InvalidArgumentError("dict and quant both code every layer: choose one");
+  if (options.methods.contains("optimise"))
+    for (const char* method : {"dict", "quant", "budget"})
+      if (options.methods.contains(method))
+        return absl::InvalidArgumentError(
+            absl::StrCat("optimise chooses quantization and budgets itself; drop ", method, " from the methods"));
+  for (int bits : options.optimiser_widths)
+    if (!IsQuantizationWidth(bits))
+      return absl::InvalidArgumentError(absl::StrCat("optimiser width ", bits, " is not 2, 4 or 8 bits"));
+  for (float fraction : options.optimiser_keep_fractions)
+    if (!(fraction > 0.0f && fraction <= 1.0f))
+      return absl::InvalidArgumentError(absl::StrCat("optimiser keep fraction ", fraction, " is not in (0, 1]"));
   if (!IsQuantizationWidth(options.key_bits) || !IsQuantizationWidth(options.value_bits))
     return absl::InvalidArgumentError(
         absl::StrCat("quantization widths are 2, 4 or 8 bits, not ", options.key_bits, " and ", options.value_bits));
@@ -576,7 +710,27 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
                                                         statistics, tokens, *model, observers, clock, cost));
     inputs.sharing = std::move(sharing);
   }
-  model.reset();  // its device memory goes back before dictionary training
+  if (options.methods.contains("quant") || options.methods.contains("optimise")) {
+    inputs.quantization = QuantizationSettings(options, config.num_layers, config.kv_dim());
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      const std::vector<float> scales = statistics.KeyChannelScales(layer);
+      inputs.quantization.mutable_layers(layer)->mutable_key_channel_scale()->Assign(scales.begin(), scales.end());
+    }
+  }
+  std::vector<std::vector<int32_t>> verify_sequences;
+  if (options.methods.contains("optimise")) {
+    const int64_t measured = options.optimiser_sequences, verified = options.verify_sequences;
+    if (measured < 1 || verified < 1 || int64_t(sequences.size()) < measured + verified)
+      return absl::InvalidArgumentError(absl::StrCat("the optimiser measures on ", measured, " and verifies on ",
+                                                     verified, " other calibration sequences; the data holds ",
+                                                     sequences.size()));
+    const std::vector<std::vector<int32_t>> measure_sequences(sequences.begin(), sequences.begin() + measured);
+    verify_sequences.assign(sequences.end() - verified, sequences.end());
+    KVPLAN_ASSIGN_OR_RETURN(inputs.measured_settings, MeasureSettings(options, config, *loaded.weights, inputs,
+                                                                      measure_sequences, *model, clock));
+  }
+  // Its device memory goes back before dictionary training; the optimiser (never with dictionaries) verifies on it.
+  if (verify_sequences.empty()) model.reset();
   std::set<int> sharers;
   for (const auto& share : inputs.sharing.shares()) sharers.insert(share.layer());
 
@@ -599,17 +753,12 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     }
     clock.Progress("dictionaries", config.num_layers, config.num_layers);
   }
-  if (options.methods.contains("quant")) {
-    inputs.quantization = QuantizationSettings(options, config.num_layers, config.kv_dim());
-    for (int layer = 0; layer < config.num_layers; ++layer) {
-      const std::vector<float> scales = statistics.KeyChannelScales(layer);
-      inputs.quantization.mutable_layers(layer)->mutable_key_channel_scale()->Assign(scales.begin(), scales.end());
-    }
-  }
   if (options.methods.contains("budget")) inputs.attention_coverage = statistics.Coverage();
   clock.Progress("compiling the plan", 0, 1);
   KVPLAN_ASSIGN_OR_RETURN(plan::Plan plan, CompilePlan(inputs));
   clock.Progress("compiling the plan", 1, 1);
+  if (!verify_sequences.empty())
+    KVPLAN_RETURN_IF_ERROR(VerifyPlan(config, *loaded.weights, verify_sequences, *model, clock, plan));
   clock.Finish();
   return plan;
 }

@@ -30,7 +30,8 @@ struct CalibrateOptions {
   Backend device = Backend::kAuto;
   float target_memory_ratio = 0.2f;
   int reference_context = 0;  // the context the target is met at; 0: min(max positions, 2048)
-  std::set<std::string> methods = {"share", "dict", "budget", "refresh"};  // quant: KIVI-style quantization
+  // Also quant (KIVI-style quantization) and optimise (quantization and budgets chosen per layer by measured loss).
+  std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
   int sequences = 16;
   int sequence_length = 512;
   // KVSharer: accept a share while the last hidden state's cosine to the full model stays >= threshold.
@@ -53,6 +54,15 @@ struct CalibrateOptions {
   int quantization_recent_window = 64;
   BudgetSettings budget_settings;
   RefreshPolicy refresh_policy;
+  // The quality optimiser (method optimise): each layer's loss is measured for every combination of these
+  // quantization widths (and bf16) and budget fractions (and 1) on the first optimiser_sequences calibration
+  // sequences, the planner picks the mix that meets the target at the least summed loss, and the plan is verified
+  // on the last verify_sequences sequences. Budgets follow budget_settings.policy; quantization's window is
+  // quantization_recent_window.
+  std::vector<int> optimiser_widths = {8, 4, 2};
+  std::vector<float> optimiser_keep_fractions = {0.5f, 0.25f, 0.125f};
+  int optimiser_sequences = 2;
+  int verify_sequences = 2;
 };
 
 // Called with (stage, done, total).

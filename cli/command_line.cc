@@ -26,7 +26,8 @@ const CLI::Validator kNonNegative = NumberRule("a non-negative number", [](doubl
 const CLI::Validator kNonEmpty(
     [](std::string& text) -> std::string { return text.empty() ? "an empty value or list item" : ""; }, "NONEMPTY");
 
-CLI::Option* AddList(CLI::App* app, const std::string& name, std::vector<int>& values, const std::string& help) {
+template <typename Number>
+CLI::Option* AddList(CLI::App* app, const std::string& name, std::vector<Number>& values, const std::string& help) {
   return app->add_option(name, values, help)->delimiter(',')->check(kNonEmpty);
 }
 
@@ -112,7 +113,7 @@ CommandLine::CommandLine() {
       ->add_option("--reference-context", calibration.reference_context,
                    "the context --target-memory is met at (default: the model's positions, at most 2048)")
       ->check(kPositive);
-  calibrate->add_option("--methods", calibrate_.methods, "comma-separated: share,dict,quant,budget,refresh")
+  calibrate->add_option("--methods", calibrate_.methods, "comma-separated: share,dict,quant,budget,refresh,optimise")
       ->delimiter(',')
       ->check(kNonEmpty)
       ->check(CLI::IsMember(KnownMethods()));
@@ -148,6 +149,20 @@ CommandLine::CommandLine() {
       ->check(quantization_width);
   calibrate->add_option("--quant-window", calibration.quantization_recent_window, "quant: newest tokens kept in bf16")
       ->check(kNonNegative);
+  AddList(calibrate, "--optimiser-widths", calibration.optimiser_widths,
+          "optimise: quantization widths each layer is measured at (besides bf16)")
+      ->check(quantization_width);
+  AddList(calibrate, "--optimiser-fractions", calibration.optimiser_keep_fractions,
+          "optimise: token budget fractions each layer is measured at (besides 1)")
+      ->check(CLI::Range(0.0001, 1.0));
+  calibrate
+      ->add_option("--optimiser-sequences", calibration.optimiser_sequences,
+                   "optimise: calibration sequences the settings are measured on")
+      ->check(kPositive);
+  calibrate
+      ->add_option("--verify-sequences", calibration.verify_sequences,
+                   "optimise: held-back calibration sequences the chosen plan is verified on")
+      ->check(kPositive);
   calibrate->add_option("--scoring", calibrate_.scoring, "budgets: l2 (key norm) | attention");
   calibrate->add_flag("--no-merge", calibrate_.no_merge, "budgets: drop evicted tokens instead of merging them");
   calibrate

@@ -8,7 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "eval/token_statistics.h"
+#include "base/token_statistics.h"
 #include "plans/cache_policy.h"
 
 namespace kvplan {

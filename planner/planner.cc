@@ -60,6 +60,7 @@ bool MeetsMemoryTarget(const plan::Plan& plan) {
 // The method that stopped short of the target: token budgets are the only one the planner sizes to it; the
 // others compress by a fixed amount.
 std::string ShortfallReason(const plan::Plan& plan) {
+  if (plan.optimiser().layers_size() > 0) return "every layer is at the cheapest setting the optimiser measured";
   if (plan.budgets().layers_size() > 0) return "token budgets are at their floor";
   std::vector<std::string> fixed;
   if (plan.sharing().shares_size() > 0)
@@ -73,6 +74,109 @@ std::string ShortfallReason(const plan::Plan& plan) {
       fixed.empty() ? ""
                     : absl::StrCat(" and its methods compress by a fixed amount (", absl::StrJoin(fixed, "; "), ")"),
       ": add budget to the methods or raise the target");
+}
+
+// The optimiser: every layer that is not a sharer gets one of its measured settings. Greedy over each layer's
+// lower convex hull of (bytes, loss): the step saving bytes at the least loss per byte goes first, which is the
+// optimum of the relaxed multiple-choice knapsack and within one step of the exact one.
+absl::Status ChooseMeasuredSettings(const PlannerInputs& inputs, const std::set<int>& sharers, plan::Plan& plan) {
+  const int layers = inputs.model.num_layers(), kv_heads = inputs.model.num_kv_heads(), hd = inputs.model.head_dim();
+  if (int(inputs.measured_settings.size()) != layers)
+    return absl::InvalidArgumentError("measured settings must list every layer");
+  if (inputs.quantization.layers_size() != layers)
+    return absl::InvalidArgumentError("the optimiser needs every layer's key channel scales");
+  const BudgetPolicy& budget = inputs.budget_settings.policy;
+  const int window = inputs.quantization.recent_window(), context = inputs.reference_context;
+  auto bytes_of = [&](const LayerSetting& setting) {
+    const CachePolicy single{.num_kv_heads = kv_heads,
+                             .head_dim = hd,
+                             .layers = {LayerPolicyForSetting(setting, budget, window, hd, kv_heads)}};
+    return CacheBytes(single, context);
+  };
+  struct Option {
+    MeasuredSetting measured;
+    int64_t bytes;
+  };
+  struct Step {
+    int layer, to;  // index into the layer's hull
+    double slope;   // loss added per byte saved
+  };
+  std::vector<std::vector<Option>> hulls(layers);
+  std::vector<int64_t> full_bytes(layers, 0);
+  std::vector<Step> steps;
+  for (int layer = 0; layer < layers; ++layer) {
+    if (sharers.contains(layer)) continue;
+    std::vector<Option> options = {{MeasuredSetting{}, bytes_of(LayerSetting{})}};
+    for (const MeasuredSetting& measured : inputs.measured_settings[layer])
+      options.push_back({measured, bytes_of(measured.setting)});
+    // Most bytes first; among equal bytes the least loss.
+    std::sort(options.begin(), options.end(), [](const Option& a, const Option& b) {
+      return a.bytes != b.bytes ? a.bytes > b.bytes : a.measured.kl < b.measured.kl;
+    });
+    std::vector<Option>& hull = hulls[layer];
+    auto slope = [](const Option& from, const Option& to) {
+      return (to.measured.kl - from.measured.kl) / double(from.bytes - to.bytes);
+    };
+    for (const Option& option : options) {
+      if (!hull.empty() && option.bytes == hull.back().bytes) continue;  // as large, no better
+      // A setting with fewer bytes and no more loss makes the larger ones pointless.
+      while (!hull.empty() && option.measured.kl <= hull.back().measured.kl) hull.pop_back();
+      while (hull.size() >= 2 && slope(hull[hull.size() - 2], hull.back()) >= slope(hull.back(), option))
+        hull.pop_back();
+      hull.push_back(option);
+    }
+    for (size_t i = 1; i < hull.size(); ++i) steps.push_back({layer, int(i), slope(hull[i - 1], hull[i])});
+    full_bytes[layer] = options.front().bytes;
+  }
+  std::stable_sort(steps.begin(), steps.end(), [](const Step& a, const Step& b) { return a.slope < b.slope; });
+  std::vector<int> chosen(layers, 0);
+  int64_t total = 0;
+  for (int layer = 0; layer < layers; ++layer)
+    if (!hulls[layer].empty()) total += hulls[layer][0].bytes;
+  const double target = inputs.target_memory_ratio * double(FullCacheBytes(inputs.model, context));
+  for (const Step& step : steps) {
+    if (double(total) <= target) break;
+    total += hulls[step.layer][step.to].bytes - hulls[step.layer][chosen[step.layer]].bytes;
+    chosen[step.layer] = step.to;
+  }
+
+  plan::KvQuantization* quantization = plan.mutable_quantization();
+  quantization->Clear();
+  quantization->set_recent_window(window);
+  plan::TokenBudgets* budgets = plan.mutable_budgets();
+  budgets->Clear();
+  plan::OptimiserDecisions* decisions = plan.mutable_optimiser();
+  decisions->Clear();
+  double predicted = 0;
+  for (int layer = 0; layer < layers; ++layer) {
+    decisions->set_candidates_measured(decisions->candidates_measured() + int(inputs.measured_settings[layer].size()));
+    if (hulls[layer].empty()) continue;
+    const Option& option = hulls[layer][chosen[layer]];
+    const LayerSetting& setting = option.measured.setting;
+    if (setting.bits < 16) {
+      auto* entry = quantization->add_layers();
+      *entry = inputs.quantization.layers(layer);
+      entry->set_layer(layer);
+      entry->set_key_bits(setting.bits);
+      entry->set_value_bits(setting.bits);
+    }
+    if (setting.keep_fraction < 1.0f) {
+      auto* entry = budgets->add_layers();
+      entry->set_layer(layer);
+      for (int h = 0; h < kv_heads; ++h) entry->add_head_keep_fraction(setting.keep_fraction);
+    }
+    auto* decision = decisions->add_layers();
+    decision->set_layer(layer);
+    decision->set_bits(setting.bits);
+    decision->set_keep_fraction(setting.keep_fraction);
+    decision->set_predicted_kl(option.measured.kl);
+    decision->set_bytes(option.bytes);
+    decision->set_full_bytes(full_bytes[layer]);
+    predicted += option.measured.kl;
+  }
+  decisions->set_predicted_kl(predicted);
+  if (budgets->layers_size() > 0) WriteBudgetPolicy(budget, budgets);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -90,6 +194,23 @@ int64_t FullCacheBytes(const plan::ModelFingerprint& model, int64_t context) {
 
 int64_t PlanCacheBytes(const plan::Plan& plan, int64_t context) {
   return CacheBytes(CachePolicyFromPlan(plan), context);
+}
+
+LayerPolicy LayerPolicyForSetting(const LayerSetting& setting, const BudgetPolicy& budget, int quantization_window,
+                                  int head_dim, int kv_heads) {
+  LayerPolicy policy;
+  if (setting.bits < 16)
+    policy.coding = CodingPolicy{.key_sparsity = QuantizedWords(head_dim, setting.bits),
+                                 .value_sparsity = QuantizedWords(head_dim, setting.bits),
+                                 .key_bits = setting.bits,
+                                 .value_bits = setting.bits,
+                                 .recent_window = quantization_window,
+                                 .keys_after_rope = true};
+  if (setting.keep_fraction < 1.0f) {
+    policy.budget = budget;
+    policy.budget->head_keep_fraction.assign(kv_heads, setting.keep_fraction);
+  }
+  return policy;
 }
 
 absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
@@ -117,7 +238,9 @@ absl::StatusOr<plan::Plan> CompilePlan(const PlannerInputs& inputs) {
       if (!sharers.contains(layer)) refresh->add_layers(layer);
   }
 
-  if (!inputs.attention_coverage.empty()) {
+  if (!inputs.measured_settings.empty()) {
+    KVPLAN_RETURN_IF_ERROR(ChooseMeasuredSettings(inputs, sharers, plan));
+  } else if (!inputs.attention_coverage.empty()) {
     if (int(inputs.attention_coverage.size()) != layers)
       return absl::InvalidArgumentError("attention coverage must list every layer");
     const BudgetSettings& settings = inputs.budget_settings;
@@ -235,6 +358,19 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
                           refresh.small_cache_fraction(), refresh.min_small_cache_tokens(), refresh.refresh_stride(),
                           refresh.query_similarity_threshold(), refresh.pool_kernel(),
                           absl::StrJoin(refresh.layers(), ","));
+
+  const plan::OptimiserDecisions& optimiser = plan.optimiser();
+  if (Heading(out, "quality optimiser:", optimiser.layers_size() > 0))
+    absl::StrAppendFormat(&out,
+                          " %d settings measured; predicted KL %.4f nats/token (sum of the layers'), verified %.4f "
+                          "with top-1 agreement %.2f%% over %d held-back tokens\n",
+                          optimiser.candidates_measured(), optimiser.predicted_kl(), optimiser.verified_kl(),
+                          100 * optimiser.verified_top1_agreement(), optimiser.verified_tokens());
+  for (const auto& decision : optimiser.layers())
+    absl::StrAppendFormat(&out, "  layer %2d: %-4s keep %.3f  predicted KL %.5f  %s of %s at %d tokens\n",
+                          decision.layer(), decision.bits() < 16 ? absl::StrCat("int", decision.bits()) : "bf16",
+                          decision.keep_fraction(), decision.predicted_kl(), Bytes(decision.bytes()),
+                          Bytes(decision.full_bytes()), ReferenceContext(plan));
 
   if (plan.target_memory_ratio() > 0 && plan.memory_size() > 0)
     absl::StrAppendFormat(&out, "\nat %d tokens the plan keeps %.3f of the full cache: target %.3f %s\n",

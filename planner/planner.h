@@ -16,6 +16,19 @@ struct BudgetSettings {
   std::vector<int> exempt_layers = {0, 1};  // L2-norm eviction hurts the first layers (Devoto et al.)
 };
 
+// One setting the quality optimiser can give a layer: a quantization width (16: bf16) and the fraction of the
+// context each KV head keeps.
+struct LayerSetting {
+  int bits = 16;
+  float keep_fraction = 1.0f;
+};
+// A setting with the loss calibration measured for it: mean KL divergence per token from the full cache with
+// only this layer compressed.
+struct MeasuredSetting {
+  LayerSetting setting;
+  double kl = 0;
+};
+
 struct PlannerInputs {
   plan::ModelFingerprint model;
   plan::CalibrationInfo calibration;
@@ -30,7 +43,17 @@ struct PlannerInputs {
   BudgetSettings budget_settings;
   bool refresh = false;
   RefreshPolicy refresh_policy;
+  // The quality optimiser: per layer, the settings calibration measured (the full cache, loss 0, is implied).
+  // When given, the planner picks for every layer that is not a sharer the setting that meets the target at the
+  // least summed loss (greedy over each layer's lower convex hull of bytes and loss) and writes quantization (with
+  // `quantization`'s key channel scales) and budgets (budget_settings.policy) accordingly; attention_coverage and
+  // sparse_coding are then unused.
+  std::vector<std::vector<MeasuredSetting>> measured_settings;
 };
+
+// The cache policy one layer has under `setting` (budget rules from `budget`, quantization window `window`).
+LayerPolicy LayerPolicyForSetting(const LayerSetting& setting, const BudgetPolicy& budget, int quantization_window,
+                                  int head_dim, int kv_heads);
 
 // Assembles the plan; token budgets are scaled (keeping each head's share proportional to its attention
 // coverage) until the estimated cache at reference_context meets target_memory_ratio, or as close as the

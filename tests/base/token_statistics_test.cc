@@ -1,5 +1,5 @@
 // The per-token statistics against values worked out by hand.
-#include "eval/token_statistics.h"
+#include "base/token_statistics.h"
 
 #include <cmath>
 

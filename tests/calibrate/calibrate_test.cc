@@ -2,6 +2,7 @@
 // back, validate it against the model and run it.
 #include "calibrate/calibrate.h"
 
+#include "absl/strings/match.h"
 #include "eval/evaluate.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
@@ -78,6 +79,41 @@ TEST(CalibrateTest, EveryMethodEndToEnd) {
   EXPECT_EQ(model->kv_cache_bytes(), PlanCacheBytes(read, 512));
   EXPECT_LT(model->kv_cache_bytes(),
             FullCacheBytes(loaded.config.num_layers, loaded.config.num_kv_heads, loaded.config.head_dim, 512));
+}
+
+// The quality optimiser on a small grid: every layer gets a measured decision, the plan meets the target, and
+// its verification ran on the held-back sequences.
+TEST(CalibrateTest, OptimiserChoosesMeasuredSettingsAndVerifiesThem) {
+  CalibrateOptions options = SmallOptions();
+  options.device = Backend::kCpu;
+  options.methods = {"optimise"};
+  options.sequences = 4;
+  options.sequence_length = 64;
+  options.optimiser_widths = {4};
+  options.optimiser_keep_fractions = {0.5f};
+  options.quantization_recent_window = 16;
+  options.target_memory_ratio = 0.5f;
+  std::vector<std::string> stages;
+  KVPLAN_ASSERT_OK_AND_ASSIGN(plan, Calibrate(options, [&](const std::string& stage, int64_t, int64_t) {
+                                if (stages.empty() || stages.back() != stage) stages.push_back(stage);
+                              }));
+  const std::vector<std::string> expected_stages = {"loading the model", "statistics", "optimiser: measuring settings",
+                                                    "compiling the plan", "optimiser: verifying the plan"};
+  EXPECT_EQ(stages, expected_stages);
+  EXPECT_TRUE(CheckMemoryTarget(plan).ok()) << CheckMemoryTarget(plan);
+  const plan::OptimiserDecisions& decisions = plan.optimiser();
+  EXPECT_EQ(decisions.layers_size(), 6);
+  EXPECT_EQ(decisions.candidates_measured(), 6 * 3);
+  EXPECT_EQ(decisions.verified_tokens(), 2 * 64);
+  EXPECT_GT(decisions.verified_kl(), 0.0);
+  EXPECT_GT(decisions.verified_top1_agreement(), 0.5);
+  for (const auto& entry : plan.quantization().layers()) EXPECT_EQ(entry.key_channel_scale_size(), 2 * 64);
+
+  options.methods = {"optimise", "budget"};
+  EXPECT_TRUE(absl::StrContains(Calibrate(options).status().message(), "drop budget"));
+  options.methods = {"optimise"};
+  options.sequences = 3;  // 2 to measure and 2 to verify need 4
+  EXPECT_EQ(Calibrate(options).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CalibrateTest, BadOptionsAreRejected) {

@@ -207,7 +207,8 @@ TEST(LimitsTest, CalibrationNeedsAMethod) {
   command.methods.clear();
   const absl::Status status = RunCalibrate(command);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(Contains(status, "--methods names no method (known: budget, dict, refresh, share)")) << status;
+  EXPECT_TRUE(Contains(status, "--methods names no method (known: budget, dict, optimise, quant, refresh, share)"))
+      << status;
 }
 
 // The error CLI11 reports for this command line, or "" when it parses.

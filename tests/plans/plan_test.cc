@@ -167,5 +167,56 @@ TEST(PlannerTest, BudgetsMeetTheMemoryTarget) {
   EXPECT_NE(json.find("headKeepFraction"), std::string::npos);
 }
 
+// The optimiser compresses where measured loss per byte is least: layer 0 loses 100 times what layer 1 does at
+// every setting and layer 2 a hundredth, so layer 2 is compressed most and layer 0 least; a setting that saves
+// bytes at no extra loss makes the larger ones pointless; layer 3 shares and gets no decision.
+TEST(PlannerTest, OptimiserSpendsLossWhereItIsCheapest) {
+  PlannerInputs inputs;
+  *inputs.model.mutable_architecture() = "LlamaForCausalLM";
+  inputs.model.set_num_layers(4);
+  inputs.model.set_num_kv_heads(2);
+  inputs.model.set_head_dim(64);
+  inputs.model.set_num_heads(4);
+  inputs.target_memory_ratio = 0.35f;
+  auto* share = inputs.sharing.add_shares();
+  share->set_layer(3);
+  share->set_donor(1);
+  inputs.quantization.set_recent_window(64);
+  for (int layer = 0; layer < 4; ++layer) {
+    auto* entry = inputs.quantization.add_layers();
+    entry->set_layer(layer);
+    entry->mutable_key_channel_scale()->Resize(2 * 64, 1.0f);
+  }
+  auto settings = [](double scale) {
+    return std::vector<MeasuredSetting>{{{8, 1.0f}, 0.001 * scale},
+                                        {{4, 1.0f}, 0.01 * scale},
+                                        {{2, 1.0f}, 0.2 * scale},
+                                        {{16, 0.5f}, 0.05 * scale},
+                                        {{4, 0.5f}, 0.06 * scale}};
+  };
+  inputs.measured_settings = {settings(100), settings(1), settings(0.01), settings(1)};
+  inputs.measured_settings[2][1].kl = 0;  // 4 bits as good as 8: 8 is never worth it
+  KVPLAN_ASSERT_OK_AND_ASSIGN(plan, CompilePlan(inputs));
+  const double ratio = double(PlanCacheBytes(plan, 2048)) / FullCacheBytes(plan.model(), 2048);
+  EXPECT_LE(ratio, 0.35);
+  const auto& decisions = plan.optimiser().layers();
+  ASSERT_EQ(decisions.size(), 3);  // the sharer has none
+  EXPECT_EQ(decisions[2].layer(), 2);
+  EXPECT_GE(decisions[0].bytes(), decisions[1].bytes());
+  EXPECT_GT(decisions[1].bytes(), decisions[2].bytes());
+  EXPECT_LT(decisions[2].bits(), 8);  // 8 and 16 bits cost layer 2 more bytes for no less loss than 4
+  EXPECT_EQ(plan.optimiser().candidates_measured(), 20);
+  double predicted = 0;
+  for (const auto& decision : decisions) {
+    predicted += decision.predicted_kl();
+    EXPECT_LE(decision.bytes(), decision.full_bytes());
+  }
+  EXPECT_DOUBLE_EQ(plan.optimiser().predicted_kl(), predicted);
+  // What the decisions say is what the plan does.
+  for (const auto& entry : plan.quantization().layers())
+    EXPECT_EQ(entry.key_bits(), decisions[entry.layer()].bits()) << entry.layer();
+  EXPECT_NE(DescribePlan(plan).find("quality optimiser: 20 settings measured"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace kvplan
