@@ -494,19 +494,65 @@ absl::StatusOr<plan::Plan> SyntheticPlan(const CalibrateOptions& options) {
   return CompilePlan(inputs);
 }
 
+// A sequence whose next-token distributions are compared on rows [scored_begin, scored_end).
+struct ScoredSequence {
+  std::vector<int32_t> tokens;
+  int scored_begin = 0, scored_end = 0;
+};
+
+std::vector<ScoredSequence> WhollyScored(const std::vector<std::vector<int32_t>>& sequences) {
+  std::vector<ScoredSequence> scored;
+  for (const auto& tokens : sequences) scored.push_back({tokens, 0, int(tokens.size())});
+  return scored;
+}
+
+// Retrieval probes: calibration text with a pass-key sentence hidden at depths spread evenly over the probes and
+// the question at the end; only the rows that predict the answer's tokens are scored, so a setting that loses the
+// key shows there. The haystack is calibration text, unlike eval's needle filler, and the keys are others.
+absl::StatusOr<std::vector<ScoredSequence>> RetrievalProbes(const std::string& model_dir,
+                                                            const std::vector<std::vector<int32_t>>& haystacks,
+                                                            int count) {
+  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(model_dir + "/tokenizer.json"));
+  std::mt19937 generator(77);
+  std::uniform_int_distribution<int> pass_key(10000, 99999);
+  std::vector<ScoredSequence> probes;
+  for (int i = 0; i < count; ++i) {
+    const std::vector<int32_t>& haystack = haystacks[i % haystacks.size()];
+    const std::string key = std::to_string(pass_key(generator));
+    const std::vector<int32_t> needle =
+        tokenizer->Encode(absl::StrCat(" The pass key is ", key, ". Remember it. ", key, " is the pass key."));
+    const std::vector<int32_t> question = tokenizer->Encode(" What is the pass key? The pass key is");
+    const std::vector<int32_t> answer = tokenizer->Encode(absl::StrCat(" ", key));
+    const int64_t tail = int64_t(needle.size() + question.size() + answer.size());
+    if (int64_t(haystack.size()) < tail + 16)
+      return absl::InvalidArgumentError("calibration sequences are too short for retrieval probes");
+    const int64_t filler = int64_t(haystack.size()) - tail;
+    const int64_t depth = 1 + (filler - 1) * (2 * i + 1) / (2 * count);  // after BOS
+    ScoredSequence probe;
+    probe.tokens.assign(haystack.begin(), haystack.begin() + depth);
+    probe.tokens.insert(probe.tokens.end(), needle.begin(), needle.end());
+    probe.tokens.insert(probe.tokens.end(), haystack.begin() + depth, haystack.begin() + filler);
+    probe.tokens.insert(probe.tokens.end(), question.begin(), question.end());
+    probe.scored_begin = int(probe.tokens.size()) - 1;  // the row after the question predicts the answer
+    probe.tokens.insert(probe.tokens.end(), answer.begin(), answer.end());
+    probe.scored_end = int(probe.tokens.size()) - 1;
+    probes.push_back(std::move(probe));
+  }
+  return probes;
+}
+
 // Next-token distributions of sequences under one cache plan, compared with the full cache's.
 class DistributionComparison {
  public:
-  DistributionComparison(Model& model, const std::vector<std::vector<int32_t>>& sequences)
-      : model_(model), sequences_(sequences) {}
+  DistributionComparison(Model& model, std::vector<ScoredSequence> sequences)
+      : model_(model), sequences_(std::move(sequences)) {}
 
-  // The full cache's logits, kept for every later comparison.
+  // The full cache's logits on the scored rows, kept for every later comparison.
   absl::Status RunReference() {
     KVPLAN_RETURN_IF_ERROR(model_.UsePolicies(nullptr));
     reference_.clear();
-    for (const auto& sequence : sequences_) {
-      model_.Reset();
-      KVPLAN_ASSIGN_OR_RETURN(auto logits, model_.Forward(SequenceRows(sequence, 0, 0), LogitRows::kAll));
+    for (const ScoredSequence& sequence : sequences_) {
+      KVPLAN_ASSIGN_OR_RETURN(auto logits, ScoredLogits(sequence));
       reference_.push_back(std::move(logits));
     }
     return absl::OkStatus();
@@ -516,16 +562,15 @@ class DistributionComparison {
     double kl = 0, top1_agreement = 0;
     int64_t tokens = 0;
   };
-  // Mean KL divergence per token from the reference, and how often both pick the same next token.
-  absl::StatusOr<Result> Compare(std::shared_ptr<const PlanPolicies> policies) {
-    KVPLAN_RETURN_IF_ERROR(model_.UsePolicies(std::move(policies)));
+  // Mean KL divergence per scored row from the reference, and how often both pick the same next token; under the
+  // policies the model was last given.
+  absl::StatusOr<Result> Compare() {
     const int vocab = model_.config().vocab_size;
     Result result;
     double kl = 0, agreed = 0;
     for (size_t i = 0; i < sequences_.size(); ++i) {
-      model_.Reset();
-      KVPLAN_ASSIGN_OR_RETURN(auto logits, model_.Forward(SequenceRows(sequences_[i], 0, 0), LogitRows::kAll));
-      const int64_t rows = int64_t(sequences_[i].size());
+      KVPLAN_ASSIGN_OR_RETURN(auto logits, ScoredLogits(sequences_[i]));
+      const int64_t rows = sequences_[i].scored_end - sequences_[i].scored_begin;
       for (int64_t r = 0; r < rows; ++r) {
         const float* reference = reference_[i].data() + r * vocab;
         const float* row = logits.data() + r * vocab;
@@ -538,11 +583,47 @@ class DistributionComparison {
     result.top1_agreement = agreed / std::max<int64_t>(1, result.tokens);
     return result;
   }
+  bool empty() const { return sequences_.empty(); }
+
+ private:
+  absl::StatusOr<std::vector<float>> ScoredLogits(const ScoredSequence& sequence) {
+    model_.Reset();
+    KVPLAN_ASSIGN_OR_RETURN(auto logits, model_.Forward(SequenceRows(sequence.tokens, 0, 0), LogitRows::kAll));
+    const int64_t vocab = model_.config().vocab_size;
+    return std::vector<float>(logits.begin() + sequence.scored_begin * vocab,
+                              logits.begin() + sequence.scored_end * vocab);
+  }
+
+  Model& model_;
+  std::vector<ScoredSequence> sequences_;
+  std::vector<std::vector<float>> reference_;
+};
+
+// Text and retrieval probes compared together: what one plan costs on each.
+struct PlanLoss {
+  DistributionComparison::Result text, probes;
+};
+class PlanLossMeter {
+ public:
+  PlanLossMeter(Model& model, std::vector<ScoredSequence> text, std::vector<ScoredSequence> probes)
+      : model_(model), text_(model, std::move(text)), probes_(model, std::move(probes)) {}
+  absl::Status RunReference() {
+    KVPLAN_RETURN_IF_ERROR(text_.RunReference());
+    return probes_.RunReference();
+  }
+  absl::StatusOr<PlanLoss> Measure(std::shared_ptr<const PlanPolicies> policies) {
+    KVPLAN_RETURN_IF_ERROR(model_.UsePolicies(std::move(policies)));
+    PlanLoss loss;
+    KVPLAN_ASSIGN_OR_RETURN(loss.text, text_.Compare());
+    if (!probes_.empty()) {
+      KVPLAN_ASSIGN_OR_RETURN(loss.probes, probes_.Compare());
+    }
+    return loss;
+  }
 
  private:
   Model& model_;
-  const std::vector<std::vector<int32_t>>& sequences_;
-  std::vector<std::vector<float>> reference_;
+  DistributionComparison text_, probes_;
 };
 
 // The policies of `base` (the accepted shares) with one layer's setting changed.
@@ -561,10 +642,12 @@ std::shared_ptr<const PlanPolicies> WithLayerSetting(const PlanPolicies& base, c
 }
 
 // The quality optimiser's measurements: every layer (sharers aside) under every combination of the options'
-// widths and fractions, alone, on `sequences`; the loss is the KL added to the base plan's (the shares').
+// widths and fractions, alone, on `text` and the retrieval `probes`; the losses are the KL added to the base
+// plan's (the shares').
 absl::StatusOr<std::vector<std::vector<MeasuredSetting>>> MeasureSettings(
     const CalibrateOptions& options, const ModelConfig& config, const WeightSource& weights,
-    const PlannerInputs& inputs, const std::vector<std::vector<int32_t>>& sequences, Model& model, StageClock& clock) {
+    const PlannerInputs& inputs, std::vector<ScoredSequence> text, std::vector<ScoredSequence> probes, Model& model,
+    StageClock& clock) {
   std::vector<LayerSetting> settings;
   std::vector<int> widths = {16};
   widths.insert(widths.end(), options.optimiser_widths.begin(), options.optimiser_widths.end());
@@ -582,36 +665,40 @@ absl::StatusOr<std::vector<std::vector<MeasuredSetting>>> MeasureSettings(
 
   const int64_t total = int64_t(config.num_layers) * int64_t(settings.size());
   clock.Progress("optimiser: measuring settings", 0, total);
-  DistributionComparison comparison(model, sequences);
-  KVPLAN_RETURN_IF_ERROR(comparison.RunReference());
-  KVPLAN_ASSIGN_OR_RETURN(auto base_result, comparison.Compare(std::make_shared<const PlanPolicies>(base)));
+  PlanLossMeter meter(model, std::move(text), std::move(probes));
+  KVPLAN_RETURN_IF_ERROR(meter.RunReference());
+  KVPLAN_ASSIGN_OR_RETURN(const PlanLoss base_loss, meter.Measure(std::make_shared<const PlanPolicies>(base)));
   std::vector<std::vector<MeasuredSetting>> measured(config.num_layers);
   int64_t done = 0;
   for (int layer = 0; layer < config.num_layers; ++layer) {
     for (const LayerSetting& setting : settings) {
       clock.Progress("optimiser: measuring settings", done++, total);
       if (sharers.contains(layer)) continue;
-      KVPLAN_ASSIGN_OR_RETURN(auto result, comparison.Compare(WithLayerSetting(base, inputs, layer, setting)));
-      measured[layer].push_back({setting, std::max(0.0, result.kl - base_result.kl)});
+      KVPLAN_ASSIGN_OR_RETURN(const PlanLoss loss, meter.Measure(WithLayerSetting(base, inputs, layer, setting)));
+      measured[layer].push_back({.setting = setting,
+                                 .kl = std::max(0.0, loss.text.kl - base_loss.text.kl),
+                                 .probe_kl = std::max(0.0, loss.probes.kl - base_loss.probes.kl)});
     }
   }
   clock.Progress("optimiser: measuring settings", total, total);
   return measured;
 }
 
-// The chosen plan, whole, on sequences the measurements did not see.
-absl::Status VerifyPlan(const ModelConfig& config, const WeightSource& weights,
-                        const std::vector<std::vector<int32_t>>& sequences, Model& model, StageClock& clock,
-                        plan::Plan& plan) {
+// The chosen plan, whole, on text and probes the measurements did not see.
+absl::Status VerifyPlan(const ModelConfig& config, const WeightSource& weights, std::vector<ScoredSequence> text,
+                        std::vector<ScoredSequence> probes, Model& model, StageClock& clock, plan::Plan& plan) {
   clock.Progress("optimiser: verifying the plan", 0, 1);
   KVPLAN_ASSIGN_OR_RETURN(PlanPolicies policies, PoliciesFromPlan(plan, config, weights));
-  DistributionComparison comparison(model, sequences);
-  KVPLAN_RETURN_IF_ERROR(comparison.RunReference());
-  KVPLAN_ASSIGN_OR_RETURN(auto result, comparison.Compare(std::make_shared<const PlanPolicies>(std::move(policies))));
+  PlanLossMeter meter(model, std::move(text), std::move(probes));
+  KVPLAN_RETURN_IF_ERROR(meter.RunReference());
+  KVPLAN_ASSIGN_OR_RETURN(const PlanLoss loss,
+                          meter.Measure(std::make_shared<const PlanPolicies>(std::move(policies))));
   plan::OptimiserDecisions* decisions = plan.mutable_optimiser();
-  decisions->set_verified_kl(result.kl);
-  decisions->set_verified_top1_agreement(result.top1_agreement);
-  decisions->set_verified_tokens(result.tokens);
+  decisions->set_verified_kl(loss.text.kl);
+  decisions->set_verified_top1_agreement(loss.text.top1_agreement);
+  decisions->set_verified_tokens(loss.text.tokens);
+  decisions->set_verified_probe_kl(loss.probes.kl);
+  decisions->set_verified_probe_top1_agreement(loss.probes.top1_agreement);
   clock.Progress("optimiser: verifying the plan", 1, 1);
   return absl::OkStatus();
 }
@@ -717,7 +804,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
       inputs.quantization.mutable_layers(layer)->mutable_key_channel_scale()->Assign(scales.begin(), scales.end());
     }
   }
-  std::vector<std::vector<int32_t>> verify_sequences;
+  std::vector<ScoredSequence> verify_text, verify_probes;
   if (options.methods.contains("optimise")) {
     const int64_t measured = options.optimiser_sequences, verified = options.verify_sequences;
     if (measured < 1 || verified < 1 || int64_t(sequences.size()) < measured + verified)
@@ -725,12 +812,20 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
                                                      verified, " other calibration sequences; the data holds ",
                                                      sequences.size()));
     const std::vector<std::vector<int32_t>> measure_sequences(sequences.begin(), sequences.begin() + measured);
-    verify_sequences.assign(sequences.end() - verified, sequences.end());
-    KVPLAN_ASSIGN_OR_RETURN(inputs.measured_settings, MeasureSettings(options, config, *loaded.weights, inputs,
-                                                                      measure_sequences, *model, clock));
+    const std::vector<std::vector<int32_t>> held_back(sequences.end() - verified, sequences.end());
+    std::vector<ScoredSequence> probes;
+    if (options.retrieval_probes > 0 && !options.random_tokens) {
+      KVPLAN_ASSIGN_OR_RETURN(probes, RetrievalProbes(options.model_dir, measure_sequences, options.retrieval_probes));
+      KVPLAN_ASSIGN_OR_RETURN(verify_probes, RetrievalProbes(options.model_dir, held_back, options.retrieval_probes));
+    }
+    verify_text = WhollyScored(held_back);
+    inputs.retrieval_weight = options.retrieval_weight;
+    KVPLAN_ASSIGN_OR_RETURN(inputs.measured_settings,
+                            MeasureSettings(options, config, *loaded.weights, inputs, WhollyScored(measure_sequences),
+                                            std::move(probes), *model, clock));
   }
   // Its device memory goes back before dictionary training; the optimiser (never with dictionaries) verifies on it.
-  if (verify_sequences.empty()) model.reset();
+  if (verify_text.empty()) model.reset();
   std::set<int> sharers;
   for (const auto& share : inputs.sharing.shares()) sharers.insert(share.layer());
 
@@ -757,8 +852,9 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   clock.Progress("compiling the plan", 0, 1);
   KVPLAN_ASSIGN_OR_RETURN(plan::Plan plan, CompilePlan(inputs));
   clock.Progress("compiling the plan", 1, 1);
-  if (!verify_sequences.empty())
-    KVPLAN_RETURN_IF_ERROR(VerifyPlan(config, *loaded.weights, verify_sequences, *model, clock, plan));
+  if (!verify_text.empty())
+    KVPLAN_RETURN_IF_ERROR(
+        VerifyPlan(config, *loaded.weights, std::move(verify_text), std::move(verify_probes), *model, clock, plan));
   clock.Finish();
   return plan;
 }

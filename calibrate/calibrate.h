@@ -63,6 +63,10 @@ struct CalibrateOptions {
   std::vector<float> optimiser_keep_fractions = {0.5f, 0.25f, 0.125f};
   int optimiser_sequences = 2;
   int verify_sequences = 2;
+  // Retrieval probes (calibration text with a hidden pass key, scored only where the answer is predicted) added to
+  // the measurements and the verification; a setting's loss is its text KL + retrieval_weight * its probe KL.
+  int retrieval_probes = 4;
+  float retrieval_weight = 0.05f;
 };
 
 // Called with (stage, done, total).

@@ -163,6 +163,14 @@ CommandLine::CommandLine() {
       ->add_option("--verify-sequences", calibration.verify_sequences,
                    "optimise: held-back calibration sequences the chosen plan is verified on")
       ->check(kPositive);
+  calibrate
+      ->add_option("--retrieval-probes", calibration.retrieval_probes,
+                   "optimise: pass-key probes in calibration text the settings are also measured on (0: none)")
+      ->check(kNonNegative);
+  calibrate
+      ->add_option("--retrieval-weight", calibration.retrieval_weight,
+                   "optimise: a setting's loss is its text KL + this * its probe KL")
+      ->check(kNonNegative);
   calibrate->add_option("--scoring", calibrate_.scoring, "budgets: l2 (key norm) | attention");
   calibrate->add_flag("--no-merge", calibrate_.no_merge, "budgets: drop evicted tokens instead of merging them");
   calibrate

@@ -97,6 +97,9 @@ absl::Status ChooseMeasuredSettings(const PlannerInputs& inputs, const std::set<
     MeasuredSetting measured;
     int64_t bytes;
   };
+  auto loss = [&](const Option& option) {
+    return option.measured.kl + inputs.retrieval_weight * option.measured.probe_kl;
+  };
   struct Step {
     int layer, to;  // index into the layer's hull
     double slope;   // loss added per byte saved
@@ -110,17 +113,17 @@ absl::Status ChooseMeasuredSettings(const PlannerInputs& inputs, const std::set<
     for (const MeasuredSetting& measured : inputs.measured_settings[layer])
       options.push_back({measured, bytes_of(measured.setting)});
     // Most bytes first; among equal bytes the least loss.
-    std::sort(options.begin(), options.end(), [](const Option& a, const Option& b) {
-      return a.bytes != b.bytes ? a.bytes > b.bytes : a.measured.kl < b.measured.kl;
+    std::sort(options.begin(), options.end(), [&](const Option& a, const Option& b) {
+      return a.bytes != b.bytes ? a.bytes > b.bytes : loss(a) < loss(b);
     });
     std::vector<Option>& hull = hulls[layer];
-    auto slope = [](const Option& from, const Option& to) {
-      return (to.measured.kl - from.measured.kl) / double(from.bytes - to.bytes);
+    auto slope = [&](const Option& from, const Option& to) {
+      return (loss(to) - loss(from)) / double(from.bytes - to.bytes);
     };
     for (const Option& option : options) {
       if (!hull.empty() && option.bytes == hull.back().bytes) continue;  // as large, no better
       // A setting with fewer bytes and no more loss makes the larger ones pointless.
-      while (!hull.empty() && option.measured.kl <= hull.back().measured.kl) hull.pop_back();
+      while (!hull.empty() && loss(option) <= loss(hull.back())) hull.pop_back();
       while (hull.size() >= 2 && slope(hull[hull.size() - 2], hull.back()) >= slope(hull.back(), option))
         hull.pop_back();
       hull.push_back(option);
@@ -170,11 +173,13 @@ absl::Status ChooseMeasuredSettings(const PlannerInputs& inputs, const std::set<
     decision->set_bits(setting.bits);
     decision->set_keep_fraction(setting.keep_fraction);
     decision->set_predicted_kl(option.measured.kl);
+    decision->set_predicted_probe_kl(option.measured.probe_kl);
     decision->set_bytes(option.bytes);
     decision->set_full_bytes(full_bytes[layer]);
     predicted += option.measured.kl;
   }
   decisions->set_predicted_kl(predicted);
+  decisions->set_retrieval_weight(inputs.retrieval_weight);
   if (budgets->layers_size() > 0) WriteBudgetPolicy(budget, budgets);
   return absl::OkStatus();
 }
@@ -362,15 +367,19 @@ std::string DescribePlan(const plan::Plan& plan, const std::vector<int>& context
   const plan::OptimiserDecisions& optimiser = plan.optimiser();
   if (Heading(out, "quality optimiser:", optimiser.layers_size() > 0))
     absl::StrAppendFormat(&out,
-                          " %d settings measured; predicted KL %.4f nats/token (sum of the layers'), verified %.4f "
-                          "with top-1 agreement %.2f%% over %d held-back tokens\n",
-                          optimiser.candidates_measured(), optimiser.predicted_kl(), optimiser.verified_kl(),
-                          100 * optimiser.verified_top1_agreement(), optimiser.verified_tokens());
+                          " %d settings measured, loss = KL + %.3f x retrieval-probe KL; predicted KL %.4f "
+                          "nats/token (sum of the layers'), verified %.4f with top-1 agreement %.2f%% over %d "
+                          "held-back tokens; retrieval probes: KL %.4f, answer agreement %.2f%%\n",
+                          optimiser.candidates_measured(), optimiser.retrieval_weight(), optimiser.predicted_kl(),
+                          optimiser.verified_kl(), 100 * optimiser.verified_top1_agreement(),
+                          optimiser.verified_tokens(), optimiser.verified_probe_kl(),
+                          100 * optimiser.verified_probe_top1_agreement());
   for (const auto& decision : optimiser.layers())
-    absl::StrAppendFormat(&out, "  layer %2d: %-4s keep %.3f  predicted KL %.5f  %s of %s at %d tokens\n",
+    absl::StrAppendFormat(&out,
+                          "  layer %2d: %-4s keep %.3f  predicted KL %.5f, probe KL %.4f  %s of %s at %d tokens\n",
                           decision.layer(), decision.bits() < 16 ? absl::StrCat("int", decision.bits()) : "bf16",
-                          decision.keep_fraction(), decision.predicted_kl(), Bytes(decision.bytes()),
-                          Bytes(decision.full_bytes()), ReferenceContext(plan));
+                          decision.keep_fraction(), decision.predicted_kl(), decision.predicted_probe_kl(),
+                          Bytes(decision.bytes()), Bytes(decision.full_bytes()), ReferenceContext(plan));
 
   if (plan.target_memory_ratio() > 0 && plan.memory_size() > 0)
     absl::StrAppendFormat(&out, "\nat %d tokens the plan keeps %.3f of the full cache: target %.3f %s\n",

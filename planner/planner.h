@@ -22,11 +22,12 @@ struct LayerSetting {
   int bits = 16;
   float keep_fraction = 1.0f;
 };
-// A setting with the loss calibration measured for it: mean KL divergence per token from the full cache with
+// A setting with the losses calibration measured for it: mean KL divergence per token from the full cache with
 // only this layer compressed.
 struct MeasuredSetting {
   LayerSetting setting;
   double kl = 0;
+  double probe_kl = 0;  // the same on retrieval probes, over the rows that predict the pass key
 };
 
 struct PlannerInputs {
@@ -49,6 +50,7 @@ struct PlannerInputs {
   // `quantization`'s key channel scales) and budgets (budget_settings.policy) accordingly; attention_coverage and
   // sparse_coding are then unused.
   std::vector<std::vector<MeasuredSetting>> measured_settings;
+  double retrieval_weight = 0;  // a setting's loss: kl + retrieval_weight * probe_kl
 };
 
 // The cache policy one layer has under `setting` (budget rules from `budget`, quantization window `window`).

@@ -92,6 +92,7 @@ TEST(CalibrateTest, OptimiserChoosesMeasuredSettingsAndVerifiesThem) {
   options.optimiser_widths = {4};
   options.optimiser_keep_fractions = {0.5f};
   options.quantization_recent_window = 16;
+  options.retrieval_probes = 1;
   options.target_memory_ratio = 0.5f;
   std::vector<std::string> stages;
   KVPLAN_ASSERT_OK_AND_ASSIGN(plan, Calibrate(options, [&](const std::string& stage, int64_t, int64_t) {
@@ -107,6 +108,8 @@ TEST(CalibrateTest, OptimiserChoosesMeasuredSettingsAndVerifiesThem) {
   EXPECT_EQ(decisions.verified_tokens(), 2 * 64);
   EXPECT_GT(decisions.verified_kl(), 0.0);
   EXPECT_GT(decisions.verified_top1_agreement(), 0.5);
+  EXPECT_GT(decisions.verified_probe_top1_agreement(), 0.0);  // the probe's answer rows were scored
+  EXPECT_FLOAT_EQ(decisions.retrieval_weight(), options.retrieval_weight);
   for (const auto& entry : plan.quantization().layers()) EXPECT_EQ(entry.key_channel_scale_size(), 2 * 64);
 
   options.methods = {"optimise", "budget"};
