@@ -504,15 +504,16 @@ void launch_compressed_attention(const AttentionLaunch& launch, int group, cudaS
 
 // --- Attention: the split path --------------------------------------------------------------------------------------
 //
-// Layers with no coded entries, and layers whose keys were coded after RoPE, take this path; the kernel above
-// rebuilds every coded key and value from its dictionary rows in every lane, which makes a coded entry cost more than
-// a dense one. Here:
+// Layers with no coded entries, layers whose keys were coded after RoPE, and quantized layers take this path; the
+// kernel above rebuilds every coded key and value from its dictionary rows in every lane, which makes a coded entry
+// cost more than a dense one. Here:
 // - a coded key's logit is sum_s c_s * T[atom_s], where T = (scale * q) . key_atoms is computed once per step and
 //   query head by a small tiled kernel (every head shares the dictionary) and gathered from shared memory;
 // - a coded value is never rebuilt: each split adds its softmax weights per value atom (w_a += p * c_s) in shared
 //   memory, and the combine applies the value dictionary once per query head: out = (acc + sum_a w_a v_a) / sum;
 // - dense entries are read as the dense kernel reads its cache: a group of head_dim / 8 lanes owns an entry, one
-//   16-byte load each for K and V, several entries in flight per warp.
+//   16-byte load each for K and V, several entries in flight per warp;
+// - a quantized layer's coded entries are read the same way, each lane dequantizing its 8 dimensions.
 // Launches: table (coded layers only), split kernel, combine, each after the first a programmatic dependent of the one
 // before. Their grids depend only on the rows, kv_heads and max_region; each block reads its head's counts from device
 // memory. bench/coded_attention_tuning.md has the measurements behind the choices.
@@ -613,13 +614,15 @@ int split_path_splits(int sms, int rows, int kv_heads, int group, int max_region
 }
 
 // How a head's entries fall to the splits: the used splits take equal shares of its coded entries and of its dense
-// ones; how many are used follows the head's work. The split kernel and the combine both derive it from the counts.
+// ones; how many are used follows the head's work, where a quantized entry, read as a dense one is, counts as one.
+// The split kernel and the combine both derive it from the counts.
 struct SplitShare {
   int used;
   int coded_begin, coded_end, dense_begin, dense_end;
 };
-__device__ inline SplitShare split_share(int coded, int dense, int splits, int split) {
-  const int64_t work = int64_t(dense) * kDenseEntryWork + coded;
+__device__ inline SplitShare split_share(int coded, int dense, bool quantized, int splits, int split) {
+  const int64_t coded_work = quantized ? kDenseEntryWork : 1;
+  const int64_t work = int64_t(dense) * kDenseEntryWork + int64_t(coded) * coded_work;
   const int used = int(min(int64_t(splits), max(int64_t(1), (work + kSplitWork - 1) / kSplitWork)));
   const int coded_chunk = (coded + used - 1) / used, dense_chunk = (dense + used - 1) / used;
   return {used, min(coded, split * coded_chunk), min(coded, (split + 1) * coded_chunk), min(dense, split * dense_chunk),
@@ -732,13 +735,16 @@ __global__ void __launch_bounds__(kSplitThreads) query_atom_table_kernel(Attenti
 // entries, measured). Each p <= 1 (relative to the running max), so the units' magnitudes stay under bound *
 // 2^exponent, bound being the sum of |c| over the value codes added so far; the exponent keeps that under 2^30
 // (resolution about 2^-30 of the bound, no overflow) and falls, with a rescale, as the bound grows.
-template <int kHeadDim, int kGroup, bool kCoded, int kMaxCodes>
+//
+// kQuantized (then not kCoded): the coded entries of a quantized layer, read before the dense ones as those are.
+template <int kHeadDim, int kGroup, bool kCoded, int kMaxCodes, bool kQuantized>
 __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
     compressed_split_kernel(AttentionLaunch p) {
   constexpr int kLanesPerEntry = kHeadDim / 8;
   constexpr int kEntriesPerStep = 32 / kLanesPerEntry;
-  // Entries per lane group in flight: as the dense kernel, fewer on coded layers, whose dense entries are few.
-  constexpr int kUnroll = kGroup <= 4 && !kCoded ? 4 : 2;
+  // Entries per lane group in flight: as the dense kernel, fewer on coded and quantized layers, whose dense entries
+  // are few (and whose quantized pass spilled at group 4 beside four in flight).
+  constexpr int kUnroll = kGroup <= 4 && !kCoded && !kQuantized ? 4 : 2;
   constexpr int kEntriesPerWarpTile = kEntriesPerStep * kUnroll;
   constexpr int kBlockTileStride = kSplitWarps * kEntriesPerWarpTile;
   constexpr int kCodeVectors = kMaxCodes / 4;
@@ -751,7 +757,7 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
   const int32_t query_position = p.step.row_position[row];
   const int64_t head = int64_t(sequence) * p.layer.kv_heads + kv_head;
   const HeadCounts counts = head_counts(p.layer, head);
-  const SplitShare share = split_share(counts.coded, counts.dense, p.splits, split);
+  const SplitShare share = split_share(counts.coded, counts.dense, p.tables.key_bits > 0, p.splits, split);
   allow_dependent_launch();
   if (split >= share.used) return;
   const ViewFilter filter = view_filter(p.refresh, p.has_refresh, sequence);
@@ -948,6 +954,44 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
       query[g][i] = loaded[i] * p.shape.scale;
     }
   }
+  if constexpr (kQuantized) {
+    const int64_t coded_base = p.layer.coded_begin[head];
+    float key_scale[8];
+    load_floats<8>(p.tables.key_channel_scale + int64_t(kv_head) * kHeadDim + dim_base, key_scale);
+    for (int first = share.coded_begin + warp * kEntriesPerStep; first < share.coded_end;
+         first += kSplitWarps * kEntriesPerStep) {
+      const int entry = first + entry_slot;
+      const int64_t slot = coded_base + entry;
+      const int32_t position = entry < share.coded_end ? p.layer.coded_positions[slot] : INT32_MAX;
+      const bool visible = position <= query_position && filter.sees_slot(p.layer.coded_selected, slot, position);
+      float key[8] = {}, value[8] = {};
+      if (entry < share.coded_end) {
+        const uint32_t* key_words = p.layer.key_codes + slot * p.layer.key_sparsity;
+        const uint32_t* value_words = p.layer.value_codes + slot * p.layer.value_sparsity;
+        const QuantizedRange key_range = quantized_range(key_words), value_range = quantized_range(value_words);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          key[i] = __fmul_rn(dequantized_channel(key_words, key_range, dim_base + i, p.tables.key_bits, nullptr),
+                             key_scale[i]);
+          value[i] = dequantized_channel(value_words, value_range, dim_base + i, p.tables.value_bits, nullptr);
+        }
+      }
+      float score[1][kGroup];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
+        score[0][g] = visible ? dot : -INFINITY;
+      }
+      rescale_to_tile(score, running_max, running_sum, acc);
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        const float weight = __expf(score[0][g] - running_max[g]);
+        running_sum[g] += weight;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
+      }
+    }
+  }
   const uint16_t* keys = p.layer.dense_keys + dense_base * kHeadDim + dim_base;
   const uint16_t* values = p.layer.dense_values + dense_base * kHeadDim + dim_base;
   auto load_tile = [&](const uint16_t* cache, int first_entry, uint4(&bits)[kUnroll]) {
@@ -1067,7 +1111,7 @@ __global__ void __launch_bounds__(kSplitThreads) compressed_combine_kernel(Atten
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, atoms = p.tables.atoms;
   const int64_t head = int64_t(p.step.row_sequence[row]) * p.layer.kv_heads + kv_head;
   const HeadCounts counts = head_counts(p.layer, head);
-  const int used = split_share(counts.coded, counts.dense, p.splits, 0).used;
+  const int used = split_share(counts.coded, counts.dense, p.tables.key_bits > 0, p.splits, 0).used;
   const int64_t first_slot = (int64_t(launch_row) * heads + kv_head * group) * p.splits;  // query head g: + g * splits
   // An atom block's dictionary rows load before the split kernel has finished: thread (d, slice) takes dimension d
   // of atoms slice, slice + kAtomSlices, ...
@@ -1205,21 +1249,24 @@ __global__ void __launch_bounds__(kSplitThreads) compressed_combine_kernel(Atten
   }
 }
 
-// Whether a layer takes the split path, and with which code bound: uncoded layers always; coded ones when they code
-// with dictionaries (quantized layers take the general kernel), their keys were coded after RoPE, their sparsities
-// are multiples of 4 up to 16, and the group's table and atom weights fit in shared memory beside the merge area.
+// Whether a layer takes the split path, and with which code bound: uncoded and quantized layers always; dictionary
+// coded ones when their keys were coded after RoPE, their sparsities are multiples of 4 up to 16, and the group's
+// table and atom weights fit in shared memory beside the merge area.
 struct SplitPathChoice {
   bool taken;
-  int max_codes;  // 0: no coded entries
+  int max_codes;  // 0: no dictionary codes
   size_t shared_bytes;
+  bool quantized = false;
 };
 SplitPathChoice choose_split_path(const CompressedLayer& layer, const CodingTables* tables, int group) {
   const bool coded = layer.coded_count != nullptr && layer.key_sparsity > 0;
   const int width = group_width(group);
-  if (!coded) return {true, 0, split_shared_layout(layer.head_dim, width, 0, false).floats * sizeof(float)};
+  const size_t uncoded_bytes = split_shared_layout(layer.head_dim, width, 0, false).floats * sizeof(float);
+  if (!coded) return {true, 0, uncoded_bytes};
+  if (tables != nullptr && tables->key_bits > 0) return {true, 0, uncoded_bytes, true};
   const int most_codes = std::max(layer.key_sparsity, layer.value_sparsity);
-  if (tables == nullptr || tables->key_bits > 0 || !tables->keys_after_rope || layer.key_sparsity % 4 != 0 ||
-      layer.value_sparsity % 4 != 0 || most_codes > 16)
+  if (tables == nullptr || !tables->keys_after_rope || layer.key_sparsity % 4 != 0 || layer.value_sparsity % 4 != 0 ||
+      most_codes > 16)
     return {false, 0, 0};
   const size_t bytes = split_shared_layout(layer.head_dim, width, tables->atoms, true).floats * sizeof(float);
   int device = 0, limit = 0;
@@ -1251,9 +1298,9 @@ cudaError_t launch_dependent(Kernel kernel, dim3 grid, size_t shared_bytes, cuda
 
 // The split kernel follows the table kernel as a programmatic dependent on coded layers; without codes the kernel
 // before it is the caller's, whose results its first reads need, so it launches plainly.
-template <int kHeadDim, int kGroup, bool kCoded, int kMaxCodes>
+template <int kHeadDim, int kGroup, bool kCoded, int kMaxCodes, bool kQuantized = false>
 cudaError_t launch_split_kernel(const AttentionLaunch& launch, int rows, size_t shared_bytes, cudaStream_t stream) {
-  const auto kernel = compressed_split_kernel<kHeadDim, kGroup, kCoded, kMaxCodes>;
+  const auto kernel = compressed_split_kernel<kHeadDim, kGroup, kCoded, kMaxCodes, kQuantized>;
   if (shared_bytes > 48 * 1024) {
     if (const cudaError_t error =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
@@ -1291,7 +1338,9 @@ cudaError_t launch_split_path(AttentionLaunch launch, const SplitPathChoice& cho
                                 kSplitThreads, 0, stream>>>(launch, rows);
       if ((error = cudaGetLastError()) != cudaSuccess) return error;
     }
-    if (choice.max_codes == 0)
+    if (choice.quantized)
+      error = launch_split_kernel<kHeadDim, kGroup, false, 8, true>(launch, rows, choice.shared_bytes, stream);
+    else if (choice.max_codes == 0)
       error = launch_split_kernel<kHeadDim, kGroup, false, 8>(launch, rows, choice.shared_bytes, stream);
     else if (choice.max_codes == 8)
       error = launch_split_kernel<kHeadDim, kGroup, true, 8>(launch, rows, choice.shared_bytes, stream);

@@ -427,8 +427,9 @@ TEST(CudaCompressedTest, AppendMatchesCpu) {
 // Attention cases, each at several GQA groups: every layer case at groups 1 and 4, then cases for the attention's
 // paths. Keys coded after RoPE take the table path (1024 and 4096 atoms; at 4096 atoms and group 8 its shared memory
 // does not fit and the general kernel runs) over contexts past 4096 that use several splits, and in steps of 17 rows
-// per sequence (more rows than one table launch takes); budget-only layers keep thousands of dense entries; a
-// sparsity that is no multiple of 4, and a quantized layer, fall back to the general kernel.
+// per sequence (more rows than one table launch takes); budget-only layers keep thousands of dense entries, and
+// quantized layers thousands of coded ones, on the split path too; a sparsity that is no multiple of 4 falls back to
+// the general kernel.
 std::vector<std::pair<LayerCase, std::vector<int>>> AttentionCases() {
   std::vector<std::pair<LayerCase, std::vector<int>>> cases;
   for (const LayerCase& c : kLayerCases) cases.push_back({c, {1, 4}});
