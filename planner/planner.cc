@@ -142,6 +142,24 @@ absl::Status ChooseMeasuredSettings(const PlannerInputs& inputs, const std::set<
     total += hulls[step.layer][step.to].bytes - hulls[step.layer][chosen[step.layer]].bytes;
     chosen[step.layer] = step.to;
   }
+  // The last step may overshoot the target by a whole setting: give back, one at a time, the steps whose undoing
+  // recovers the most loss while the target still holds.
+  while (true) {
+    int best_layer = -1;
+    double best_recovered = 0;
+    for (int layer = 0; layer < layers; ++layer) {
+      if (chosen[layer] == 0) continue;
+      const Option &now = hulls[layer][chosen[layer]], &before = hulls[layer][chosen[layer] - 1];
+      const double recovered = loss(now) - loss(before);
+      if (double(total + before.bytes - now.bytes) <= target && recovered > best_recovered) {
+        best_layer = layer;
+        best_recovered = recovered;
+      }
+    }
+    if (best_layer < 0) break;
+    total += hulls[best_layer][chosen[best_layer] - 1].bytes - hulls[best_layer][chosen[best_layer]].bytes;
+    --chosen[best_layer];
+  }
 
   plan::KvQuantization* quantization = plan.mutable_quantization();
   quantization->Clear();
