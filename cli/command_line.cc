@@ -3,9 +3,11 @@
 #include <functional>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli/interruption.h"
 #include "loader/model_config.h"
+#include "sweep/sweep.h"
 
 namespace kvplan {
 namespace {
@@ -151,6 +153,55 @@ CommandLine::CommandLine() {
           "budgets: layers that keep every token (default 0,1; pass -1 for none)")
       ->check(CLI::Range(-1, 1 << 20));
 
+  SweepOptions& sweep_options = sweep_.options;
+  CalibrateOptions& sweep_calibration = sweep_options.calibration;
+  std::vector<std::string> sweep_methods;
+  std::string sweep_methods_help = "comma-separated presets:";
+  for (const SweepMethod& method : SweepMethods()) {
+    sweep_methods.push_back(method.name);
+    absl::StrAppend(&sweep_methods_help, " ", method.name, " (", method.description, ");");
+  }
+  CLI::App* sweep = app_.add_subcommand(
+      "sweep", "calibrate and evaluate every method at every memory target: a CSV table and a plot to choose from");
+  AddCommonRunFlags(sweep, sweep_calibration.model_dir, sweep_.allow_longer_context);
+  sweep->get_option("--model")->required();
+  sweep->add_option("--calibration-data", sweep_calibration.data_path, "calibration text")
+      ->required()
+      ->check(CLI::ExistingFile);
+  sweep->add_option("--eval-data", sweep_options.eval_data_path, "held-out text for perplexity")
+      ->required()
+      ->check(CLI::ExistingFile);
+  sweep->add_option("--methods", sweep_options.methods, sweep_methods_help)
+      ->delimiter(',')
+      ->check(kNonEmpty)
+      ->check(CLI::IsMember(sweep_methods));
+  sweep->add_option("--targets", sweep_options.targets, "memory targets: plan bytes / full-cache bytes, e.g. 0.5,0.2")
+      ->delimiter(',')
+      ->check(kNonEmpty)
+      ->check(kPositive)
+      ->check(CLI::Range(0.0, 1.0));
+  sweep->add_option("-o,--output", sweep_.output_path, "CSV table to write")->required();
+  sweep->add_option("--svg", sweep_.svg_path, "also plot KV reduction against perplexity and needle accuracy here");
+  sweep->add_flag("--force", sweep_.force, "replace existing output files kvplan did not write");
+  sweep->add_option("--device", sweep_.device, "auto | cpu | cuda: calibration and evaluation");
+  sweep
+      ->add_option("--context", sweep_options.perplexity.window,
+                   "perplexity window: the context targets are met at and reductions are measured at")
+      ->check(CLI::Range(2, 1 << 30));
+  sweep->add_option("--max-tokens", sweep_options.perplexity.max_tokens, "tokens of the eval data scored")
+      ->check(kPositive);
+  AddList(sweep, "--needle-lengths", sweep_.needle_lengths, "needle context lengths (default: --context)")
+      ->check(kPositive);
+  sweep->add_option("--needle-trials", sweep_options.needle.trials, "needle trials per length, at evenly spread depths")
+      ->check(kPositive);
+  sweep->add_option("--sequences", sweep_calibration.sequences, "calibration sequences")->check(kPositive);
+  sweep->add_option("--sequence-length", sweep_calibration.sequence_length, "tokens per calibration sequence")
+      ->check(kPositive);
+  sweep->add_option("--atoms", sweep_calibration.dictionary_atoms, "CSR: dictionary atoms per layer")
+      ->check(CLI::Range(1, 65536));
+  sweep->add_option("--epochs", sweep_calibration.dictionary_epochs, "CSR: dictionary training epochs")
+      ->check(kPositive);
+
   CLI::App* inspect = app_.add_subcommand("inspect", "print a plan's decisions and memory per context length");
   inspect->add_option("plan", inspect_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
   inspect->add_flag("--json", inspect_.json, "as JSON");
@@ -171,6 +222,7 @@ absl::Status CommandLine::Run() const {
   if (name == "eval") return RunEval(eval_);
   if (name == "bench") return RunBench(bench_);
   if (name == "calibrate") return RunCalibrate(calibrate_);
+  if (name == "sweep") return RunSweep(sweep_);
   if (name == "inspect") return RunInspect(inspect_);
   return RunValidate(validate_);
 }
