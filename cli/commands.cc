@@ -254,7 +254,6 @@ absl::Status RunSweep(SweepCommand command) {
   KVPLAN_ASSIGN_OR_RETURN(options.calibration.device, ParseBackend(command.device));
   const int context = options.perplexity.window;
   options.needle.context_lengths = command.needle_lengths.empty() ? std::vector<int>{context} : command.needle_lengths;
-  for (const std::string& method : options.methods) KVPLAN_RETURN_IF_ERROR(FindSweepMethod(method).status());
   KVPLAN_RETURN_IF_ERROR(CheckOutputFiles(FilesOf(command), command.force));
   KVPLAN_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(options.calibration.model_dir));
   KVPLAN_RETURN_IF_ERROR(
