@@ -91,6 +91,7 @@ std::vector<double> NiceTicks(Scale& scale, int count) {
   scale.lo = std::floor(scale.lo / step) * step;
   scale.hi = std::ceil(scale.hi / step) * step;
   std::vector<double> ticks;
+  // Steps of 0.1 do not add up exactly: the loop bound and the snap to zero absorb the drift.
   for (double tick = scale.lo; tick <= scale.hi + step / 2; tick += step)
     ticks.push_back(std::abs(tick) < step / 2 ? 0 : tick);
   return ticks;
@@ -109,13 +110,11 @@ struct Panel {
   double Y(double value) const { return top + kPlotHeight * (1 - y(value)); }
 };
 
-// Frame, grid, ticks and titles of one panel; y tick labels carry `unit`.
-void DrawAxes(const Panel& panel, const std::vector<double>& y_ticks, std::string_view title, std::string_view unit,
-              std::string& svg) {
-  absl::StrAppendFormat(
-      &svg, "<g class=\"panel\">\n<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"14\">%s</text>\n",
-      panel.left + kPlotWidth / 2, panel.top - 12, EscapeXml(title));
-  for (double tick = panel.x.lo; tick <= panel.x.hi * 1.0001; tick *= 2) {
+// Frame, grid, ticks and titles of one panel; both panels' y values are percentages.
+void DrawAxes(const Panel& panel, const std::vector<double>& y_ticks, std::string_view title, std::string& svg) {
+  absl::StrAppendFormat(&svg, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" font-size=\"14\">%s</text>\n",
+                        panel.left + kPlotWidth / 2, panel.top - 12, EscapeXml(title));
+  for (double tick = panel.x.lo; tick <= panel.x.hi; tick *= 2) {  // powers of two: exact in a double
     const double x = panel.X(tick);
     absl::StrAppendFormat(&svg,
                           "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e0e0e0\"/>"
@@ -126,8 +125,8 @@ void DrawAxes(const Panel& panel, const std::vector<double>& y_ticks, std::strin
     const double y = panel.Y(tick);
     absl::StrAppendFormat(&svg,
                           "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e0e0e0\"/>"
-                          "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g%s</text>\n",
-                          panel.left, y, panel.left + kPlotWidth, y, panel.left - 6, y + 4, tick, EscapeXml(unit));
+                          "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g%%</text>\n",
+                          panel.left, y, panel.left + kPlotWidth, y, panel.left - 6, y + 4, tick);
   }
   absl::StrAppendFormat(&svg,
                         "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#333\"/>\n"
@@ -155,9 +154,16 @@ void DrawData(const Panel& panel, std::optional<double> full_cache, const std::v
         EscapeXml(series[m].method), absl::StrJoin(coordinates, " "), color);
     for (const auto& [x, y] : series[m].points)
       absl::StrAppendFormat(
-          &svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\"><title>%s: %.2fx, %.4g</title></circle>\n",
+          &svg, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\"><title>%s: %.2fx, %.4g%%</title></circle>\n",
           panel.X(x), panel.Y(y), color, EscapeXml(series[m].method), x, y);
   }
+}
+
+void DrawPanel(const Panel& panel, const std::vector<double>& y_ticks, std::string_view title,
+               std::optional<double> full_cache, const std::vector<Series>& series, std::string& svg) {
+  svg += "<g class=\"panel\">\n";
+  DrawAxes(panel, y_ticks, title, svg);
+  DrawData(panel, full_cache, series, svg);
   svg += "</g>\n";
 }
 
@@ -289,11 +295,10 @@ std::string SweepSvg(const SweepResult& result) {
       width, height, width, height, kSvgDescription, width / 2,
       EscapeXml(absl::StrFormat("kvplan sweep: %s, %d-token context, %s", ModelName(result.model_dir), result.context,
                                 result.device)));
-  DrawAxes(left, perplexity_ticks, "perplexity change vs the full cache", "%", svg);
-  DrawData(left, 0.0, perplexity, svg);
-  DrawAxes(right, needle_ticks, "needle (pass-key) accuracy", "%", svg);
+  DrawPanel(left, perplexity_ticks, "perplexity change vs the full cache", 0.0, perplexity, svg);
   const std::optional<double> full_needle = NeedleAccuracy(result.full_cache);
-  DrawData(right, full_needle ? std::optional(100 * *full_needle) : std::nullopt, needle, svg);
+  DrawPanel(right, needle_ticks, "needle (pass-key) accuracy",
+            full_needle ? std::optional(100 * *full_needle) : std::nullopt, needle, svg);
 
   svg += "<g class=\"legend\">\n";
   for (int i = 0; i < legend_entries; ++i) {
