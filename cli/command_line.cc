@@ -38,6 +38,14 @@ void AddCommonRunFlags(CLI::App* app, std::string& model_dir, bool& allow_longer
                 "run past the model's max_position_embeddings (RoPE-scaled experiments)");
 }
 
+// How much calibration reads and trains: calibrate's flags, which a sweep passes on to every point.
+void AddCalibrationSizeFlags(CLI::App* app, CalibrateOptions& options) {
+  app->add_option("--sequences", options.sequences, "calibration sequences")->check(kPositive);
+  app->add_option("--sequence-length", options.sequence_length, "tokens per calibration sequence")->check(kPositive);
+  app->add_option("--atoms", options.dictionary_atoms, "CSR: dictionary atoms per layer")->check(CLI::Range(1, 65536));
+  app->add_option("--epochs", options.dictionary_epochs, "CSR: dictionary training epochs")->check(kPositive);
+}
+
 }  // namespace
 
 CommandLine::CommandLine() {
@@ -118,9 +126,7 @@ CommandLine::CommandLine() {
       ->delimiter(',')
       ->check(kNonEmpty)
       ->check(CLI::IsMember(KnownMethods()));
-  calibrate->add_option("--sequences", calibration.sequences, "calibration sequences")->check(kPositive);
-  calibrate->add_option("--sequence-length", calibration.sequence_length, "tokens per calibration sequence")
-      ->check(kPositive);
+  AddCalibrationSizeFlags(calibrate, calibration);
   calibrate
       ->add_option("--share-threshold", calibration.share_cosine_threshold,
                    "KVSharer: minimum cosine of the last hidden state to the full model")
@@ -133,13 +139,10 @@ CommandLine::CommandLine() {
       ->add_option("--share-sequences", calibration.share_sequences,
                    "KVSharer: calibration sequences each candidate is judged on")
       ->check(kPositive);
-  calibrate->add_option("--atoms", calibration.dictionary_atoms, "CSR: dictionary atoms per layer")
-      ->check(CLI::Range(1, 65536));
   calibrate->add_option("--key-sparsity", calibration.key_sparsity, "CSR: atoms per key")->check(kPositive);
   calibrate->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value")->check(kPositive);
   calibrate->add_option("--coding-window", calibration.coding_recent_window, "CSR: newest tokens left uncoded")
       ->check(kNonNegative);
-  calibrate->add_option("--epochs", calibration.dictionary_epochs, "CSR: dictionary training epochs")->check(kPositive);
   calibrate->add_option("--key-coding", calibrate_.key_coding,
                         "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
                         "attention)");
@@ -155,11 +158,10 @@ CommandLine::CommandLine() {
 
   SweepOptions& sweep_options = sweep_.options;
   CalibrateOptions& sweep_calibration = sweep_options.calibration;
-  std::vector<std::string> sweep_methods;
-  std::string sweep_methods_help = "comma-separated presets:";
+  std::vector<std::string> sweep_methods, sweep_method_help;
   for (const SweepMethod& method : SweepMethods()) {
     sweep_methods.push_back(method.name);
-    absl::StrAppend(&sweep_methods_help, " ", method.name, " (", method.description, ");");
+    sweep_method_help.push_back(absl::StrCat(method.name, " (", method.description, ")"));
   }
   CLI::App* sweep = app_.add_subcommand(
       "sweep", "calibrate and evaluate every method at every memory target: a CSV table and a plot to choose from");
@@ -171,7 +173,9 @@ CommandLine::CommandLine() {
   sweep->add_option("--eval-data", sweep_options.eval_data_path, "held-out text for perplexity")
       ->required()
       ->check(CLI::ExistingFile);
-  sweep->add_option("--methods", sweep_options.methods, sweep_methods_help)
+  sweep
+      ->add_option("--methods", sweep_options.methods,
+                   "comma-separated presets: " + absl::StrJoin(sweep_method_help, "; "))
       ->delimiter(',')
       ->check(kNonEmpty)
       ->check(CLI::IsMember(sweep_methods));
@@ -194,13 +198,7 @@ CommandLine::CommandLine() {
       ->check(kPositive);
   sweep->add_option("--needle-trials", sweep_options.needle.trials, "needle trials per length, at evenly spread depths")
       ->check(kPositive);
-  sweep->add_option("--sequences", sweep_calibration.sequences, "calibration sequences")->check(kPositive);
-  sweep->add_option("--sequence-length", sweep_calibration.sequence_length, "tokens per calibration sequence")
-      ->check(kPositive);
-  sweep->add_option("--atoms", sweep_calibration.dictionary_atoms, "CSR: dictionary atoms per layer")
-      ->check(CLI::Range(1, 65536));
-  sweep->add_option("--epochs", sweep_calibration.dictionary_epochs, "CSR: dictionary training epochs")
-      ->check(kPositive);
+  AddCalibrationSizeFlags(sweep, sweep_calibration);
 
   CLI::App* inspect = app_.add_subcommand("inspect", "print a plan's decisions and memory per context length");
   inspect->add_option("plan", inspect_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
