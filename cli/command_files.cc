@@ -11,6 +11,7 @@
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "plans/plan_io.h"
+#include "sweep/sweep_report.h"
 
 namespace kvplan {
 namespace {
@@ -20,6 +21,8 @@ const char* KindName(OutputKind kind) {
     case OutputKind::kPlan: return "plan";
     case OutputKind::kEvalReport: return "eval report";
     case OutputKind::kNeedlePrompts: return "needle prompts";
+    case OutputKind::kSweepTable: return "sweep table";
+    case OutputKind::kSweepPlot: return "sweep plot";
   }
   return "output";
 }
@@ -30,10 +33,22 @@ std::optional<struct stat> Stat(const std::string& path) {
   return info;
 }
 
+// The start of a file: enough to recognise a sweep table or plot, whatever the file's size.
+std::string FileStart(const std::string& path) {
+  constexpr size_t kBytes = 4096;
+  std::string start(kBytes, '\0');
+  std::ifstream file(path, std::ios::binary);
+  file.read(start.data(), kBytes);
+  start.resize(file.gcount());
+  return start;
+}
+
 // The existing file at `path` is what kvplan writes as `kind`: a readable plan; the JSON eval report (it leads
-// with schema_version); the needle trials as a JSON array of {length, key, ids}.
+// with schema_version); the needle trials as a JSON array of {length, key, ids}; a sweep's CSV table or SVG plot.
 bool HoldsKind(const std::string& path, OutputKind kind) {
   if (kind == OutputKind::kPlan) return ReadPlanFile(path).ok();
+  if (kind == OutputKind::kSweepTable) return IsSweepCsv(FileStart(path));
+  if (kind == OutputKind::kSweepPlot) return IsSweepSvg(FileStart(path));
   const nlohmann::json json = nlohmann::json::parse(std::ifstream(path), nullptr, /*allow_exceptions=*/false);
   if (kind == OutputKind::kEvalReport) return json.is_object() && json.contains("schema_version");
   if (!json.is_array()) return false;

@@ -10,7 +10,7 @@
 namespace kvplan {
 
 // What an output holds; an existing file may be replaced without --force only by one of its own kind.
-enum class OutputKind { kPlan, kEvalReport, kNeedlePrompts };
+enum class OutputKind { kPlan, kEvalReport, kNeedlePrompts, kSweepTable, kSweepPlot };
 
 struct OutputFile {
   std::string path;

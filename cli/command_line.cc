@@ -3,9 +3,11 @@
 #include <functional>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cli/interruption.h"
 #include "loader/model_config.h"
+#include "sweep/sweep.h"
 
 namespace kvplan {
 namespace {
@@ -35,6 +37,14 @@ void AddCommonRunFlags(CLI::App* app, std::string& model_dir, bool& allow_longer
   app->add_option("--model", model_dir, "Hugging Face model directory")->check(CLI::ExistingDirectory);
   app->add_flag("--allow-longer-context", allow_longer_context,
                 "run past the model's max_position_embeddings (RoPE-scaled experiments)");
+}
+
+// How much calibration reads and trains: calibrate's flags, which a sweep passes on to every point.
+void AddCalibrationSizeFlags(CLI::App* app, CalibrateOptions& options) {
+  app->add_option("--sequences", options.sequences, "calibration sequences")->check(kPositive);
+  app->add_option("--sequence-length", options.sequence_length, "tokens per calibration sequence")->check(kPositive);
+  app->add_option("--atoms", options.dictionary_atoms, "CSR: dictionary atoms per layer")->check(CLI::Range(1, 65536));
+  app->add_option("--epochs", options.dictionary_epochs, "CSR: dictionary training epochs")->check(kPositive);
 }
 
 }  // namespace
@@ -117,9 +127,7 @@ CommandLine::CommandLine() {
       ->delimiter(',')
       ->check(kNonEmpty)
       ->check(CLI::IsMember(KnownMethods()));
-  calibrate->add_option("--sequences", calibration.sequences, "calibration sequences")->check(kPositive);
-  calibrate->add_option("--sequence-length", calibration.sequence_length, "tokens per calibration sequence")
-      ->check(kPositive);
+  AddCalibrationSizeFlags(calibrate, calibration);
   calibrate
       ->add_option("--share-threshold", calibration.share_cosine_threshold,
                    "KVSharer: minimum cosine of the last hidden state to the full model")
@@ -132,13 +140,10 @@ CommandLine::CommandLine() {
       ->add_option("--share-sequences", calibration.share_sequences,
                    "KVSharer: calibration sequences each candidate is judged on")
       ->check(kPositive);
-  calibrate->add_option("--atoms", calibration.dictionary_atoms, "CSR: dictionary atoms per layer")
-      ->check(CLI::Range(1, 65536));
   calibrate->add_option("--key-sparsity", calibration.key_sparsity, "CSR: atoms per key")->check(kPositive);
   calibrate->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value")->check(kPositive);
   calibrate->add_option("--coding-window", calibration.coding_recent_window, "CSR: newest tokens left uncoded")
       ->check(kNonNegative);
-  calibrate->add_option("--epochs", calibration.dictionary_epochs, "CSR: dictionary training epochs")->check(kPositive);
   calibrate->add_option("--key-coding", calibrate_.key_coding,
                         "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
                         "attention)");
@@ -181,6 +186,50 @@ CommandLine::CommandLine() {
           "budgets: layers that keep every token (default 0,1; pass -1 for none)")
       ->check(CLI::Range(-1, 1 << 20));
 
+  SweepOptions& sweep_options = sweep_.options;
+  CalibrateOptions& sweep_calibration = sweep_options.calibration;
+  std::vector<std::string> sweep_methods, sweep_method_help;
+  for (const SweepMethod& method : SweepMethods()) {
+    sweep_methods.push_back(method.name);
+    sweep_method_help.push_back(absl::StrCat(method.name, " (", method.description, ")"));
+  }
+  CLI::App* sweep = app_.add_subcommand(
+      "sweep", "calibrate and evaluate every method at every memory target: a CSV table and a plot to choose from");
+  AddCommonRunFlags(sweep, sweep_calibration.model_dir, sweep_.allow_longer_context);
+  sweep->get_option("--model")->required();
+  sweep->add_option("--calibration-data", sweep_calibration.data_path, "calibration text")
+      ->required()
+      ->check(CLI::ExistingFile);
+  sweep->add_option("--eval-data", sweep_options.eval_data_path, "held-out text for perplexity")
+      ->required()
+      ->check(CLI::ExistingFile);
+  sweep
+      ->add_option("--methods", sweep_options.methods,
+                   "comma-separated presets: " + absl::StrJoin(sweep_method_help, "; "))
+      ->delimiter(',')
+      ->check(kNonEmpty)
+      ->check(CLI::IsMember(sweep_methods));
+  sweep->add_option("--targets", sweep_options.targets, "memory targets: plan bytes / full-cache bytes, e.g. 0.5,0.2")
+      ->delimiter(',')
+      ->check(kNonEmpty)
+      ->check(kPositive)
+      ->check(CLI::Range(0.0, 1.0));
+  sweep->add_option("-o,--output", sweep_.output_path, "CSV table to write")->required();
+  sweep->add_option("--svg", sweep_.svg_path, "also plot KV reduction against perplexity and needle accuracy here");
+  sweep->add_flag("--force", sweep_.force, "replace existing output files kvplan did not write");
+  sweep->add_option("--device", sweep_.device, "auto | cpu | cuda: calibration and evaluation");
+  sweep
+      ->add_option("--context", sweep_options.perplexity.window,
+                   "perplexity window: the context targets are met at and reductions are measured at")
+      ->check(CLI::Range(2, 1 << 30));
+  sweep->add_option("--max-tokens", sweep_options.perplexity.max_tokens, "tokens of the eval data scored")
+      ->check(kPositive);
+  AddList(sweep, "--needle-lengths", sweep_.needle_lengths, "needle context lengths (default: --context)")
+      ->check(kPositive);
+  sweep->add_option("--needle-trials", sweep_options.needle.trials, "needle trials per length, at evenly spread depths")
+      ->check(kPositive);
+  AddCalibrationSizeFlags(sweep, sweep_calibration);
+
   CLI::App* inspect = app_.add_subcommand("inspect", "print a plan's decisions and memory per context length");
   inspect->add_option("plan", inspect_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
   inspect->add_flag("--json", inspect_.json, "as JSON");
@@ -201,6 +250,7 @@ absl::Status CommandLine::Run() const {
   if (name == "eval") return RunEval(eval_);
   if (name == "bench") return RunBench(bench_);
   if (name == "calibrate") return RunCalibrate(calibrate_);
+  if (name == "sweep") return RunSweep(sweep_);
   if (name == "inspect") return RunInspect(inspect_);
   return RunValidate(validate_);
 }

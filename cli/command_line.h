@@ -25,6 +25,7 @@ class CommandLine {
   EvalCommand eval_;
   BenchCommand bench_;
   CalibrateCommand calibrate_;
+  SweepCommand sweep_;
   InspectCommand inspect_;
   ValidateCommand validate_;
 };

@@ -20,6 +20,7 @@
 #include "plans/plan_io.h"
 #include "runtime/backend.h"
 #include "runtime/cache/plan_policies.h"
+#include "sweep/sweep_report.h"
 
 namespace kvplan {
 namespace {
@@ -77,6 +78,16 @@ CommandFiles FilesOf(const CalibrateCommand& command) {
   CommandFiles files = {.writes = {{command.output_path, OutputKind::kPlan}}};
   if (!command.options.model_dir.empty()) files.reads = ModelFiles(command.options.model_dir);
   if (!command.options.data_path.empty()) files.reads.push_back(command.options.data_path);
+  return files;
+}
+
+CommandFiles FilesOf(const SweepCommand& command) {
+  const SweepOptions& options = command.options;
+  CommandFiles files = {.reads = ModelFiles(options.calibration.model_dir),
+                        .writes = {{command.output_path, OutputKind::kSweepTable}}};
+  files.reads.push_back(options.calibration.data_path);
+  files.reads.push_back(options.eval_data_path);
+  if (!command.svg_path.empty()) files.writes.push_back({command.svg_path, OutputKind::kSweepPlot});
   return files;
 }
 
@@ -235,6 +246,36 @@ absl::Status RunCalibrate(CalibrateCommand command) {
     std::printf(" %d sharing candidates at %.2f s each;", report.share_candidates, report.seconds_per_share_candidate);
   if (report.peak_device_bytes > 0) std::printf(" peak device memory %.2f GB", report.peak_device_bytes / 1e9);
   std::printf("\n");
+  return absl::OkStatus();
+}
+
+absl::Status RunSweep(SweepCommand command) {
+  SweepOptions& options = command.options;
+  KVPLAN_ASSIGN_OR_RETURN(options.calibration.device, ParseBackend(command.device));
+  const int context = options.perplexity.window;
+  options.needle.context_lengths = command.needle_lengths.empty() ? std::vector<int>{context} : command.needle_lengths;
+  KVPLAN_RETURN_IF_ERROR(CheckOutputFiles(FilesOf(command), command.force));
+  KVPLAN_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(options.calibration.model_dir));
+  KVPLAN_RETURN_IF_ERROR(
+      CheckPositions(config, context, absl::StrCat("--context ", context), command.allow_longer_context));
+  for (int length : options.needle.context_lengths)
+    KVPLAN_RETURN_IF_ERROR(
+        CheckPositions(config, length, absl::StrCat("--needle-lengths ", length), command.allow_longer_context));
+  const int sequence_length = options.calibration.sequence_length;
+  KVPLAN_RETURN_IF_ERROR(CheckPositions(config, sequence_length, absl::StrCat("--sequence-length ", sequence_length),
+                                        command.allow_longer_context));
+  std::printf("sweep of %zu methods x %zu targets on %s, each against the full cache at %d tokens\n",
+              options.methods.size(), options.targets.size(), options.calibration.model_dir.c_str(), context);
+  KVPLAN_ASSIGN_OR_RETURN(const SweepResult result,
+                          Sweep(options, ProgressBarPerStage("sweep", "; no results written")));
+  std::printf("%s", SweepText(result).c_str());
+  KVPLAN_RETURN_IF_ERROR(WriteFileAtomically(command.output_path, SweepCsv(result)));
+  SetInterruptedActivity(absl::StrCat("sweep, after writing ", command.output_path));
+  std::printf("wrote %s\n", command.output_path.c_str());
+  if (!command.svg_path.empty()) {
+    KVPLAN_RETURN_IF_ERROR(WriteFileAtomically(command.svg_path, SweepSvg(result)));
+    std::printf("wrote %s\n", command.svg_path.c_str());
+  }
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "calibrate/calibrate.h"
+#include "sweep/sweep.h"
 
 namespace kvplan {
 
@@ -66,6 +67,17 @@ struct CalibrateCommand {
   bool force = false;
 };
 absl::Status RunCalibrate(CalibrateCommand command);
+
+struct SweepCommand {
+  SweepOptions options;
+  std::vector<int> needle_lengths;  // empty: the perplexity window
+  std::string device = "auto";
+  std::string output_path;  // the CSV table
+  std::string svg_path;     // the plot, when set
+  bool allow_longer_context = false;
+  bool force = false;
+};
+absl::Status RunSweep(SweepCommand command);
 
 struct InspectCommand {
   std::string plan_path;

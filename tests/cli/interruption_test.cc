@@ -1,5 +1,5 @@
-// Ctrl-C and SIGTERM during a calibration: the kvplan process exits with 128 + the signal, says which stage it
-// stopped and leaves no plan and no temporary file.
+// Ctrl-C and SIGTERM during a calibration or a sweep: the kvplan process exits with 128 + the signal, says which
+// stage it stopped and leaves no output and no temporary file.
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -25,8 +25,9 @@ struct Interrupted {
   std::string stderr_text;
 };
 
-// Starts a calibration, sends `signal` once it reports its statistics stage and collects how it ended.
-Interrupted InterruptCalibration(const std::string& plan_path, int signal) {
+// Runs `kvplan arguments...`, sends `signal` once its progress on stderr mentions `stage` and collects how it
+// ended.
+Interrupted Interrupt(std::vector<std::string> arguments, const std::string& stage, int signal) {
   int pipe_fds[2];
   EXPECT_EQ(pipe(pipe_fds), 0);
   posix_spawn_file_actions_t actions;
@@ -34,9 +35,7 @@ Interrupted InterruptCalibration(const std::string& plan_path, int signal) {
   posix_spawn_file_actions_adddup2(&actions, pipe_fds[1], STDERR_FILENO);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
   posix_spawn_file_actions_addclose(&actions, pipe_fds[0]);
-  const std::string model = testing::FixtureModelDir(), data = testing::SharedDir() + "/data/calib-sample.txt";
-  std::vector<std::string> arguments = {KVPLAN_BINARY, "calibrate", "--model", model, "--data",
-                                        data,          "--device",  "cpu",     "-o",  plan_path};
+  arguments.insert(arguments.begin(), KVPLAN_BINARY);
   std::vector<char*> argv;
   for (std::string& argument : arguments) argv.push_back(argument.data());
   argv.push_back(nullptr);
@@ -50,7 +49,7 @@ Interrupted InterruptCalibration(const std::string& plan_path, int signal) {
   char buffer[4096];
   for (ssize_t n; (n = read(pipe_fds[0], buffer, sizeof(buffer))) > 0;) {
     result.stderr_text.append(buffer, size_t(n));
-    if (!signalled && result.stderr_text.find("statistics") != std::string::npos) {
+    if (!signalled && result.stderr_text.find(stage) != std::string::npos) {
       kill(pid, signal);
       signalled = true;
     }
@@ -63,14 +62,22 @@ Interrupted InterruptCalibration(const std::string& plan_path, int signal) {
   return result;
 }
 
+// A fresh, empty folder for one test.
+fs::path TestFolder(const std::string& name) {
+  const fs::path folder = fs::path(::testing::TempDir()) / ("interruption_test_" + name);
+  fs::remove_all(folder);
+  fs::create_directories(folder);
+  return folder;
+}
+
 class InterruptionTest : public ::testing::TestWithParam<int> {};
 
 TEST_P(InterruptionTest, ExitsWithTheSignalsStatusNamingTheStageAndWritingNothing) {
-  const fs::path folder = fs::path(::testing::TempDir()) / ("interruption_test_" + std::to_string(GetParam()));
-  fs::remove_all(folder);
-  fs::create_directories(folder);
-  const std::string plan_path = (folder / "plan.kvplan").string();
-  const Interrupted interrupted = InterruptCalibration(plan_path, GetParam());
+  const fs::path folder = TestFolder(std::to_string(GetParam()));
+  const std::string model = testing::FixtureModelDir(), data = testing::SharedDir() + "/data/calib-sample.txt";
+  const Interrupted interrupted =
+      Interrupt({"calibrate", "--model", model, "--data", data, "--device", "cpu", "-o", folder / "plan.kvplan"},
+                "statistics", GetParam());
   EXPECT_EQ(interrupted.exit_status, 128 + GetParam()) << interrupted.stderr_text;
   EXPECT_NE(interrupted.stderr_text.find("interrupted during calibration stage '"), std::string::npos)
       << interrupted.stderr_text;
@@ -79,6 +86,24 @@ TEST_P(InterruptionTest, ExitsWithTheSignalsStatusNamingTheStageAndWritingNothin
 }
 
 INSTANTIATE_TEST_SUITE_P(Signals, InterruptionTest, ::testing::Values(SIGINT, SIGTERM));
+
+TEST(InterruptionTest, ASweepNamesThePointAndStageAndWritesNeitherTableNorPlot) {
+  const fs::path folder = TestFolder("sweep");
+  const std::string model = testing::FixtureModelDir(), data = testing::SharedDir() + "/data/calib-sample.txt";
+  const std::string csv = folder / "sweep.csv", svg = folder / "sweep.svg";
+  // A short full-cache evaluation, so the first point's calibration starts soon.
+  std::vector<std::string> arguments = {"sweep", "--context", "128", "--max-tokens", "128", "--needle-trials", "1"};
+  arguments.insert(arguments.end(), {"--methods", "budget-l2", "--targets", "0.5", "--device", "cpu"});
+  arguments.insert(arguments.end(), {"--model", model, "--calibration-data", data, "--eval-data", data});
+  arguments.insert(arguments.end(), {"-o", csv, "--svg", svg});
+  const Interrupted interrupted = Interrupt(arguments, "statistics", SIGINT);
+  EXPECT_EQ(interrupted.exit_status, 128 + SIGINT) << interrupted.stderr_text;
+  EXPECT_NE(interrupted.stderr_text.find(
+                "interrupted during sweep stage '[1/1] budget-l2 at 0.5: statistics'; no results written"),
+            std::string::npos)
+      << interrupted.stderr_text;
+  EXPECT_TRUE(fs::is_empty(folder));
+}
 
 }  // namespace
 }  // namespace kvplan
