@@ -37,6 +37,11 @@ void UseAttention(CalibrateOptions& options, Name... methods) {
   options.budget_settings.exempt_layers.clear();
 }
 
+void Quantize(CalibrateOptions& options, int bits) {
+  Use(options, "quant");
+  options.key_bits = options.value_bits = bits;
+}
+
 const SweepMethod kSweepMethods[] = {
     {"share", "KVSharer layer sharing", [](CalibrateOptions& o) { Use(o, "share"); }},
     {"csr", "CSR sparse coding", [](CalibrateOptions& o) { Use(o, "dict"); }},
@@ -46,6 +51,11 @@ const SweepMethod kSweepMethods[] = {
     {"refresh", "RefreshKV", [](CalibrateOptions& o) { Use(o, "refresh"); }},
     {"all", "share, csr, budget-attn and refresh together",
      [](CalibrateOptions& o) { UseAttention(o, "share", "dict", "budget", "refresh"); }},
+    {"quant8", "KIVI-style 8-bit keys and values", [](CalibrateOptions& o) { Quantize(o, 8); }},
+    {"quant4", "KIVI-style 4-bit keys and values", [](CalibrateOptions& o) { Quantize(o, 4); }},
+    {"quant2", "KIVI-style 2-bit keys and values", [](CalibrateOptions& o) { Quantize(o, 2); }},
+    {"optimise", "quantization and attention-scored budgets chosen per layer by measured loss",
+     [](CalibrateOptions& o) { UseAttention(o, "optimise"); }},
 };
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
