@@ -3,6 +3,8 @@
 # same runtime: perplexity over 32K held-out tokens in windows of the model's context, KL and top-1 agreement,
 # and 40 needle trials at a quarter, half and all of the context.
 #   bash bench/device_quality.sh [6m|16l] [extra calibrate flags for the optimiser]
+# PLANS (default: all) picks which of int4 int2 budget optimise to calibrate; TARGETS the optimiser's targets;
+# OPT_SEQUENCES and OPT_SEQUENCE_LENGTH its calibration sequences (default 8 of the model's context).
 source bench/device_setup.sh
 name=${1:-6m}
 shift || true
@@ -22,13 +24,17 @@ calibrate() {
   echo "$((SECONDS - start)) s wall" >> $out/$plan.calibrate.log
   /tmp/kv/bin/kvplan inspect $out/$plan.kvplan > $out/$plan.inspect.txt 2>&1
 }
-calibrate int4 --methods quant --key-bits 4 --value-bits 4 --target-memory 1
-calibrate int2 --methods quant --key-bits 2 --value-bits 2 --target-memory 1
-calibrate budget-attn-5x --methods budget --scoring attention --target-memory 0.2
-calibrate budget-attn-10x --methods budget --scoring attention --target-memory 0.1
-for target in 0.2 0.1; do
-  calibrate optimise-$target --methods optimise --scoring attention --sequences 8 --sequence-length $context \
-    --target-memory $target "$@"
+plans=${PLANS:-int4 int2 budget optimise}
+if [[ $plans == *int4* ]]; then calibrate int4 --methods quant --key-bits 4 --value-bits 4 --target-memory 1; fi
+if [[ $plans == *int2* ]]; then calibrate int2 --methods quant --key-bits 2 --value-bits 2 --target-memory 1; fi
+if [[ $plans == *budget* ]]; then
+  calibrate budget-attn-5x --methods budget --scoring attention --exempt-layers -1 --target-memory 0.2
+  calibrate budget-attn-10x --methods budget --scoring attention --exempt-layers -1 --target-memory 0.1
+fi
+for target in ${TARGETS:-0.2 0.1}; do
+  [[ $plans == *optimise* ]] || break
+  calibrate optimise-$target --methods optimise --scoring attention --sequences ${OPT_SEQUENCES:-8} \
+    --sequence-length ${OPT_SEQUENCE_LENGTH:-$context} --target-memory $target "$@"
 done
 for plan in $(ls $out/*.kvplan | xargs -n1 basename | sed 's/.kvplan//'); do
   start=$SECONDS
@@ -36,5 +42,6 @@ for plan in $(ls $out/*.kvplan | xargs -n1 basename | sed 's/.kvplan//'); do
     --max-tokens 32768 --needle-lengths $((context / 4)),$((context / 2)),$context \
     --needle-trials 40 --json $out/$plan.eval.json > $out/$plan.eval.log 2>&1
   echo "$((SECONDS - start)) s wall" >> $out/$plan.eval.log
-  echo "== $plan"; tail -6 $out/$plan.eval.log
+  echo "== $plan"; grep -v "\[#" $out/$plan.eval.log
 done
+tar -C $OUT -czf $OUT/quality-$name.tar.gz quality-$name && rm -rf $out

@@ -1,13 +1,16 @@
 # Packs what the device runs need into .device-carry/carry.tar.xz (git-ignored): the CUDA build's binaries,
 # the non-system shared libraries they load (ldd), the fixtures, and plans given as arguments.
-# BUILD names the CUDA build folder (default build-cuda); KVPLAN_BEFORE, a kvplan binary of another build to
+# BUILD names the CUDA build folder (default build-cuda), BINARIES the programs to carry (paths in it); KVPLAN_BEFORE, a kvplan binary of another build to
 # carry as bin/kvplan-before (bench/device_ab_plans.sh compares the two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=$(mktemp -d)
 mkdir -p $stage/bin $stage/lib $stage/plans $stage/shared/models $stage/shared/data
 build=${BUILD:-build-cuda}
-cp $build/cli/kvplan $build/tests/cuda_*_test $build/bench/kernel_bench $build/bench/dictionary_bench $stage/bin/
+# BINARIES: which of the build's programs travel (the carry is capped at 64 MiB with the working tree).
+for binary in ${BINARIES:-cli/kvplan tests/cuda_*_test bench/kernel_bench bench/dictionary_bench}; do
+  cp $build/$binary $stage/bin/
+done
 if [ -n "${KVPLAN_BEFORE:-}" ]; then cp "$KVPLAN_BEFORE" $stage/bin/kvplan-before; fi
 for binary in $stage/bin/*; do ldd $binary; done | awk '/=>/ {print $1, $3}' | sort -u |
   grep -vE '^(libc\.|libm\.|libpthread|libdl|librt|ld-linux|libcublas|libcuda\.)' | awk '{print $2}' |
