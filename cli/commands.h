@@ -36,6 +36,7 @@ struct EvalCommand {
   std::string needle_prompts_path;  // write the needle trials (ids, pass key) as JSON, for cross-checking
   bool allow_longer_context = false;
   bool force = false;  // replace existing output files that kvplan did not write
+  bool quiet = false;  // no progress on stderr
 };
 absl::Status RunEval(const EvalCommand& command);
 
@@ -50,6 +51,9 @@ struct BenchCommand {
   bool cuda_graphs = true;
   double fit_memory_gb = 0;  // > 0: the largest batch whose device memory fits this many GB (replaces --batch)
   bool allow_longer_context = false;
+  int repetitions = 3;  // timed runs per context: the median and the extremes are reported
+  bool prefill = true;  // also time the prefill of a prompt of each context length (not with fit_memory_gb)
+  bool json = false;    // print the results as one line of JSON instead of a table
 };
 absl::Status RunBench(const BenchCommand& command);
 
@@ -64,6 +68,7 @@ struct CalibrateCommand {
   bool require_target = false;  // fail, writing no plan, when the plan misses the memory target
   bool allow_longer_context = false;
   bool force = false;
+  bool quiet = false;  // no progress on stderr
 };
 absl::Status RunCalibrate(CalibrateCommand command);
 
