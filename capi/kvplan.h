@@ -103,13 +103,18 @@ KVPLAN_API int64_t kvplan_cache_bytes(const kvplan_cache* cache);
 KVPLAN_API const char* kvplan_cache_device_name(const kvplan_cache* cache);
 /* Empties every sequence's cache. */
 KVPLAN_API void kvplan_cache_reset(kvplan_cache* cache);
+/* Empties one sequence's cache while the others keep theirs, so a serving loop can give the sequence to a new
+ * request. OUT_OF_RANGE for a sequence outside the batch. */
+KVPLAN_API kvplan_status kvplan_cache_reset_sequence(kvplan_cache* cache, int32_t sequence);
 
 /* Feeds `count` (>= 1) tokens to `sequence`, continuing its cache, and writes the logits after the last of them to
- * `logits` ([vocab_size] floats; NULL: not wanted). OUT_OF_RANGE past the sequence's capacity. */
+ * `logits` ([vocab_size] floats; NULL: not wanted). OUT_OF_RANGE for a sequence outside the batch or past its
+ * capacity. */
 KVPLAN_API kvplan_status kvplan_prefill(kvplan_cache* cache, int32_t sequence, const int32_t* tokens, size_t count,
                                         float* logits);
 /* One step for `count` distinct sequences at once: tokens[i] continues sequences[i]. Writes the logits of each,
- * in that order, to `logits` ([count, vocab_size] floats; NULL: not wanted). */
+ * in that order, to `logits` ([count, vocab_size] floats; NULL: not wanted). INVALID_ARGUMENT for a sequence given
+ * twice, OUT_OF_RANGE for one outside the batch or at its capacity. */
 KVPLAN_API kvplan_status kvplan_decode(kvplan_cache* cache, const int32_t* sequences, const int32_t* tokens,
                                        size_t count, float* logits);
 

@@ -92,13 +92,6 @@ absl::Status NotNull(const void* pointer, const char* name) {
   return absl::OkStatus();
 }
 
-absl::Status SequenceInBatch(const kvplan_cache& cache, int32_t sequence) {
-  if (sequence < 0 || sequence >= int32_t(cache.lengths.size()))
-    return absl::InvalidArgumentError(
-        absl::StrCat("sequence ", sequence, " is outside the batch of ", cache.lengths.size()));
-  return absl::OkStatus();
-}
-
 // Copies `logits` ([rows, vocab]) to `out` when the caller wants them.
 void CopyLogits(const std::vector<float>& logits, float* out) {
   if (out != nullptr) std::copy(logits.begin(), logits.end(), out);
@@ -245,7 +238,7 @@ int32_t kvplan_cache_num_sequences(const kvplan_cache* cache) {
 int32_t kvplan_cache_capacity(const kvplan_cache* cache) { return cache != nullptr ? cache->model->capacity() : 0; }
 
 int32_t kvplan_cache_sequence_length(const kvplan_cache* cache, int32_t sequence) {
-  if (cache == nullptr || !kvplan::SequenceInBatch(*cache, sequence).ok()) return -1;
+  if (cache == nullptr || !kvplan::CheckSequence(sequence, int(cache->lengths.size())).ok()) return -1;
   return cache->lengths[sequence];
 }
 
@@ -261,12 +254,21 @@ void kvplan_cache_reset(kvplan_cache* cache) {
   std::fill(cache->lengths.begin(), cache->lengths.end(), 0);
 }
 
+kvplan_status kvplan_cache_reset_sequence(kvplan_cache* cache, int32_t sequence) {
+  return Run(__func__, [&]() -> absl::Status {
+    KVPLAN_RETURN_IF_ERROR(NotNull(cache, "cache"));
+    KVPLAN_RETURN_IF_ERROR(cache->model->ResetSequence(sequence));
+    cache->lengths[sequence] = 0;
+    return absl::OkStatus();
+  });
+}
+
 kvplan_status kvplan_prefill(kvplan_cache* cache, int32_t sequence, const int32_t* tokens, size_t count,
                              float* logits) {
   return Run(__func__, [&]() -> absl::Status {
     KVPLAN_RETURN_IF_ERROR(NotNull(cache, "cache"));
     KVPLAN_RETURN_IF_ERROR(NotNull(tokens, "tokens"));
-    KVPLAN_RETURN_IF_ERROR(kvplan::SequenceInBatch(*cache, sequence));
+    KVPLAN_RETURN_IF_ERROR(kvplan::CheckSequence(sequence, int(cache->lengths.size())));
     if (count == 0) return absl::InvalidArgumentError("no tokens to prefill");
     const int64_t length = cache->lengths[sequence];
     if (length + int64_t(count) > cache->model->capacity())
@@ -295,7 +297,7 @@ kvplan_status kvplan_decode(kvplan_cache* cache, const int32_t* sequences, const
     kvplan::StepRows rows;
     std::vector<bool> seen(cache->lengths.size(), false);
     for (size_t i = 0; i < count; ++i) {
-      KVPLAN_RETURN_IF_ERROR(kvplan::SequenceInBatch(*cache, sequences[i]));
+      KVPLAN_RETURN_IF_ERROR(kvplan::CheckSequence(sequences[i], int(cache->lengths.size())));
       if (seen[sequences[i]])
         return absl::InvalidArgumentError(absl::StrCat("sequence ", sequences[i], " appears twice in one step"));
       seen[sequences[i]] = true;

@@ -168,9 +168,18 @@ TEST(CApiTest, GreedyDecodingMatchesTheRuntimeAloneAndInABatch) {
   const int32_t twice[] = {1, 1}, tokens[] = {5, 6};
   EXPECT_EQ(kvplan_decode(cache.get(), twice, tokens, 2, nullptr), KVPLAN_INVALID_ARGUMENT);
   EXPECT_EQ(kvplan_cache_sequence_length(cache.get(), 1), int32_t(second.size()) + kTokens - 1);
-  kvplan_cache_reset(cache.get());
+  EXPECT_EQ(kvplan_decode(cache.get(), twice, tokens, 1, nullptr), KVPLAN_OK);
+  const int32_t outside = 2;
+  EXPECT_EQ(kvplan_decode(cache.get(), &outside, tokens, 1, nullptr), KVPLAN_OUT_OF_RANGE);
+
+  // A sequence given to a new request starts over while the other keeps its cache.
+  ASSERT_EQ(kvplan_cache_reset_sequence(cache.get(), 0), KVPLAN_OK) << LastError();
   EXPECT_EQ(kvplan_cache_sequence_length(cache.get(), 0), 0);
+  EXPECT_EQ(kvplan_cache_sequence_length(cache.get(), 1), int32_t(second.size()) + kTokens);
   EXPECT_EQ(GenerateThroughCApi(cache.get(), model.get(), {first}, kTokens)[0], generated[0]);
+  EXPECT_EQ(kvplan_cache_reset_sequence(cache.get(), 2), KVPLAN_OUT_OF_RANGE);
+  kvplan_cache_reset(cache.get());
+  EXPECT_EQ(kvplan_cache_sequence_length(cache.get(), 1), 0);
 }
 
 TEST(CApiTest, PlansAreCheckedAgainstTheModelAndExecuted) {
