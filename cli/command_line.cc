@@ -195,6 +195,27 @@ CommandLine::CommandLine() {
       ->required()
       ->check(CLI::ExistingDirectory);
   validate->add_option("plan", validate_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
+
+  CLI::App* serve = app_.add_subcommand(
+      "serve", "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching");
+  serve->add_option("--model", serve_.model_dir, "Hugging Face model directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  serve->add_option("--plan", serve_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
+  serve->add_option("--host", serve_.host, "address to listen on");
+  serve->add_option("--port", serve_.port, "port to listen on (0: any free port)")->check(CLI::Range(0, 65535));
+  AddDevice(serve, serve_.device, "auto | cpu | cuda");
+  serve->add_option("--max-batch", serve_.max_batch, "sequences decoded together")->check(kPositive);
+  serve
+      ->add_option("--kv-memory", serve_.kv_memory_bytes,
+                   "bytes of KV cache that running requests may reserve (prompt + max_tokens under the plan); "
+                   "default: what --max-batch sequences hold at the full context")
+      ->check(kPositive);
+  serve->add_option("--max-queue", serve_.max_queue, "requests that may wait for a sequence before 503")
+      ->check(kNonNegative);
+  serve->add_option("--context", serve_.context, "positions per sequence (default: max_position_embeddings)")
+      ->check(kPositive);
+  serve->add_option("--model-name", serve_.model_name, "the model id clients use (default: the folder's name)");
 }
 
 absl::Status CommandLine::Run() const {
@@ -205,6 +226,7 @@ absl::Status CommandLine::Run() const {
   if (name == "bench") return RunBench(bench_);
   if (name == "calibrate") return RunCalibrate(calibrate_);
   if (name == "inspect") return RunInspect(inspect_);
+  if (name == "serve") return RunServe(serve_);
   return RunValidate(validate_);
 }
 

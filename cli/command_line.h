@@ -27,6 +27,7 @@ class CommandLine {
   CalibrateCommand calibrate_;
   InspectCommand inspect_;
   ValidateCommand validate_;
+  ServeOptions serve_;
 };
 
 }  // namespace kvplan

@@ -1,5 +1,6 @@
 #include "cli/commands.h"
 
+#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -263,6 +264,17 @@ absl::Status RunValidate(const ValidateCommand& command) {
   KVPLAN_RETURN_IF_ERROR(PoliciesFromPlan(plan, loaded.config, *loaded.weights).status());
   std::printf("%s: valid for %s\n", command.plan_path.c_str(), command.model_dir.c_str());
   return absl::OkStatus();
+}
+
+absl::Status RunServe(const ServeOptions& options) {
+  KVPLAN_ASSIGN_OR_RETURN(auto server, Server::Create(options));
+  KVPLAN_ASSIGN_OR_RETURN(const int port, server->Bind());
+  // A client that leaves mid-response must not end the server: writes to its socket fail instead.
+  std::signal(SIGPIPE, SIG_IGN);
+  SetInterruptedActivity(absl::StrCat("serving ", server->model_name(), " on ", options.host, ":", port));
+  std::fprintf(stderr, "kvplan serve: %s on %s, listening on http://%s:%d\n", server->model_name().c_str(),
+               server->device_name().c_str(), options.host.c_str(), port);
+  return server->Listen();
 }
 
 }  // namespace kvplan

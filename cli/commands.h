@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "calibrate/calibrate.h"
+#include "serve/server.h"
 
 namespace kvplan {
 
@@ -85,5 +86,8 @@ struct ValidateCommand {
   std::string plan_path;
 };
 absl::Status RunValidate(const ValidateCommand& command);
+
+// Serves until interrupted (SIGINT / SIGTERM end it as they end every command).
+absl::Status RunServe(const ServeOptions& options);
 
 }  // namespace kvplan
