@@ -212,7 +212,12 @@ kvplan_status kvplan_cache_create(const kvplan_model* model, const kvplan_plan* 
       return absl::InvalidArgumentError(absl::StrCat("num_sequences is ", num_sequences, ", not positive"));
     if (capacity < 0) return absl::InvalidArgumentError(absl::StrCat("capacity is ", capacity, ", negative"));
     KVPLAN_ASSIGN_OR_RETURN(const kvplan::Backend backend, kvplan::BackendOf(device));
-    const int positions = capacity > 0 ? capacity : model->loaded.config.max_position_embeddings;
+    const int max_positions = model->loaded.config.max_position_embeddings;
+    // Positions past the model's give quietly wrong results unless RoPE is scaled for them.
+    if (max_positions > 0 && capacity > max_positions)
+      return absl::OutOfRangeError(
+          absl::StrCat("capacity ", capacity, " exceeds the model's max_position_embeddings of ", max_positions));
+    const int positions = capacity > 0 ? capacity : max_positions;
     auto created = std::make_unique<kvplan_cache>();
     // A decode step has a row per sequence; prompts go in passes of the runtime's default row count.
     created->max_rows = std::max<int>(num_sequences, std::min(positions, kvplan::ModelOptions().max_rows));

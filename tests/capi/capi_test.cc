@@ -154,6 +154,11 @@ TEST(CApiTest, GreedyDecodingMatchesTheRuntimeAloneAndInABatch) {
   ASSERT_EQ(kvplan_cache_create(model.get(), nullptr, 2, 256, KVPLAN_DEVICE_CPU, &created), KVPLAN_OK) << LastError();
   Owned<kvplan_cache> cache(created);
   EXPECT_STREQ(kvplan_cache_device_name(cache.get()), "cpu");
+  kvplan_cache* refused = nullptr;
+  EXPECT_EQ(kvplan_cache_create(model.get(), nullptr, 1, 4096, KVPLAN_DEVICE_CPU, &refused), KVPLAN_OUT_OF_RANGE);
+  EXPECT_EQ(LastError(), "kvplan_cache_create: capacity 4096 exceeds the model's max_position_embeddings of 2048");
+  EXPECT_EQ(kvplan_cache_create(model.get(), nullptr, 1, 64, kvplan_device(7), &refused), KVPLAN_INVALID_ARGUMENT);
+  EXPECT_EQ(refused, nullptr);
   const std::vector<std::vector<int32_t>> generated =
       GenerateThroughCApi(cache.get(), model.get(), {first, second}, kTokens);
   EXPECT_EQ(generated[0], GenerateThroughRuntime(first, kTokens));
