@@ -94,9 +94,10 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> Scheduler::Submit(GenerationRe
   {
     std::lock_guard lock(mutex_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
-    if (int(queue_.size()) >= options_.max_queue)
-      return absl::UnavailableError(
-          absl::StrCat("the server is busy: ", queue_.size(), " requests are already waiting; retry later"));
+    // Requests in the queue beyond the free sequences are the ones that will wait.
+    if (int(queue_.size()) >= options_.max_queue + int(free_slots_.size()))
+      return absl::UnavailableError(absl::StrCat("the server is busy: every sequence is taken and ", options_.max_queue,
+                                                 " requests are waiting already; retry later"));
     queue_.push_back({.request = std::move(request),
                       .stream = stream,
                       .arrival = std::chrono::steady_clock::now(),
