@@ -82,9 +82,9 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> Scheduler::Submit(GenerationRe
   KVPLAN_RETURN_IF_ERROR(ValidateSamplingSettings(request.sampling));
   const int64_t positions = int64_t(request.prompt.size()) + request.max_tokens;
   if (positions > model_.capacity())
-    return absl::InvalidArgumentError(absl::StrCat("the prompt (", request.prompt.size(), " tokens) and max_tokens (",
-                                                   request.max_tokens, ") need ", positions,
-                                                   " positions; the model's context holds ", model_.capacity()));
+    return absl::OutOfRangeError(absl::StrCat("the prompt (", request.prompt.size(), " tokens) and max_tokens (",
+                                              request.max_tokens, ") need ", positions,
+                                              " positions; the model's context holds ", model_.capacity()));
   const int64_t reservation = options_.kv_bytes(positions);
   if (reservation > options_.kv_memory_bytes)
     return absl::ResourceExhaustedError(absl::StrCat("the prompt and max_tokens need ", reservation,

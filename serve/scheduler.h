@@ -82,7 +82,7 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
-  // Queues a request. InvalidArgument: an empty prompt, bad sampling settings, or more positions than a sequence
+  // Queues a request. InvalidArgument: an empty prompt or bad settings; OutOfRange: more positions than a sequence
   // holds; ResourceExhausted: its KV reservation exceeds the whole limit (it could never run); Unavailable: the
   // queue is full or the scheduler is shutting down.
   absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest request);

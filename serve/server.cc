@@ -350,10 +350,11 @@ struct Server::State {
                            .stop_token_ids = generation.stop_token_ids});
     if (!stream.ok()) {
       const absl::StatusCode code = stream.status().code();
-      return Reply(response,
-                   FromStatus(stream.status(), code == absl::StatusCode::kInvalidArgument ? "context_length_exceeded"
-                                               : code == absl::StatusCode::kResourceExhausted ? "kv_memory_exceeded"
-                                                                                              : "server_busy"));
+      const char* error_code = code == absl::StatusCode::kOutOfRange          ? "context_length_exceeded"
+                               : code == absl::StatusCode::kResourceExhausted ? "kv_memory_exceeded"
+                               : code == absl::StatusCode::kUnavailable       ? "server_busy"
+                                                                              : "invalid_value";
+      return Reply(response, FromStatus(stream.status(), error_code));
     }
     const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", next_id++);
     auto text = std::make_shared<CompletionText>(*tokenizer, request->stops);
