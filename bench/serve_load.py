@@ -8,6 +8,7 @@ event carrying text), with the count of failed requests.
 import argparse
 import http.client
 import json
+import math
 import threading
 import time
 import urllib.parse
@@ -31,8 +32,8 @@ def metric(url, name):
 def percentile(values, q):
     if not values:
         return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+    ordered = sorted(values)  # nearest rank
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def one_request(host, port, index, max_tokens):

@@ -48,17 +48,17 @@ std::string ErrorType(int status) {
 // Invalid UTF-8 (a token may end inside a character) is replaced rather than thrown on.
 std::string Dump(const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); }
 
-std::string ErrorBody(const HttpError& error) {
-  return Dump({{"error",
-                {{"message", error.message},
-                 {"type", ErrorType(error.status)},
-                 {"param", error.param.empty() ? json() : json(error.param)},
-                 {"code", error.code}}}});
+json ErrorObject(const HttpError& error) {
+  return {{"error",
+           {{"message", error.message},
+            {"type", ErrorType(error.status)},
+            {"param", error.param.empty() ? json() : json(error.param)},
+            {"code", error.code}}}};
 }
 
 void Reply(httplib::Response& response, const HttpError& error) {
   response.status = error.status;
-  response.set_content(ErrorBody(error), "application/json");
+  response.set_content(Dump(ErrorObject(error)), "application/json");
 }
 
 HttpError FromStatus(const absl::Status& status, const std::string& code) {
@@ -405,7 +405,7 @@ struct Server::State {
           if (done) {
             if (text->stopped()) stream->Cancel();
             if (update.finished && update.reason == FinishReason::kError && !text->stopped()) {
-              out += event(json::parse(ErrorBody(FromStatus(update.error, "generation_failed"))));
+              out += event(ErrorObject(FromStatus(update.error, "generation_failed")));
             } else {
               const std::string rest = text->Flush();
               if (!rest.empty()) out += chunk(rest, json());
