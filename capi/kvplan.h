@@ -88,11 +88,12 @@ KVPLAN_API kvplan_status kvplan_plan_open(const kvplan_model* model, const char*
 KVPLAN_API void kvplan_plan_free(kvplan_plan* plan);
 
 /* A runtime for `num_sequences` sequences of up to `capacity` positions each (0: the model's
- * max_position_embeddings), executing `plan` (NULL: the full cache; it must come from the same model). The cache
- * holds its own copies of the weights and the plan; `model` and `plan` may be freed after this returns.
- * OUT_OF_RANGE for a capacity past max_position_embeddings; FAILED_PRECONDITION for CUDA in a CPU-only build. */
+ * max_position_embeddings) on `device` (a kvplan_device), executing `plan` (NULL: the full cache; it must come from the
+ * same model). The cache holds its own copies of the weights and the plan; `model` and `plan` may be freed after this
+ * returns. OUT_OF_RANGE for a capacity past max_position_embeddings; FAILED_PRECONDITION for CUDA in a CPU-only build.
+ */
 KVPLAN_API kvplan_status kvplan_cache_create(const kvplan_model* model, const kvplan_plan* plan, int32_t num_sequences,
-                                             int32_t capacity, kvplan_device device, kvplan_cache** cache);
+                                             int32_t capacity, int32_t device, kvplan_cache** cache);
 KVPLAN_API void kvplan_cache_free(kvplan_cache* cache);
 KVPLAN_API int32_t kvplan_cache_num_sequences(const kvplan_cache* cache);
 KVPLAN_API int32_t kvplan_cache_capacity(const kvplan_cache* cache);

@@ -63,14 +63,13 @@ kvplan_status StatusCodeOf(absl::StatusCode code) {
   }
 }
 
-// A C caller may pass any integer as a kvplan_device.
-absl::StatusOr<Backend> BackendOf(kvplan_device device) {
-  switch (device) {
-    case KVPLAN_DEVICE_AUTO: return Backend::kAuto;
-    case KVPLAN_DEVICE_CPU: return Backend::kCpu;
-    case KVPLAN_DEVICE_CUDA: return Backend::kCuda;
-  }
-  return absl::InvalidArgumentError(absl::StrCat("device ", int(device), " is not a kvplan_device"));
+// The device travels as an int32_t: a C caller may pass any integer, and a C++ enum holding one outside its
+// values is undefined behaviour.
+absl::StatusOr<Backend> BackendOf(int32_t device) {
+  if (device == KVPLAN_DEVICE_AUTO) return Backend::kAuto;
+  if (device == KVPLAN_DEVICE_CPU) return Backend::kCpu;
+  if (device == KVPLAN_DEVICE_CUDA) return Backend::kCuda;
+  return absl::InvalidArgumentError(absl::StrCat("device ", device, " is not a kvplan_device"));
 }
 
 // Runs `body` (returning absl::Status) for the C function `function`; a failure's message, prefixed with the
@@ -82,6 +81,8 @@ kvplan_status Run(const char* function, Body&& body) {
     status = body();
   } catch (const std::exception& error) {
     status = absl::InternalError(error.what());
+  } catch (...) {
+    status = absl::InternalError("an unknown exception");
   }
   if (!status.ok()) last_error = absl::StrCat(function, ": ", status.message());
   return StatusCodeOf(status.code());
@@ -203,7 +204,7 @@ kvplan_status kvplan_plan_open(const kvplan_model* model, const char* plan_path,
 void kvplan_plan_free(kvplan_plan* plan) { delete plan; }
 
 kvplan_status kvplan_cache_create(const kvplan_model* model, const kvplan_plan* plan, int32_t num_sequences,
-                                  int32_t capacity, kvplan_device device, kvplan_cache** cache) {
+                                  int32_t capacity, int32_t device, kvplan_cache** cache) {
   return Run(__func__, [&]() -> absl::Status {
     KVPLAN_RETURN_IF_ERROR(NotNull(model, "model"));
     KVPLAN_RETURN_IF_ERROR(NotNull(cache, "cache"));

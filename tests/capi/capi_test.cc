@@ -68,9 +68,10 @@ std::vector<std::vector<int32_t>> GenerateThroughCApi(kvplan_cache* cache, const
       EXPECT_EQ(kvplan_sample(sampler.get(), &logits[s * vocab], vocab, &next[s]), KVPLAN_OK) << LastError();
       generated[s].push_back(next[s]);
     }
-    if (step + 1 < tokens)
+    if (step + 1 < tokens) {
       EXPECT_EQ(kvplan_decode(cache, sequences.data(), next.data(), next.size(), logits.data()), KVPLAN_OK)
           << LastError();
+    }
   }
   return generated;
 }
@@ -157,7 +158,7 @@ TEST(CApiTest, GreedyDecodingMatchesTheRuntimeAloneAndInABatch) {
   kvplan_cache* refused = nullptr;
   EXPECT_EQ(kvplan_cache_create(model.get(), nullptr, 1, 4096, KVPLAN_DEVICE_CPU, &refused), KVPLAN_OUT_OF_RANGE);
   EXPECT_EQ(LastError(), "kvplan_cache_create: capacity 4096 exceeds the model's max_position_embeddings of 2048");
-  EXPECT_EQ(kvplan_cache_create(model.get(), nullptr, 1, 64, kvplan_device(7), &refused), KVPLAN_INVALID_ARGUMENT);
+  EXPECT_EQ(kvplan_cache_create(model.get(), nullptr, 1, 64, 7, &refused), KVPLAN_INVALID_ARGUMENT);
   EXPECT_EQ(refused, nullptr);
   const std::vector<std::vector<int32_t>> generated =
       GenerateThroughCApi(cache.get(), model.get(), {first, second}, kTokens);
