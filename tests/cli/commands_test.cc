@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "base/atomic_file.h"
 #include "base/build_info.h"
 #include "cli/command_files.h"
@@ -257,7 +258,7 @@ TEST(CommandLineTest, EveryHelpShowsTheDefaults) {
     const std::string help = subcommand->help();
     for (const CLI::Option* option : subcommand->get_options()) {
       if (option->get_default_str().empty() || option->get_type_size() == 0) continue;
-      EXPECT_NE(help.find("=" + option->get_default_str()), std::string::npos)
+      EXPECT_NE(help.find(absl::StrCat("=", option->get_default_str())), std::string::npos)
           << subcommand->get_name() << " " << option->get_name();
     }
   }
