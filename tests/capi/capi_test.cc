@@ -150,7 +150,7 @@ TEST(CApiTest, GreedyDecodingMatchesTheRuntimeAloneAndInABatch) {
   ASSERT_NE(model, nullptr);
   const std::vector<int32_t> first = Tokenize(model.get(), "git-show(1)"),
                              second = Tokenize(model.get(), "NAME\n       git-log - Show commit logs");
-  constexpr int kTokens = 12;
+  constexpr int kTokens = 8;
   kvplan_cache* created = nullptr;
   ASSERT_EQ(kvplan_cache_create(model.get(), nullptr, 2, 256, KVPLAN_DEVICE_CPU, &created), KVPLAN_OK) << LastError();
   Owned<kvplan_cache> cache(created);
