@@ -2,6 +2,9 @@
 # here, driven by 1, 8 and 32 concurrent streaming clients (bench/serve_load.py): requests/s, output tokens/s, p50/p99
 # latency and time to first token. Server logs and final /metrics go to $OUT.
 source bench/device_setup.sh
+# First, the CUDA runtime's ResetSequence (a sequence reset while another decodes, full cache and a plan).
+/tmp/kv/bin/cuda_model_test --gtest_filter='*ResetSequence*' 2>&1 | tee $OUT/cuda_reset_sequence.log |
+  grep -E "OK|FAILED|PASSED"
 PLAN=/tmp/kv/serve_budget.kvplan
 /tmp/kv/bin/kvplan calibrate --model $MODEL --data /tmp/kv/shared/data/calib-sample.txt --target-memory 0.3 \
   --methods budget --exempt-layers -1 --device cuda -q -o $PLAN 2>&1 | tee $OUT/serve_plan.log
