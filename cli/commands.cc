@@ -274,6 +274,8 @@ absl::Status RunServe(const ServeOptions& options) {
   SetInterruptedActivity(absl::StrCat("serving ", server->model_name(), " on ", options.host, ":", port));
   std::fprintf(stderr, "kvplan serve: %s on %s, listening on http://%s:%d\n", server->model_name().c_str(),
                server->device_name().c_str(), options.host.c_str(), port);
+  if (const absl::Status chat = server->chat_status(); !chat.ok())
+    std::fprintf(stderr, "kvplan serve: chat completions will be refused: %s\n", std::string(chat.message()).c_str());
   return server->Listen();
 }
 

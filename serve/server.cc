@@ -560,4 +560,10 @@ const std::string& Server::model_name() const { return state_->model_name; }
 
 std::string Server::device_name() const { return state_->model->device_name(); }
 
+absl::Status Server::chat_status() const {
+  if (state_->generation.chat_template.empty())
+    return absl::FailedPreconditionError("tokenizer_config.json has no chat_template");
+  return state_->chat_template.status();
+}
+
 }  // namespace kvplan

@@ -42,6 +42,8 @@ class Server {
 
   const std::string& model_name() const;
   std::string device_name() const;
+  // OK when chat requests can be served; otherwise why not (no template, or one the renderer refuses).
+  absl::Status chat_status() const;
 
   struct State;
 
