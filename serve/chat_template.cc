@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cctype>
 #include <map>
-#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"

@@ -66,7 +66,7 @@ class GenerationStream {
 struct SchedulerOptions {
   int64_t kv_memory_bytes = 0;   // admission limit on the reserved KV bytes of running requests
   int max_queue = 64;            // requests waiting for a slot or memory; more are refused
-  int max_step_rows = 512;       // rows of one Forward
+  int max_step_rows = 512;       // rows of one Forward: more than the model has sequences, so prompts can join
   int prefill_chunk_rows = 512;  // prompt rows a joining request feeds per step (kPlannedChunkRows with a plan)
   // KV bytes one sequence of `length` positions holds under the cache policy, and under a full bf16 cache.
   std::function<int64_t(int64_t length)> kv_bytes;
