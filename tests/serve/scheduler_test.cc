@@ -90,36 +90,37 @@ TEST_F(SchedulerTest, BatchedGreedyTokensEqualTokensAlone) {
 
 TEST_F(SchedulerTest, ARequestThatDoesNotFitYetWaitsForMemory) {
   std::unique_ptr<Model> model = MakeModel(2);
-  // Room for 40 positions: two requests of 34 each have sequences enough but not memory for both at once.
-  Scheduler scheduler(*model, Options(40, 4));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(first, scheduler.Submit(Greedy({0, 1, 2, 3}, 30)));
+  // Room for 60 positions: requests of 54 and 34 have sequences enough but not memory for both at once.
+  Scheduler scheduler(*model, Options(60, 4));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(first, scheduler.Submit(Greedy({0, 1, 2, 3}, 50)));
   KVPLAN_ASSERT_OK_AND_ASSIGN(second, scheduler.Submit(Greedy({0, 4, 5, 6}, 30)));
+  // Watched without pausing: the first request runs for only 50 steps of a small model.
   bool waited = false;
-  for (int attempt = 0; attempt < 200 && !waited; ++attempt) {
+  for (const auto start = std::chrono::steady_clock::now();
+       !waited && std::chrono::steady_clock::now() - start < std::chrono::seconds(30);) {
     const ServingGauges gauges = scheduler.Gauges();
     waited = gauges.running == 1 && gauges.queued == 1;
     EXPECT_LE(gauges.reserved_kv_bytes, gauges.kv_memory_bytes);
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (gauges.running + gauges.queued < 2) break;  // the first one is done: too late to look
   }
   EXPECT_TRUE(waited);
-  EXPECT_EQ(Drain(*first).tokens.size(), 30u);
+  EXPECT_EQ(Drain(*first).tokens.size(), 50u);
   EXPECT_EQ(Drain(*second).tokens.size(), 30u);
   EXPECT_EQ(scheduler.Gauges().reserved_kv_bytes, 0);
 }
 
 TEST_F(SchedulerTest, RefusalsCancellationAndShutdown) {
   std::unique_ptr<Model> model = MakeModel(1);
-  Scheduler scheduler(*model, Options(40, 1));
+  Scheduler scheduler(*model, Options(60, 1));
   EXPECT_EQ(scheduler.Submit(Greedy({}, 4)).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(scheduler.Submit(Greedy({0, 1}, 0)).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(scheduler.Submit({.prompt = {0, 1}, .max_tokens = 4, .sampling = {.top_p = 0}}).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(scheduler.Submit(Greedy({0, 1}, kCapacity)).status().code(), absl::StatusCode::kOutOfRange);
-  EXPECT_EQ(scheduler.Submit(Greedy({0, 1}, 40)).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(scheduler.Submit(Greedy({0, 1}, 60)).status().code(), absl::StatusCode::kResourceExhausted);
 
   // One sequence and one place in the queue: a third request is turned away.
-  KVPLAN_ASSERT_OK_AND_ASSIGN(running, scheduler.Submit(Greedy({0, 1, 2}, 30)));
-  while (scheduler.Gauges().running == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(running, scheduler.Submit(Greedy({0, 1, 2}, 55)));
   KVPLAN_ASSERT_OK_AND_ASSIGN(waiting, scheduler.Submit(Greedy({0, 3}, 4)));
   EXPECT_EQ(scheduler.Submit(Greedy({0, 4}, 4)).status().code(), absl::StatusCode::kUnavailable);
 
@@ -127,11 +128,11 @@ TEST_F(SchedulerTest, RefusalsCancellationAndShutdown) {
   running->Cancel();
   const Finished cancelled = Drain(*running);
   EXPECT_EQ(cancelled.end.reason, FinishReason::kCancelled);
-  EXPECT_LT(cancelled.tokens.size(), 30u);
+  EXPECT_LT(cancelled.tokens.size(), 55u);
   EXPECT_EQ(Drain(*waiting).end.reason, FinishReason::kLength);
 
   // Shutdown ends what is running with Unavailable and refuses what comes after.
-  KVPLAN_ASSERT_OK_AND_ASSIGN(last, scheduler.Submit(Greedy({0, 5}, 30)));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(last, scheduler.Submit(Greedy({0, 5}, 55)));
   scheduler.Shutdown();
   const Finished ended = Drain(*last);
   EXPECT_EQ(ended.end.reason, FinishReason::kError);
