@@ -320,6 +320,8 @@ TEST(ServeTest, ChatThroughTheTemplateAndAFullQueue) {
   options.model_name = "chat-6m";
   options.max_batch = 1;
   options.max_queue = 0;
+  options.context = 1024;  // room for a stream long enough to be running still when the second request comes
+  options.kv_memory_bytes = 0;
   RunningServer server(options);
   ASSERT_TRUE(server.ok());
   const json messages = {{{"role", "system"}, {"content", "Answer with git commands."}},
@@ -341,7 +343,7 @@ TEST(ServeTest, ChatThroughTheTemplateAndAFullQueue) {
     request.method = "POST";
     request.path = "/v1/chat/completions";
     request.set_header("Content-Type", "application/json");
-    request.body = json{{"messages", messages}, {"max_tokens", 150}, {"stream", true}}.dump();
+    request.body = json{{"messages", messages}, {"max_tokens", 900}, {"stream", true}}.dump();
     std::string received;
     request.content_receiver = [&](const char* data, size_t length, uint64_t, uint64_t) {
       received.append(data, length);
@@ -352,8 +354,8 @@ TEST(ServeTest, ChatThroughTheTemplateAndAFullQueue) {
     EXPECT_NE(received.find("chat.completion.chunk"), std::string::npos);
     EXPECT_NE(received.find("\"role\":\"assistant\""), std::string::npos);
   });
-  for (int attempt = 0; attempt < 400 && !streaming; ++attempt)
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  for (int attempt = 0; attempt < 10000 && !streaming; ++attempt)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_TRUE(streaming);
   ExpectError(server.Post("/v1/chat/completions", json{{"messages", messages}, {"max_tokens", 4}}.dump()), 503,
               "server_busy", "a full queue");
