@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/build_info.h"
 #include "cli/interruption.h"
 #include "loader/model_config.h"
 #include "sweep/sweep.h"
@@ -47,17 +48,35 @@ void AddCalibrationSizeFlags(CLI::App* app, CalibrateOptions& options) {
   app->add_option("--epochs", options.dictionary_epochs, "CSR: dictionary training epochs")->check(kPositive);
 }
 
+CLI::Option* AddDevice(CLI::App* app, std::string& device, const std::string& help) {
+  return app->add_option("--device", device, help)->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+}
+
+// Progress bars draw only on a terminal; --quiet silences the stage lines logs and pipes get instead.
+void AddQuietFlag(CLI::App* app, bool& quiet) { app->add_flag("-q,--quiet", quiet, "no progress output on stderr"); }
+
+// `kvplan --version`: the version, then the build options that decide what a binary can run.
+std::string VersionText() {
+  std::string cuda = "CUDA: off";
+  if (kBuiltWithCuda) cuda = absl::StrCat("CUDA: on (architectures ", kCudaArchitectures, ")");
+  return absl::StrCat("kvplan ", kKvplanVersion, "\n", cuda, "\nbuild: ", kBuildType,
+                      kBuiltWithSanitizers ? ", AddressSanitizer + UndefinedBehaviorSanitizer" : "");
+}
+
 }  // namespace
 
 CommandLine::CommandLine() {
   app_.require_subcommand(1);
+  app_.set_version_flag("--version", VersionText());
+  // Every --help shows each option's default; subcommands inherit this from the app.
+  app_.option_defaults()->always_capture_default();
 
   CLI::App* generate = app_.add_subcommand("generate", "greedy text generation");
   AddCommonRunFlags(generate, generate_.model_dir, generate_.allow_longer_context);
   generate->get_option("--model")->required();
   generate->add_option("--prompt", generate_.prompt, "prompt text")->required();
   generate->add_option("--max-new-tokens", generate_.max_new_tokens, "tokens to generate")->check(kPositive);
-  generate->add_option("--device", generate_.device, "auto | cpu | cuda");
+  AddDevice(generate, generate_.device, "auto | cpu | cuda");
   generate->add_option("--plan", generate_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
 
   CLI::App* eval = app_.add_subcommand(
@@ -72,7 +91,7 @@ CommandLine::CommandLine() {
   eval->add_option("--needle-trials", eval_.needle_trials, "needle trials per length")->check(kPositive);
   eval->add_flag("--skip-needle", eval_.skip_needle, "only perplexity");
   eval->add_flag("--skip-perplexity", eval_.skip_perplexity, "only needle");
-  eval->add_option("--device", eval_.device, "auto | cpu | cuda");
+  AddDevice(eval, eval_.device, "auto | cpu | cuda");
   eval->add_option("--plan", eval_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
   eval->add_flag("--no-reference", eval_.no_reference,
                  "with --plan: skip the full-cache run it is compared with (KL divergence, top-1 agreement)");
@@ -80,15 +99,23 @@ CommandLine::CommandLine() {
   eval->add_option("--needle-prompts", eval_.needle_prompts_path,
                    "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
   eval->add_flag("--force", eval_.force, "replace existing output files kvplan did not write");
+  AddQuietFlag(eval, eval_.quiet);
 
-  CLI::App* bench = app_.add_subcommand("bench", "decode tokens/s and KV bytes at given context lengths");
+  CLI::App* bench = app_.add_subcommand(
+      "bench", "decode tokens/s (median and range of repetitions), KV bytes and prefill tokens/s per context length");
   AddCommonRunFlags(bench, bench_.model_dir, bench_.allow_longer_context);
-  bench->add_option("--shape", bench_.model_shape,
-                    "random weights of a real shape: " + absl::StrJoin(NamedModelShapes(), ", "));
+  bench
+      ->add_option("--shape", bench_.model_shape,
+                   "random weights of a real shape: " + absl::StrJoin(NamedModelShapes(), ", "))
+      ->check(CLI::IsMember(NamedModelShapes()));
   AddList(bench, "--context", bench_.contexts, "context lengths")->check(kPositive);
   bench->add_option("--batch", bench_.batch, "sequences decoded together")->check(kPositive);
-  bench->add_option("--steps", bench_.steps, "timed decode steps")->check(kPositive);
-  bench->add_option("--device", bench_.device, "auto | cpu | cuda");
+  bench->add_option("--steps", bench_.steps, "timed decode steps per repetition")->check(kPositive);
+  bench->add_option("--repetitions", bench_.repetitions, "timed runs per context length")->check(CLI::Range(1, 1000));
+  bench->add_flag("!--no-prefill", bench_.prefill,
+                  "skip timing the prefill of a prompt of each context length (--fit-memory skips it too)");
+  bench->add_flag("--json", bench_.json, "print the results as one line of JSON instead of a table");
+  AddDevice(bench, bench_.device, "auto | cpu | cuda");
   bench->add_option("--plan", bench_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
   bench->add_flag("!--no-cuda-graphs", bench_.cuda_graphs, "CUDA: launch every kernel of a decode step eagerly");
   bench
@@ -99,21 +126,23 @@ CommandLine::CommandLine() {
   CalibrateOptions& calibration = calibrate_.options;
   CLI::App* calibrate = app_.add_subcommand("calibrate", "learn a cache plan from sample text");
   AddCommonRunFlags(calibrate, calibration.model_dir, calibrate_.allow_longer_context);
-  calibrate->add_option("--shape", calibration.model_shape,
-                        "instead of --model: a synthetic plan for random weights of a real shape (runtime speed at "
-                        "scale, not quality): " +
-                            absl::StrJoin(NamedModelShapes(), ", "));
+  calibrate
+      ->add_option("--shape", calibration.model_shape,
+                   "instead of --model: a synthetic plan for random weights of a real shape (runtime speed at "
+                   "scale, not quality): " +
+                       absl::StrJoin(NamedModelShapes(), ", "))
+      ->check(CLI::IsMember(NamedModelShapes()));
   calibrate->add_flag("--random-tokens", calibration.random_tokens,
                       "with --shape: calibrate for real on random token ids (calibration's time and memory at "
                       "scale) instead of a synthetic plan");
-  calibrate->add_option("--device", calibrate_.device,
-                        "auto | cpu | cuda: forward passes, sharing search and dictionary training");
+  AddDevice(calibrate, calibrate_.device, "auto | cpu | cuda: forward passes, sharing search and dictionary training");
   calibrate->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines")
       ->check(CLI::ExistingFile);
   calibrate->add_option("-o,--output", calibrate_.output_path, "plan file to write")->required();
   calibrate->add_flag("--force", calibrate_.force, "replace an existing file that is not a kvplan plan");
   calibrate->add_flag("--strict,--require-target", calibrate_.require_target,
                       "fail, writing no plan, when the plan misses --target-memory");
+  AddQuietFlag(calibrate, calibrate_.quiet);
   calibrate
       ->add_option("--target-memory", calibration.target_memory_ratio,
                    "plan KV bytes / full-cache bytes at 2K tokens, e.g. 0.2 for 5x")
@@ -144,9 +173,11 @@ CommandLine::CommandLine() {
   calibrate->add_option("--value-sparsity", calibration.value_sparsity, "CSR: atoms per value")->check(kPositive);
   calibrate->add_option("--coding-window", calibration.coding_recent_window, "CSR: newest tokens left uncoded")
       ->check(kNonNegative);
-  calibrate->add_option("--key-coding", calibrate_.key_coding,
-                        "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
-                        "attention)");
+  calibrate
+      ->add_option("--key-coding", calibrate_.key_coding,
+                   "CSR: code keys before RoPE (pre-rope, as the paper) or after it (post-rope: faster GPU "
+                   "attention)")
+      ->check(CLI::IsMember({"pre-rope", "post-rope"}));
   const auto quantization_width = CLI::IsMember({2, 4, 8});
   calibrate->add_option("--key-bits", calibration.key_bits, "quant: bits per key channel (2, 4, 8)")
       ->check(quantization_width);
@@ -176,7 +207,8 @@ CommandLine::CommandLine() {
       ->add_option("--retrieval-weight", calibration.retrieval_weight,
                    "optimise: a setting's loss is its text KL + this * its probe KL")
       ->check(kNonNegative);
-  calibrate->add_option("--scoring", calibrate_.scoring, "budgets: l2 (key norm) | attention");
+  calibrate->add_option("--scoring", calibrate_.scoring, "budgets: l2 (key norm) | attention")
+      ->check(CLI::IsMember({"l2", "attention"}));
   calibrate->add_flag("--no-merge", calibrate_.no_merge, "budgets: drop evicted tokens instead of merging them");
   calibrate
       ->add_option("--recent-window", calibration.budget_settings.policy.recent_window,
@@ -216,8 +248,9 @@ CommandLine::CommandLine() {
       ->check(CLI::Range(0.0, 1.0));
   sweep->add_option("-o,--output", sweep_.output_path, "CSV table to write")->required();
   sweep->add_option("--svg", sweep_.svg_path, "also plot KV reduction against perplexity and needle accuracy here");
+  AddQuietFlag(sweep, sweep_.quiet);
   sweep->add_flag("--force", sweep_.force, "replace existing output files kvplan did not write");
-  sweep->add_option("--device", sweep_.device, "auto | cpu | cuda: calibration and evaluation");
+  AddDevice(sweep, sweep_.device, "auto | cpu | cuda: calibration and evaluation");
   sweep
       ->add_option("--context", sweep_options.perplexity.window,
                    "perplexity window: the context targets are met at and reductions are measured at")
@@ -241,6 +274,27 @@ CommandLine::CommandLine() {
       ->required()
       ->check(CLI::ExistingDirectory);
   validate->add_option("plan", validate_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
+
+  CLI::App* serve = app_.add_subcommand(
+      "serve", "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching");
+  serve->add_option("--model", serve_.model_dir, "Hugging Face model directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  serve->add_option("--plan", serve_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
+  serve->add_option("--host", serve_.host, "address to listen on");
+  serve->add_option("--port", serve_.port, "port to listen on (0: any free port)")->check(CLI::Range(0, 65535));
+  AddDevice(serve, serve_.device, "auto | cpu | cuda");
+  serve->add_option("--max-batch", serve_.max_batch, "sequences decoded together")->check(kPositive);
+  serve
+      ->add_option("--kv-memory", serve_.kv_memory_bytes,
+                   "bytes of KV cache that running requests may reserve (prompt + max_tokens under the plan); "
+                   "default: what --max-batch sequences hold at the full context")
+      ->check(kPositive);
+  serve->add_option("--max-queue", serve_.max_queue, "requests that may wait for a sequence before 503")
+      ->check(kNonNegative);
+  serve->add_option("--context", serve_.context, "positions per sequence (default: max_position_embeddings)")
+      ->check(kPositive);
+  serve->add_option("--model-name", serve_.model_name, "the model id clients use (default: the folder's name)");
 }
 
 absl::Status CommandLine::Run() const {
@@ -252,6 +306,7 @@ absl::Status CommandLine::Run() const {
   if (name == "calibrate") return RunCalibrate(calibrate_);
   if (name == "sweep") return RunSweep(sweep_);
   if (name == "inspect") return RunInspect(inspect_);
+  if (name == "serve") return RunServe(serve_);
   return RunValidate(validate_);
 }
 

@@ -28,6 +28,7 @@ class CommandLine {
   SweepCommand sweep_;
   InspectCommand inspect_;
   ValidateCommand validate_;
+  ServeOptions serve_;
 };
 
 }  // namespace kvplan

@@ -1,5 +1,6 @@
 #include "cli/commands.h"
 
+#include <csignal>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -41,14 +42,16 @@ absl::Status WriteTextFile(const std::string& path, const std::string& line) {
 
 // A progress bar for each stage a long command reports, started when the stage begins; an interruption names the
 // stage, e.g. "calibration stage 'dictionaries'; no plan written".
-StageProgressCallback ProgressBarPerStage(std::string command, std::string unwritten) {
+StageProgressCallback ProgressBarPerStage(std::string command, std::string unwritten, bool quiet) {
   auto bar = std::make_shared<std::unique_ptr<ProgressBar>>();
   auto stage = std::make_shared<std::string>();
-  return [bar, stage, command, unwritten](const std::string& name, int64_t done, int64_t total) {
+  const ProgressOutput output = ProgressOutputFor(quiet);
+  return [bar, stage, command, unwritten, output](const std::string& name, int64_t done, int64_t total) {
     if (name != *stage) {
       *stage = name;
-      *bar = std::make_unique<ProgressBar>(name);
+      // Named before the bar announces the stage: whoever reacts to the announcement interrupts this stage.
       SetInterruptedActivity(absl::StrCat(command, " stage '", name, "'", unwritten));
+      *bar = std::make_unique<ProgressBar>(name, output);
     }
     (*bar)->Update(done, total);
   };
@@ -160,7 +163,7 @@ absl::Status RunEval(const EvalCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(
       EvalReport report,
       Evaluate(*model, reference.get(), *tokenizer, tokens, options,
-               ProgressBarPerStage("eval", command.json_path.empty() ? "" : "; no results written")));
+               ProgressBarPerStage("eval", command.json_path.empty() ? "" : "; no results written", command.quiet)));
   report.plan_path = command.plan_path;
   std::printf("%s", EvalReportText(report).c_str());
   if (!command.json_path.empty()) KVPLAN_RETURN_IF_ERROR(WriteTextFile(command.json_path, EvalReportJson(report)));
@@ -181,26 +184,33 @@ absl::Status RunBench(const BenchCommand& command) {
   const int capacity = max_context + command.steps + 8;
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
   const int batch = command.fit_memory_gb > 0 ? 1 : command.batch;
+  // The prefill goes in passes of the runtime's default row count; a fitted batch leaves room for its own rows only.
+  const bool prefill = command.prefill && command.fit_memory_gb <= 0;
+  const int prefill_rows = std::min(max_context, ModelOptions().max_rows);
   KVPLAN_ASSIGN_OR_RETURN(auto model, CreateModel(loaded.config, *loaded.weights,
                                                   {.backend = backend,
                                                    .num_sequences = batch,
                                                    .capacity = capacity,
-                                                   .max_rows = batch,
+                                                   .max_rows = prefill ? std::max(batch, prefill_rows) : batch,
                                                    .plan = PlanPointer(plan),
                                                    .cuda_graphs = command.cuda_graphs}));
   if (command.fit_memory_gb > 0) {
     KVPLAN_ASSIGN_OR_RETURN(const int fitted, FitBatchToMemory(*model, int64_t(command.fit_memory_gb * 1e9)));
-    std::printf("largest batch within %.1f GB of device memory: %d\n", command.fit_memory_gb, fitted);
+    std::fprintf(command.json ? stderr : stdout, "largest batch within %.1f GB of device memory: %d\n",
+                 command.fit_memory_gb, fitted);
   }
-  std::printf("%-12s %8s %6s %12s %10s %12s %10s\n", "device", "context", "batch", "tokens/s", "ms/step", "KV bytes",
-              "GB/s");
+  std::vector<BenchResult> results;
+  if (!command.json) std::printf("%s", BenchTableHeader().c_str());
   for (int context : command.contexts) {
     SetInterruptedActivity(absl::StrCat("bench at context ", context));
-    KVPLAN_ASSIGN_OR_RETURN(auto result, BenchDecode(*model, {.context = context, .steps = command.steps}));
-    std::printf("%-12s %8d %6d %12.1f %10.3f %12lld %10.1f\n", result.device.substr(0, 12).c_str(), result.context,
-                result.batch, result.tokens_per_second, result.seconds_per_step * 1e3, (long long)result.kv_cache_bytes,
-                result.achieved_gb_per_second);
+    KVPLAN_ASSIGN_OR_RETURN(results.emplace_back(), BenchDecode(*model, {.context = context,
+                                                                         .steps = command.steps,
+                                                                         .repetitions = command.repetitions,
+                                                                         .prefill = prefill,
+                                                                         .prefill_rows = prefill_rows}));
+    if (!command.json) std::printf("%s", BenchTableRow(results.back()).c_str());
   }
+  if (command.json) std::printf("%s\n", BenchReportJson(results, command.plan_path, command.steps).c_str());
   return absl::OkStatus();
 }
 
@@ -233,8 +243,8 @@ absl::Status RunCalibrate(CalibrateCommand command) {
                                           command.allow_longer_context));
   }
   CalibrationReport report;
-  KVPLAN_ASSIGN_OR_RETURN(auto plan,
-                          Calibrate(options, ProgressBarPerStage("calibration", "; no plan written"), &report));
+  KVPLAN_ASSIGN_OR_RETURN(
+      auto plan, Calibrate(options, ProgressBarPerStage("calibration", "; no plan written", command.quiet), &report));
   if (const absl::Status target = CheckMemoryTarget(plan); command.require_target && !target.ok())
     return absl::FailedPreconditionError(absl::StrCat(target.message(), "; no plan written (--strict)"));
   KVPLAN_RETURN_IF_ERROR(WritePlanFile(plan, command.output_path));
@@ -267,7 +277,7 @@ absl::Status RunSweep(SweepCommand command) {
   std::printf("sweep of %zu methods x %zu targets on %s, each against the full cache at %d tokens\n",
               options.methods.size(), options.targets.size(), options.calibration.model_dir.c_str(), context);
   KVPLAN_ASSIGN_OR_RETURN(const SweepResult result,
-                          Sweep(options, ProgressBarPerStage("sweep", "; no results written")));
+                          Sweep(options, ProgressBarPerStage("sweep", "; no results written", command.quiet)));
   std::printf("%s", SweepText(result).c_str());
   KVPLAN_RETURN_IF_ERROR(WriteFileAtomically(command.output_path, SweepCsv(result)));
   SetInterruptedActivity(absl::StrCat("sweep, after writing ", command.output_path));
@@ -296,6 +306,19 @@ absl::Status RunValidate(const ValidateCommand& command) {
   KVPLAN_RETURN_IF_ERROR(PoliciesFromPlan(plan, loaded.config, *loaded.weights).status());
   std::printf("%s: valid for %s\n", command.plan_path.c_str(), command.model_dir.c_str());
   return absl::OkStatus();
+}
+
+absl::Status RunServe(const ServeOptions& options) {
+  KVPLAN_ASSIGN_OR_RETURN(auto server, Server::Create(options));
+  KVPLAN_ASSIGN_OR_RETURN(const int port, server->Bind());
+  // A client that leaves mid-response must not end the server: writes to its socket fail instead.
+  std::signal(SIGPIPE, SIG_IGN);
+  SetInterruptedActivity(absl::StrCat("serving ", server->model_name(), " on ", options.host, ":", port));
+  std::fprintf(stderr, "kvplan serve: %s on %s, listening on http://%s:%d\n", server->model_name().c_str(),
+               server->device_name().c_str(), options.host.c_str(), port);
+  if (const absl::Status chat = server->chat_status(); !chat.ok())
+    std::fprintf(stderr, "kvplan serve: chat completions will be refused: %s\n", std::string(chat.message()).c_str());
+  return server->Listen();
 }
 
 }  // namespace kvplan

@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "calibrate/calibrate.h"
+#include "serve/server.h"
 #include "sweep/sweep.h"
 
 namespace kvplan {
@@ -37,6 +38,7 @@ struct EvalCommand {
   std::string needle_prompts_path;  // write the needle trials (ids, pass key) as JSON, for cross-checking
   bool allow_longer_context = false;
   bool force = false;  // replace existing output files that kvplan did not write
+  bool quiet = false;  // no progress on stderr
 };
 absl::Status RunEval(const EvalCommand& command);
 
@@ -51,6 +53,9 @@ struct BenchCommand {
   bool cuda_graphs = true;
   double fit_memory_gb = 0;  // > 0: the largest batch whose device memory fits this many GB (replaces --batch)
   bool allow_longer_context = false;
+  int repetitions = 3;  // timed runs per context: the median and the extremes are reported
+  bool prefill = true;  // also time the prefill of a prompt of each context length (not with fit_memory_gb)
+  bool json = false;    // print the results as one line of JSON instead of a table
 };
 absl::Status RunBench(const BenchCommand& command);
 
@@ -65,6 +70,7 @@ struct CalibrateCommand {
   bool require_target = false;  // fail, writing no plan, when the plan misses the memory target
   bool allow_longer_context = false;
   bool force = false;
+  bool quiet = false;  // no progress on stderr
 };
 absl::Status RunCalibrate(CalibrateCommand command);
 
@@ -76,6 +82,7 @@ struct SweepCommand {
   std::string svg_path;     // the plot, when set
   bool allow_longer_context = false;
   bool force = false;
+  bool quiet = false;
 };
 absl::Status RunSweep(SweepCommand command);
 
@@ -92,5 +99,8 @@ struct ValidateCommand {
   std::string plan_path;
 };
 absl::Status RunValidate(const ValidateCommand& command);
+
+// Serves until interrupted (SIGINT / SIGTERM end it as they end every command).
+absl::Status RunServe(const ServeOptions& options);
 
 }  // namespace kvplan

@@ -1,6 +1,6 @@
-// How the loader reads the JSON files users bring (config.json, tokenizer.json, the sharded index, safetensors
-// headers) without trusting them: nesting is bounded before anything recurses over the document, and integers
-// are range-checked before they become sizes. Internal to loader/.
+// How kvplan reads the JSON users bring (config.json, tokenizer.json, the sharded index, safetensors headers, the
+// server's request bodies) without trusting it: nesting is bounded before anything recurses over the document,
+// and integers are range-checked before they become sizes.
 #pragma once
 
 #include <cstdint>

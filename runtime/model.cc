@@ -16,6 +16,12 @@ StepRows SequenceRows(const std::vector<int32_t>& tokens, int sequence, int firs
   return rows;
 }
 
+absl::Status CheckSequence(int sequence, int num_sequences) {
+  if (sequence < 0 || sequence >= num_sequences)
+    return absl::OutOfRangeError(absl::StrCat("sequence ", sequence, " outside [0, ", num_sequences, ")"));
+  return absl::OkStatus();
+}
+
 absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, const std::vector<int32_t>& lengths,
                               int capacity) {
   const size_t T = rows.tokens.size();

@@ -58,6 +58,9 @@ class Model {
   virtual absl::StatusOr<std::vector<float>> Forward(const StepRows& rows, LogitRows which) = 0;
   // Forgets every sequence's cache.
   virtual void Reset() = 0;
+  // Forgets one sequence's cache while the others keep theirs: a serving loop gives the sequence to a new request
+  // while the rest of the batch decodes on. OutOfRange for a sequence the model does not have.
+  virtual absl::Status ResetSequence(int sequence) = 0;
   // Executes `policies` (runtime/cache/plan_policies.h; null: the full cache) from now on, keeping the weights;
   // every sequence starts empty. Calibration tries one candidate plan after another on one loaded model.
   virtual absl::Status UsePolicies(std::shared_ptr<const PlanPolicies> policies) = 0;
@@ -77,6 +80,9 @@ class Model {
 // consecutive, positions continuing each sequence and inside the cache capacity.
 absl::Status ValidateStepRows(const StepRows& rows, const ModelConfig& config, const std::vector<int32_t>& lengths,
                               int capacity);
+
+// OutOfRange unless 0 <= sequence < num_sequences.
+absl::Status CheckSequence(int sequence, int num_sequences);
 
 // Rows per pass and sequence when a plan compresses the cache, so eviction keeps up with a long prompt. Both
 // runtimes chunk alike, so they compress at the same points.

@@ -64,16 +64,8 @@ class CompressedLayerCache : public LayerCache {
     }
   }
 
-  void Reset() override {
-    std::fill(storage_.dense_count.begin(), storage_.dense_count.end(), 0);
-    std::fill(storage_.coded_count.begin(), storage_.coded_count.end(), 0);
-    std::fill(storage_.merged_keys.begin(), storage_.merged_keys.end(), 0.0f);
-    std::fill(storage_.merged_values.begin(), storage_.merged_values.end(), 0.0f);
-    std::fill(storage_.merged_tokens.begin(), storage_.merged_tokens.end(), 0.0f);
-    std::fill(refresh_.has_query.begin(), refresh_.has_query.end(), 0);
-    std::fill(refresh_.steps_since_refresh.begin(), refresh_.steps_since_refresh.end(), 0);
-    std::fill(refresh_.refresh_position.begin(), refresh_.refresh_position.end(), 0);
-  }
+  void Reset() override { Forget(0, num_sequences_); }
+  void ResetSequence(int sequence) override { Forget(sequence, sequence + 1); }
 
   void Append(int sequence, const int32_t* positions, int rows, const float* k_pre_rope, const float* k,
               const float* v) override {
@@ -133,6 +125,23 @@ class CompressedLayerCache : public LayerCache {
   }
 
  private:
+  // Empties sequences [first, end): their head slots' counts and merged slots, and their RefreshKV state. Every
+  // array below holds the same number of values per sequence, sequence-major.
+  void Forget(int first, int end) {
+    auto clear = [&](auto& values) {
+      const int64_t per_sequence = int64_t(values.size()) / num_sequences_;
+      std::fill(values.begin() + first * per_sequence, values.begin() + end * per_sequence, 0);
+    };
+    clear(storage_.dense_count);
+    clear(storage_.coded_count);
+    clear(storage_.merged_keys);
+    clear(storage_.merged_values);
+    clear(storage_.merged_tokens);
+    clear(refresh_.has_query);
+    clear(refresh_.steps_since_refresh);
+    clear(refresh_.refresh_position);
+  }
+
   // One sequence's rows as a step.
   struct Step {
     Step(int sequence, const int32_t* positions, int rows)
@@ -276,6 +285,7 @@ class SharedLayerCache : public LayerCache {
     donor_->AttendShared(sequence, positions, rows, q, out);
   }
   void Reset() override {}
+  void ResetSequence(int) override {}
   void FillWithNoise(int) override {}
   int64_t bytes() const override { return 0; }
   bool computes_kv() const override { return false; }

@@ -44,6 +44,7 @@ class DenseLayerCache : public LayerCache {
   }
 
   void Reset() override { std::fill(lengths_.begin(), lengths_.end(), 0); }
+  void ResetSequence(int sequence) override { lengths_[sequence] = 0; }
 
   void FillWithNoise(int context) override {
     std::mt19937 generator(7);

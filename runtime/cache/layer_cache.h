@@ -25,6 +25,7 @@ class LayerCache {
     Attend(sequence, positions, rows, q, out);
   }
   virtual void Reset() = 0;
+  virtual void ResetSequence(int sequence) = 0;
   // Fills positions [0, context) of every sequence with noise (for decode benchmarks).
   virtual void FillWithNoise(int context) = 0;
   // Bytes held for all sequences, counting K/V as the GPU stores them (bf16) and codes as their packed size.

@@ -91,6 +91,13 @@ class CpuModel : public Model {
     for (auto& cache : caches_) cache->Reset();
   }
 
+  absl::Status ResetSequence(int sequence) override {
+    KVPLAN_RETURN_IF_ERROR(CheckSequence(sequence, options_.num_sequences));
+    lengths_[sequence] = 0;
+    for (auto& cache : caches_) cache->ResetSequence(sequence);
+    return absl::OkStatus();
+  }
+
   int64_t kv_cache_bytes() const override {
     int64_t total = 0;
     for (const auto& cache : caches_) total += cache->bytes();

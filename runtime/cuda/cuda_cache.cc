@@ -208,12 +208,22 @@ class CudaKvCacheImpl : public CudaKvCache {
     return AttendAndCompress(policy, ops);
   }
 
-  absl::Status Reset() override {
+  absl::Status Reset() override { return Forget(0, options_.num_sequences); }
+  absl::Status ResetSequence(int sequence) override { return Forget(sequence, sequence + 1); }
+
+  // Empties sequences [first, end) of every compressed layer: their head slots' counts (entries past a count are
+  // never read; a merged slot with no tokens is empty) and their RefreshKV state. Full-cache layers hold no
+  // state beside the model's lengths. Each array holds the same bytes per sequence, sequence-major.
+  absl::Status Forget(int first, int end) {
     for (const auto& layer : compressed_) {
       if (layer == nullptr) continue;
       for (DeviceBuffer* buffer : {&layer->dense_count, &layer->coded_count, &layer->merged_tokens, &layer->has_query,
-                                   &layer->steps_since_refresh, &layer->refresh_position})
-        if (buffer->bytes() > 0) KVPLAN_CUDA(cudaMemsetAsync(buffer->as<void>(), 0, buffer->bytes(), stream_));
+                                   &layer->steps_since_refresh, &layer->refresh_position}) {
+        const size_t per_sequence = buffer->bytes() / options_.num_sequences;
+        if (per_sequence > 0)
+          KVPLAN_CUDA(
+              cudaMemsetAsync(buffer->as<char>() + first * per_sequence, 0, (end - first) * per_sequence, stream_));
+      }
     }
     return absl::OkStatus();
   }

@@ -51,8 +51,9 @@ class CudaKvCache {
   // out. Layers run in order.
   virtual absl::Status Layer(int layer, const float* q, float* keys, const float* values, __nv_bfloat16* out) = 0;
 
-  // Forgets every sequence.
+  // Forgets every sequence, or one.
   virtual absl::Status Reset() = 0;
+  virtual absl::Status ResetSequence(int sequence) = 0;
   // Every sequence holds `context` positions of noise, in the amounts the policy implies (benchmarks).
   virtual absl::Status FillWithNoise(int context) = 0;
   // Device bytes the cache arrays take, whatever they hold now.

@@ -186,6 +186,11 @@ class CudaModel : public Model {
     std::fill(lengths_.begin(), lengths_.end(), 0);
     reset_status_ = cache_->Reset();
   }
+  absl::Status ResetSequence(int sequence) override {
+    KVPLAN_RETURN_IF_ERROR(CheckSequence(sequence, num_sequences_));
+    lengths_[sequence] = 0;
+    return cache_->ResetSequence(sequence);
+  }
   int64_t kv_cache_bytes() const override {
     int64_t bytes = 0;
     for (int32_t length : lengths_) bytes += CacheBytes(policy_, length);

@@ -10,9 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "base/atomic_file.h"
+#include "base/build_info.h"
 #include "cli/command_files.h"
 #include "cli/command_line.h"
+#include "nlohmann/json.hpp"
 #include "plans/plan_io.h"
 #include "tests/testing/test_util.h"
 
@@ -241,6 +244,88 @@ TEST(CommandLineTest, EmptyListsAndNonPositiveNumbersAreRejected) {
   EXPECT_NE(ParseError({"eval", "--model", model, "--data", "/nonexistent/data.txt"}), "");
   EXPECT_NE(ParseError({"eval", "--model", "/nonexistent/model"}), "");
   EXPECT_NE(ParseError({"inspect", "/nonexistent/plan.kvplan"}), "");
+}
+
+TEST(CommandLineTest, EveryHelpShowsTheDefaults) {
+  CommandLine command_line;
+  const std::string eval = command_line.app().get_subcommand("eval")->help();
+  EXPECT_NE(eval.find("--window INT:INT in [2 - 1073741824]=2048"), std::string::npos) << eval;
+  EXPECT_NE(eval.find("--needle-lengths INT:NONEMPTY:a positive number=[512,1024,2048]"), std::string::npos) << eval;
+  const std::string bench = command_line.app().get_subcommand("bench")->help();
+  EXPECT_NE(bench.find("--repetitions INT:INT in [1 - 1000]=3"), std::string::npos) << bench;
+  EXPECT_NE(bench.find("--device TEXT:{auto,cpu,cuda}=auto"), std::string::npos) << bench;
+  // Every option that has a value shows it.
+  for (CLI::App* subcommand : command_line.app().get_subcommands({})) {
+    const std::string help = subcommand->help();
+    for (const CLI::Option* option : subcommand->get_options()) {
+      if (option->get_default_str().empty() || option->get_type_size() == 0) continue;
+      EXPECT_NE(help.find(absl::StrCat("=", option->get_default_str())), std::string::npos)
+          << subcommand->get_name() << " " << option->get_name();
+    }
+  }
+}
+
+TEST(CommandLineTest, VersionNamesTheBuildOptions) {
+  const std::string version = ParseError({"--version"});
+  EXPECT_EQ(version.rfind(std::string("kvplan ") + kKvplanVersion + "\n", 0), 0u) << version;
+  EXPECT_NE(version.find(kBuiltWithCuda ? "CUDA: on (architectures " : "CUDA: off"), std::string::npos) << version;
+  EXPECT_NE(version.find("build: "), std::string::npos) << version;
+}
+
+TEST(CommandLineTest, NamedChoicesAreChecked) {
+  const std::string model = testing::FixtureModelDir();
+  EXPECT_NE(ParseError({"bench", "--model", model, "--device", "gpu"}), "");
+  EXPECT_NE(ParseError({"bench", "--shape", "llama-4"}), "");
+  EXPECT_NE(ParseError({"bench", "--model", model, "--repetitions", "0"}), "");
+  EXPECT_NE(ParseError({"calibrate", "--model", model, "-o", "p", "--scoring", "norm"}), "");
+  EXPECT_EQ(ParseError({"calibrate", "--model", model, "-o", "p", "--key-coding", "post-rope", "--quiet"}), "");
+}
+
+TEST(BenchTest, JsonHoldsTheMedianAndRangeOfEveryContext) {
+  ::testing::internal::CaptureStdout();
+  const absl::Status status = RunBench({.model_dir = testing::FixtureModelDir(),
+                                        .contexts = {16, 40},
+                                        .steps = 2,
+                                        .device = "cpu",
+                                        .repetitions = 2,
+                                        .json = true});
+  const std::string output = ::testing::internal::GetCapturedStdout();
+  ASSERT_TRUE(status.ok()) << status;
+  const nlohmann::json report = nlohmann::json::parse(output, nullptr, /*allow_exceptions=*/false);
+  ASSERT_TRUE(report.is_object()) << output;
+  EXPECT_EQ(report["schema_version"], 1);
+  EXPECT_EQ(report["repetitions"], 2);
+  EXPECT_EQ(report["device"], "cpu");
+  ASSERT_EQ(report["results"].size(), 2u);
+  for (const nlohmann::json& result : report["results"]) {
+    const nlohmann::json& decode = result["decode"]["tokens_per_second"];
+    EXPECT_LE(decode["min"].get<double>(), decode["median"].get<double>()) << result;
+    EXPECT_LE(decode["median"].get<double>(), decode["max"].get<double>()) << result;
+    EXPECT_GT(decode["min"].get<double>(), 0) << result;
+    EXPECT_EQ(result["prefill"]["tokens"], result["context"]) << result;
+    EXPECT_GT(result["prefill"]["tokens_per_second"]["median"].get<double>(), 0) << result;
+    EXPECT_GT(result["kv_bytes"].get<int64_t>(), 0) << result;
+  }
+  EXPECT_EQ(report["results"][1]["context"], 40);
+}
+
+TEST(ProgressTest, LogsGetStageLinesAndQuietGetsNothing) {
+  EvalCommand command = {.model_dir = testing::FixtureModelDir(),
+                         .data_path = testing::SharedDir() + "/data/heldout-git-docs.txt",
+                         .window = 64,
+                         .max_tokens = 128,
+                         .skip_needle = true,
+                         .device = "cpu"};
+  ::testing::internal::CaptureStderr();  // a file, not a terminal: no bar
+  ASSERT_TRUE(RunEval(command).ok());
+  const std::string logged = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(logged.find("perplexity ...\n"), std::string::npos) << logged;
+  EXPECT_NE(logged.find("perplexity done in "), std::string::npos) << logged;
+  EXPECT_EQ(logged.find('\r'), std::string::npos) << logged;
+  command.quiet = true;
+  ::testing::internal::CaptureStderr();
+  ASSERT_TRUE(RunEval(command).ok());
+  EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
 }
 
 }  // namespace

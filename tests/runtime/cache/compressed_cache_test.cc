@@ -12,6 +12,7 @@
 #include "runtime/cpu/cpu_model.h"
 #include "tests/testing/matching_pursuit_check.h"
 #include "tests/testing/plan_cases.h"
+#include "tests/testing/reset_sequence_check.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
@@ -108,6 +109,29 @@ TEST(CompressedCacheTest, SharedLayersStoreNothing) {
 // Budgets of every size (with and without merging, both scorings), coding with a window wider than the
 // budget's, refresh and sharing, alone and together: after a chunked prefill and after decode steps the runtime
 // holds exactly the bytes the planner predicts.
+TEST(CompressedCacheTest, ResetSequenceForgetsOneSequenceOnly) {
+  const Fixture fixture = LoadFixture();
+  const ModelConfig& config = fixture.loaded.config;
+  const plan::SparseCoding coding = testing::BasisCoding(config.num_layers, config.head_dim, 8, 32);
+  const testing::PlanCase cases[] = {
+      {"full cache"},
+      {"attention budgets+merge", true, true, true, false, false, false},
+      {"everything", true, true, true, true, true, true},
+  };
+  for (const testing::PlanCase& c : cases) {
+    const plan::Plan plan = testing::CompileTestPlan(c, fixture.loaded, coding);
+    const bool full_cache = std::string(c.name) == "full cache";
+    auto make = [&](int num_sequences) -> std::unique_ptr<Model> {
+      const CpuModelOptions options{.num_sequences = num_sequences, .capacity = 256};
+      auto model = full_cache ? CreateCpuModel(config, *fixture.loaded.weights, options)
+                              : CreatePlannedCpuModel(config, *fixture.loaded.weights, plan, options);
+      EXPECT_TRUE(model.ok()) << model.status();
+      return model.ok() ? std::move(*model) : nullptr;
+    };
+    testing::CheckResetSequence(make, fixture.tokens, 1e-5, c.name);
+  }
+}
+
 TEST(CompressedCacheTest, MeasuredBytesEqualThePlannerEstimate) {
   const Fixture fixture = LoadFixture();
   const ModelConfig& config = fixture.loaded.config;
