@@ -574,7 +574,13 @@ class DistributionComparison {
       for (int64_t r = 0; r < rows; ++r) {
         const float* reference = reference_[i].data() + r * vocab;
         const float* row = logits.data() + r * vocab;
-        kl += KlDivergence(LogitRow(reference, vocab), LogitRow(row, vocab));
+        const LogitRow reference_row(reference, vocab), candidate_row(row, vocab);
+        // A non-finite logit would otherwise count as no loss at all (KL is clamped at 0).
+        if (!std::isfinite(reference_row.log_partition) || !std::isfinite(candidate_row.log_partition))
+          return absl::InternalError(absl::StrCat("non-finite logits at row ", sequences_[i].scored_begin + r,
+                                                  " of a calibration sequence under a candidate plan on ",
+                                                  model_.device_name()));
+        kl += KlDivergence(reference_row, candidate_row);
         agreed += Argmax(reference, vocab) == Argmax(row, vocab) ? 1 : 0;
       }
       result.tokens += rows;

@@ -254,6 +254,44 @@ TEST_F(CudaPlanTest, BatchedPlanDecodeMatchesTheCpuPlanPath) {
   EXPECT_EQ(gpu->kv_cache_bytes(), cpu->kv_cache_bytes());
 }
 
+// One model switching plans (as calibration's optimiser and sharing search run them) computes what the CPU
+// runtime computes for each plan, after a full-cache pass and after one another.
+TEST_F(CudaPlanTest, SwitchedPlansMatchTheCpuPlanPath) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
+  std::vector<int32_t> tokens;
+  while (tokens.size() < 512) tokens.push_back(ids[tokens.size() % ids.size()]);
+  auto [gpu, cpu] = GpuAndCpu(loaded, {.capacity = 512, .max_rows = 512});
+  ASSERT_TRUE(gpu && cpu);
+  const Case cases[] = {
+      {{"budgets L2", true}},
+      {{"attention budgets", true, false, true}},
+      {{"attention budgets + merge", true, true, true}},
+      {{"quantized 4 bits", false, false, false, false, false, false, 4}},
+      {{"quantized 4 bits + attention budgets + merge", true, true, true, false, false, false, 4}},
+      {{"attention budgets again", true, false, true}},
+  };
+  for (const Case& c : cases) {
+    const plan::Plan plan = PlanFor(c, loaded);
+    KVPLAN_ASSERT_OK_AND_ASSIGN(policies, PoliciesFromPlan(plan, loaded.config, *loaded.weights));
+    auto shared = std::make_shared<const PlanPolicies>(std::move(policies));
+    ASSERT_TRUE(gpu->UsePolicies(shared).ok());
+    ASSERT_TRUE(cpu->UsePolicies(shared).ok());
+    KVPLAN_ASSERT_OK_AND_ASSIGN(gpu_logits, gpu->Forward(SequenceRows(tokens, 0, 0), LogitRows::kAll));
+    KVPLAN_ASSERT_OK_AND_ASSIGN(cpu_logits, cpu->Forward(SequenceRows(tokens, 0, 0), LogitRows::kAll));
+    int64_t non_finite = 0, first = -1;
+    for (size_t i = 0; i < gpu_logits.size(); ++i)
+      if (!std::isfinite(gpu_logits[i]) && non_finite++ == 0) first = int64_t(i);
+    const double error = testing::RelativeError(gpu_logits.data(), cpu_logits.data(), cpu_logits.size());
+    std::printf("switched to %-45s logits error %.4f, %lld non-finite (first at row %lld)\n", c.plan.name, error,
+                static_cast<long long>(non_finite), static_cast<long long>(first < 0 ? -1 : first / 4096));
+    EXPECT_EQ(non_finite, 0) << c.plan.name;
+    EXPECT_LT(error, kLossyCodingTolerance) << c.plan.name;
+  }
+}
+
 // A sequence reset while another decodes takes a new prompt as a fresh model would, and the other one goes on as
 // if nothing happened (the full cache, and a plan with every method).
 TEST_F(CudaPlanTest, ResetSequenceForgetsOneSequenceOnly) {
