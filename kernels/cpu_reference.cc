@@ -149,6 +149,11 @@ void key_l2_norms(const float* keys, int64_t n, int head_dim, float* norms) {
 
 void merge_into_slot(const float* keys, const float* values, int count, int head_dim, float* slot_key,
                      float* slot_value, float* slot_tokens) {
+  // An empty slot's means are whatever a reset left there (never read): the first token starts them afresh.
+  if (count > 0 && *slot_tokens == 0.0f) {
+    std::fill_n(slot_key, head_dim, 0.0f);
+    std::fill_n(slot_value, head_dim, 0.0f);
+  }
   for (int i = 0; i < count; ++i) {
     const float tokens = *slot_tokens + 1.0f;
     for (int d = 0; d < head_dim; ++d) {

@@ -1662,8 +1662,10 @@ __global__ void __launch_bounds__(kBlock) evict_kernel(CompressedLayer layer, Co
     for (int pair = threadIdx.x; pair < half; pair += blockDim.x) {
       float* merged_key = layer.merged_keys + head * layer.head_dim;
       float* merged_value = layer.merged_values + head * layer.head_dim;
-      float mean_key[2] = {merged_key[pair], merged_key[pair + half]};
-      float mean_value[2] = {merged_value[pair], merged_value[pair + half]};
+      // An empty slot holds whatever a reset or a reused allocation left (NaN included): start its means afresh.
+      const bool empty = tokens == 0.0f;
+      float mean_key[2] = {empty ? 0.0f : merged_key[pair], empty ? 0.0f : merged_key[pair + half]};
+      float mean_value[2] = {empty ? 0.0f : merged_value[pair], empty ? 0.0f : merged_value[pair + half]};
       float count = tokens;
       for (int v = 0; v < excess; ++v) {
         const int e = by_position[v];
