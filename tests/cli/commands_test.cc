@@ -24,13 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// A fresh, empty folder for one test.
-std::string TestFolder(const std::string& name) {
-  const fs::path folder = fs::path(::testing::TempDir()) / ("commands_test_" + name);
-  fs::remove_all(folder);
-  fs::create_directories(folder);
-  return folder.string();
-}
+std::string TestFolder(const std::string& name) { return testing::FreshTestFolder("commands_test_" + name); }
 
 void WriteText(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 

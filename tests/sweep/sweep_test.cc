@@ -20,12 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string TestFolder(const std::string& name) {
-  const fs::path folder = fs::path(::testing::TempDir()) / ("sweep_test_" + name);
-  fs::remove_all(folder);
-  fs::create_directories(folder);
-  return folder.string();
-}
+std::string TestFolder(const std::string& name) { return testing::FreshTestFolder("sweep_test_" + name); }
 
 std::string ReadText(const std::string& path) {
   std::ifstream file(path, std::ios::binary);

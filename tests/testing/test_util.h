@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,13 @@ inline std::string SharedDir() {
 }
 inline std::string TestDataDir() { return KVPLAN_TEST_DATA_DIR; }
 inline std::string FixtureModelDir() { return SharedDir() + "/models/llama-dev-6m"; }
+// A fresh, empty folder named `name` under the test's temporary directory.
+inline std::string FreshTestFolder(const std::string& name) {
+  const std::filesystem::path folder = std::filesystem::path(::testing::TempDir()) / name;
+  std::filesystem::remove_all(folder);
+  std::filesystem::create_directories(folder);
+  return folder.string();
+}
 
 // ||a - b|| / ||b||
 inline double RelativeError(const float* a, const float* b, size_t n) {
