@@ -509,10 +509,9 @@ std::vector<ScoredSequence> WhollyScored(const std::vector<std::vector<int32_t>>
 // Retrieval probes: calibration text with a pass-key sentence hidden at depths spread evenly over the probes and
 // the question at the end; only the rows that predict the answer's tokens are scored, so a setting that loses the
 // key shows there. The haystack is calibration text, unlike eval's needle filler, and the keys are others.
-absl::StatusOr<std::vector<ScoredSequence>> RetrievalProbes(const std::string& model_dir,
+absl::StatusOr<std::vector<ScoredSequence>> RetrievalProbes(const Tokenizer& tokenizer,
                                                             const std::vector<std::vector<int32_t>>& haystacks,
                                                             int count) {
-  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(model_dir + "/tokenizer.json"));
   std::mt19937 generator(77);
   std::uniform_int_distribution<int> pass_key(10000, 99999);
   std::vector<ScoredSequence> probes;
@@ -520,9 +519,9 @@ absl::StatusOr<std::vector<ScoredSequence>> RetrievalProbes(const std::string& m
     const std::vector<int32_t>& haystack = haystacks[i % haystacks.size()];
     const std::string key = std::to_string(pass_key(generator));
     const std::vector<int32_t> needle =
-        tokenizer->Encode(absl::StrCat(" The pass key is ", key, ". Remember it. ", key, " is the pass key."));
-    const std::vector<int32_t> question = tokenizer->Encode(" What is the pass key? The pass key is");
-    const std::vector<int32_t> answer = tokenizer->Encode(absl::StrCat(" ", key));
+        tokenizer.Encode(absl::StrCat(" The pass key is ", key, ". Remember it. ", key, " is the pass key."));
+    const std::vector<int32_t> question = tokenizer.Encode(" What is the pass key? The pass key is");
+    const std::vector<int32_t> answer = tokenizer.Encode(absl::StrCat(" ", key));
     const int64_t tail = int64_t(needle.size() + question.size() + answer.size());
     if (int64_t(haystack.size()) < tail + 16)
       return absl::InvalidArgumentError("calibration sequences are too short for retrieval probes");
@@ -632,18 +631,23 @@ class PlanLossMeter {
   DistributionComparison text_, probes_;
 };
 
+// `layer` of `policies` under `setting` (its cache policy, and its key channel scales when quantized).
+void ApplyLayerSetting(const PlannerInputs& inputs, int layer, const LayerSetting& setting, PlanPolicies& policies) {
+  policies.cache.layers[layer] =
+      LayerPolicyForSetting(setting, inputs.budget_settings.policy, inputs.quantization.recent_window(),
+                            inputs.model.head_dim(), inputs.model.num_kv_heads());
+  if (setting.bits < 16) {
+    const auto& scales = inputs.quantization.layers(layer).key_channel_scale();
+    policies.codebooks[layer] =
+        std::make_shared<const LayerCodebook>(LayerCodebook{.key_channel_scale = {scales.begin(), scales.end()}});
+  }
+}
+
 // The policies of `base` (the accepted shares) with one layer's setting changed.
 std::shared_ptr<const PlanPolicies> WithLayerSetting(const PlanPolicies& base, const PlannerInputs& inputs, int layer,
                                                      const LayerSetting& setting) {
   auto policies = std::make_shared<PlanPolicies>(base);
-  const int hd = inputs.model.head_dim(), kv_heads = inputs.model.num_kv_heads();
-  policies->cache.layers[layer] =
-      LayerPolicyForSetting(setting, inputs.budget_settings.policy, inputs.quantization.recent_window(), hd, kv_heads);
-  if (setting.bits < 16) {
-    const auto& scales = inputs.quantization.layers(layer).key_channel_scale();
-    policies->codebooks[layer] =
-        std::make_shared<const LayerCodebook>(LayerCodebook{.key_channel_scale = {scales.begin(), scales.end()}});
-  }
+  ApplyLayerSetting(inputs, layer, setting, *policies);
   return policies;
 }
 
@@ -700,9 +704,7 @@ absl::StatusOr<std::vector<std::vector<MeasuredSetting>>> MeasureSettings(
     for (int layer = 0; layer < config.num_layers; ++layer) {
       if (sharers.contains(layer)) continue;
       layers.push_back(layer);
-      const auto single = WithLayerSetting(base, inputs, layer, settings[i]);
-      everywhere->cache.layers[layer] = single->cache.layers[layer];
-      everywhere->codebooks[layer] = single->codebooks[layer];
+      ApplyLayerSetting(inputs, layer, settings[i], *everywhere);
     }
     KVPLAN_ASSIGN_OR_RETURN(const PlanLoss loss, meter.Measure(everywhere));
     const MeasuredSetting joint = added(loss, settings[i]);
@@ -851,8 +853,9 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
     const std::vector<std::vector<int32_t>> held_back(sequences.end() - verified, sequences.end());
     std::vector<ScoredSequence> probes;
     if (options.retrieval_probes > 0 && !options.random_tokens) {
-      KVPLAN_ASSIGN_OR_RETURN(probes, RetrievalProbes(options.model_dir, measure_sequences, options.retrieval_probes));
-      KVPLAN_ASSIGN_OR_RETURN(verify_probes, RetrievalProbes(options.model_dir, held_back, options.retrieval_probes));
+      KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
+      KVPLAN_ASSIGN_OR_RETURN(probes, RetrievalProbes(*tokenizer, measure_sequences, options.retrieval_probes));
+      KVPLAN_ASSIGN_OR_RETURN(verify_probes, RetrievalProbes(*tokenizer, held_back, options.retrieval_probes));
     }
     verify_text = WhollyScored(held_back);
     inputs.retrieval_weight = options.retrieval_weight;

@@ -17,6 +17,7 @@
 #include "cli/command_line.h"
 #include "nlohmann/json.hpp"
 #include "plans/plan_io.h"
+#include "tests/testing/command_line_parse.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
@@ -208,19 +209,7 @@ TEST(LimitsTest, CalibrationNeedsAMethod) {
       << status;
 }
 
-// The error CLI11 reports for this command line, or "" when it parses.
-std::string ParseError(std::vector<std::string> arguments) {
-  CommandLine command_line;
-  arguments.insert(arguments.begin(), "kvplan");
-  std::vector<const char*> argv;
-  for (const std::string& argument : arguments) argv.push_back(argument.c_str());
-  try {
-    command_line.app().parse(int(argv.size()), argv.data());
-  } catch (const CLI::ParseError& error) {
-    return error.what();
-  }
-  return "";
-}
+std::string ParseError(const std::vector<std::string>& arguments) { return testing::CommandLineParseError(arguments); }
 
 TEST(CommandLineTest, EmptyListsAndNonPositiveNumbersAreRejected) {
   const std::string model = testing::FixtureModelDir();

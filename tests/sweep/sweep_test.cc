@@ -13,6 +13,7 @@
 #include "cli/command_line.h"
 #include "cli/commands.h"
 #include "sweep/sweep_report.h"
+#include "tests/testing/command_line_parse.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
@@ -244,18 +245,10 @@ TEST(SweepTest, BadInputIsRefusedNamingTheProblem) {
 
 // The error CLI11 reports for these sweep arguments, or "" when they parse.
 std::string SweepParseError(std::vector<std::string> arguments) {
-  CommandLine command_line;
   const std::string model = testing::FixtureModelDir(), data = testing::SharedDir() + "/data/calib-sample.txt";
-  arguments.insert(arguments.begin(), {"kvplan", "sweep", "--model", model, "--calibration-data", data, "--eval-data",
-                                       data, "-o", "results.csv"});
-  std::vector<const char*> argv;
-  for (const std::string& argument : arguments) argv.push_back(argument.c_str());
-  try {
-    command_line.app().parse(int(argv.size()), argv.data());
-  } catch (const CLI::ParseError& error) {
-    return error.what();
-  }
-  return "";
+  arguments.insert(arguments.begin(),
+                   {"sweep", "--model", model, "--calibration-data", data, "--eval-data", data, "-o", "results.csv"});
+  return testing::CommandLineParseError(arguments);
 }
 
 TEST(SweepTest, TheCommandLineChecksMethodsAndTargets) {
