@@ -19,7 +19,7 @@
 #include "kernels/cpu_reference.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "runtime/backend.h"
 #include "runtime/cache/sparse_coding.h"
 
@@ -176,14 +176,13 @@ int Run(int argc, char** argv) {
     return 2;
   }
   const int atoms = argc > 4 ? std::atoi(argv[4]) : 1024;
-  auto loaded = OpenModelDirectory(argv[1]);
-  auto tokenizer = loaded.ok() ? Tokenizer::Load(std::string(argv[1]) + "/tokenizer.json") : loaded.status();
-  if (!tokenizer.ok()) {
-    std::fprintf(stderr, "%s\n", tokenizer.status().ToString().c_str());
+  auto loaded = OpenModel(argv[1]);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "%s\n", loaded.status().ToString().c_str());
     return 1;
   }
-  auto calibration = Collect(*loaded, **tokenizer, argv[2], 16);
-  auto heldout = calibration.ok() ? Collect(*loaded, **tokenizer, argv[3], 8) : calibration.status();
+  auto calibration = Collect(*loaded, *loaded->tokenizer, argv[2], 16);
+  auto heldout = calibration.ok() ? Collect(*loaded, *loaded->tokenizer, argv[3], 8) : calibration.status();
   if (!heldout.ok()) {
     std::fprintf(stderr, "%s\n", heldout.status().ToString().c_str());
     return 1;

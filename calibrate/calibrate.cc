@@ -15,7 +15,7 @@
 #include "kernels/cpu_statistics_reference.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "runtime/backend.h"
 #ifdef KVPLAN_WITH_CUDA
 #include "kernels/cuda/calibration_statistics.h"
@@ -787,7 +787,7 @@ absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const Cali
   const bool on_device = ResolveBackend(options.device) == Backend::kCuda;
   StageClock clock(progress, cost, on_device);
   clock.Progress("loading the model", 0, 1);
-  KVPLAN_ASSIGN_OR_RETURN(auto loaded, options.model_shape.empty() ? OpenModelDirectory(options.model_dir)
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, options.model_shape.empty() ? OpenModel(options.model_dir)
                                                                    : RandomModel(options.model_shape, 1));
   const ModelConfig& config = loaded.config;
   std::vector<std::vector<int32_t>> sequences;

@@ -16,7 +16,7 @@
 #include "base/build_info.h"
 #include "base/status_macros.h"
 #include "loader/tokenizer.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "plans/plan_io.h"
 #include "runtime/backend.h"
 #include "runtime/cache/plan_policies.h"
@@ -25,7 +25,6 @@
 
 struct kvplan_model {
   kvplan::LoadedModel loaded;
-  std::unique_ptr<kvplan::Tokenizer> tokenizer;
 };
 
 struct kvplan_plan {
@@ -119,8 +118,7 @@ kvplan_status kvplan_model_open(const char* model_dir, kvplan_model** model) {
     KVPLAN_RETURN_IF_ERROR(NotNull(model, "model"));
     *model = nullptr;
     auto opened = std::make_unique<kvplan_model>();
-    KVPLAN_ASSIGN_OR_RETURN(opened->loaded, kvplan::OpenModelDirectory(model_dir));
-    KVPLAN_ASSIGN_OR_RETURN(opened->tokenizer, kvplan::Tokenizer::Load(std::string(model_dir) + "/tokenizer.json"));
+    KVPLAN_ASSIGN_OR_RETURN(opened->loaded, kvplan::OpenModel(model_dir));
     *model = opened.release();
     return absl::OkStatus();
   });
@@ -150,10 +148,8 @@ kvplan_status kvplan_tokenize(const kvplan_model* model, const char* text, int32
     KVPLAN_RETURN_IF_ERROR(NotNull(model, "model"));
     KVPLAN_RETURN_IF_ERROR(NotNull(text, "text"));
     KVPLAN_RETURN_IF_ERROR(NotNull(count, "count"));
-    std::vector<int32_t> ids;
-    if (add_bos != 0 && model->loaded.config.bos_token_id >= 0) ids.push_back(model->loaded.config.bos_token_id);
-    const std::vector<int32_t> body = model->tokenizer->Encode(text);
-    ids.insert(ids.end(), body.begin(), body.end());
+    const std::vector<int32_t> ids =
+        add_bos != 0 ? model->loaded.EncodePrompt(text) : model->loaded.tokenizer->Encode(text);
     *count = ids.size();
     if (ids.size() > capacity)
       return absl::OutOfRangeError(
@@ -172,10 +168,10 @@ kvplan_status kvplan_detokenize(const kvplan_model* model, const int32_t* tokens
     if (count > 0) KVPLAN_RETURN_IF_ERROR(NotNull(tokens, "tokens"));
     const std::vector<int32_t> ids(tokens, tokens + count);
     for (size_t i = 0; i < count; ++i)
-      if (ids[i] < 0 || ids[i] >= model->tokenizer->vocab_size())
+      if (ids[i] < 0 || ids[i] >= model->loaded.tokenizer->vocab_size())
         return absl::InvalidArgumentError(
-            absl::StrCat("token ", i, " is ", ids[i], ", outside the vocabulary of ", model->tokenizer->vocab_size()));
-    const std::string decoded = model->tokenizer->Decode(ids);
+            absl::StrCat("token ", i, " is ", ids[i], ", outside the vocabulary of ", model->loaded.tokenizer->vocab_size()));
+    const std::string decoded = model->loaded.tokenizer->Decode(ids);
     *length = decoded.size();
     if (decoded.size() + 1 > capacity)
       return absl::OutOfRangeError(

@@ -16,6 +16,7 @@
 #include "eval/eval_report.h"
 #include "eval/evaluate.h"
 #include "loader/documents.h"
+#include "loader/open_model.h"
 #include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "plans/plan_io.h"
@@ -98,12 +99,8 @@ CommandFiles FilesOf(const SweepCommand& command) {
 
 absl::Status RunGenerate(const GenerateCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(auto backend, ParseBackend(command.device));
-  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
-  std::vector<int32_t> prompt;
-  if (loaded.config.bos_token_id >= 0) prompt.push_back(loaded.config.bos_token_id);
-  const std::vector<int32_t> body = tokenizer->Encode(command.prompt);
-  prompt.insert(prompt.end(), body.begin(), body.end());
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModel(command.model_dir));
+  const std::vector<int32_t> prompt = loaded.EncodePrompt(command.prompt);
   const int capacity = int(prompt.size()) + command.max_new_tokens;
   KVPLAN_RETURN_IF_ERROR(CheckPositions(
       loaded.config, capacity,
@@ -117,7 +114,7 @@ absl::Status RunGenerate(const GenerateCommand& command) {
   SetInterruptedActivity("generation");
   KVPLAN_ASSIGN_OR_RETURN(auto generated,
                           GenerateGreedy(*model, prompt, command.max_new_tokens, loaded.config.eos_token_id));
-  std::printf("%s%s\n", command.prompt.c_str(), tokenizer->Decode(generated).c_str());
+  std::printf("%s%s\n", command.prompt.c_str(), loaded.tokenizer->Decode(generated).c_str());
   return absl::OkStatus();
 }
 
@@ -126,7 +123,7 @@ absl::Status RunEval(const EvalCommand& command) {
   if (command.data_path.empty() && !command.skip_perplexity)
     return absl::InvalidArgumentError("eval needs --data unless --skip-perplexity");
   KVPLAN_RETURN_IF_ERROR(CheckOutputFiles(FilesOf(command), command.force));
-  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModel(command.model_dir));
   const bool needles = !command.skip_needle || !command.needle_prompts_path.empty();
   if (!command.skip_perplexity)
     KVPLAN_RETURN_IF_ERROR(CheckPositions(loaded.config, command.window, absl::StrCat("--window ", command.window),
@@ -134,7 +131,7 @@ absl::Status RunEval(const EvalCommand& command) {
   for (int length : needles ? command.needle_lengths : std::vector<int>())
     KVPLAN_RETURN_IF_ERROR(
         CheckPositions(loaded.config, length, absl::StrCat("--needle-lengths ", length), command.allow_longer_context));
-  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(command.model_dir + "/tokenizer.json"));
+  const Tokenizer& tokenizer = *loaded.tokenizer;
   int capacity = command.window;
   for (int length : command.needle_lengths) capacity = std::max(capacity, length);
   KVPLAN_ASSIGN_OR_RETURN(auto plan, OptionalPlan(command.plan_path));
@@ -152,17 +149,17 @@ absl::Status RunEval(const EvalCommand& command) {
   std::vector<int32_t> tokens;
   if (!command.skip_perplexity) {
     KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(command.data_path));
-    tokens = TokenizeDocuments(*tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
+    tokens = TokenizeDocuments(tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
     options.perplexity = PerplexityOptions{.window = command.window, .max_tokens = command.max_tokens};
   }
   const NeedleOptions needle = {.context_lengths = command.needle_lengths, .trials = command.needle_trials};
   if (!command.needle_prompts_path.empty())
     KVPLAN_RETURN_IF_ERROR(WriteTextFile(
-        command.needle_prompts_path, NeedleTrialsJson(NeedleTrials(*tokenizer, loaded.config.bos_token_id, needle))));
+        command.needle_prompts_path, NeedleTrialsJson(NeedleTrials(tokenizer, loaded.config.bos_token_id, needle))));
   if (!command.skip_needle) options.needle = needle;
   KVPLAN_ASSIGN_OR_RETURN(
       EvalReport report,
-      Evaluate(*model, reference.get(), *tokenizer, tokens, options,
+      Evaluate(*model, reference.get(), tokenizer, tokens, options,
                ProgressBarPerStage("eval", command.json_path.empty() ? "" : "; no results written", command.quiet)));
   report.plan_path = command.plan_path;
   std::printf("%s", EvalReportText(report).c_str());
@@ -175,7 +172,7 @@ absl::Status RunBench(const BenchCommand& command) {
   if (command.model_dir.empty() == command.model_shape.empty())
     return absl::InvalidArgumentError("give exactly one of --model and --shape");
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, command.model_dir.empty() ? RandomModel(command.model_shape, 1)
-                                                                 : OpenModelDirectory(command.model_dir));
+                                                                 : OpenModel(command.model_dir));
   if (command.contexts.empty()) return absl::InvalidArgumentError("bench needs at least one --context");
   const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
   KVPLAN_RETURN_IF_ERROR(CheckPositions(loaded.config, int64_t(max_context) + command.steps,
@@ -302,7 +299,7 @@ absl::Status RunInspect(const InspectCommand& command) {
 
 absl::Status RunValidate(const ValidateCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(auto plan, ReadPlanFile(command.plan_path));
-  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModelDirectory(command.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(auto loaded, OpenModel(command.model_dir));
   KVPLAN_RETURN_IF_ERROR(PoliciesFromPlan(plan, loaded.config, *loaded.weights).status());
   std::printf("%s: valid for %s\n", command.plan_path.c_str(), command.model_dir.c_str());
   return absl::OkStatus();

@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "base/logit_comparison.h"
 #include "base/status_macros.h"
 #include "base/token_statistics.h"
 #include "plans/cache_policy.h"
@@ -40,14 +41,6 @@ PerplexityResult PerplexityOf(const MeanEstimate& nll, int windows) {
           .windows = windows};
 }
 
-// One scored position, as the model and the reference see its next token.
-struct TokenScores {
-  double nll = 0;
-  double reference_nll = 0;
-  double kl = 0;
-  bool same_top1 = false;
-};
-
 // Scores `model`'s next-token predictions over the windows; with a reference, the reference's too and the
 // divergence between them (PerplexityComparison::reference and ::divergence stay empty without one).
 absl::StatusOr<PerplexityComparison> ScoreWindows(Model& model, Model* reference, const std::vector<int32_t>& tokens,
@@ -71,28 +64,25 @@ absl::StatusOr<PerplexityComparison> ScoreWindows(Model& model, Model* reference
   };
   MeanEstimate nll, reference_nll, kl, top1;
   std::vector<double> kl_values;
-  std::vector<TokenScores> scores(options.window - 1);
+  std::vector<RowComparison> scores(options.window - 1);
   for (int w = 0; w < windows; ++w) {
     const std::vector<int32_t> window(tokens.begin() + int64_t(w) * options.window,
                                       tokens.begin() + int64_t(w + 1) * options.window);
     KVPLAN_ASSIGN_OR_RETURN(const std::vector<float> logits, window_logits(model, window));
-    std::vector<float> reference_logits;
     if (reference != nullptr) {
-      KVPLAN_ASSIGN_OR_RETURN(reference_logits, window_logits(*reference, window));
-    }
-    // A row's log-partitions cost a pass over the vocabulary each, as much as a small model's forward on a GPU:
-    // rows run in parallel, and the sums below run in token order so results do not depend on the threads.
+      KVPLAN_ASSIGN_OR_RETURN(const std::vector<float> reference_logits, window_logits(*reference, window));
+      KVPLAN_ASSIGN_OR_RETURN(
+          scores, CompareLogitRows(reference_logits.data(), logits.data(), options.window - 1, vocab,
+                                   window.data() + 1, [&](int64_t t) {
+                                     return absl::StrCat("token ", t, " of window ", w, " on ", model.device_name());
+                                   }));
+    } else {
+      // Rows in parallel (a log-partition is a pass over the vocabulary); the sums below run in token order.
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < options.window - 1; ++t) {
-      const LogitRow row(logits.data() + int64_t(t) * vocab, vocab);
-      scores[t].nll = NegativeLogLikelihood(row, window[t + 1]);
-      if (reference == nullptr) continue;
-      const LogitRow reference_row(reference_logits.data() + int64_t(t) * vocab, vocab);
-      scores[t].reference_nll = NegativeLogLikelihood(reference_row, window[t + 1]);
-      scores[t].kl = KlDivergence(reference_row, row);
-      scores[t].same_top1 = Argmax(row.logits, vocab) == Argmax(reference_row.logits, vocab);
+      for (int t = 0; t < options.window - 1; ++t)
+        scores[t].nll = NegativeLogLikelihood(LogitRow(logits.data() + int64_t(t) * vocab, vocab), window[t + 1]);
     }
-    for (const TokenScores& score : scores) {
+    for (const RowComparison& score : scores) {
       nll.Add(score.nll);
       if (reference == nullptr) continue;
       reference_nll.Add(score.reference_nll);

@@ -8,6 +8,7 @@
 
 #include "base/status_macros.h"
 #include "loader/json_input.h"
+#include "loader/model_files.h"
 
 namespace kvplan {
 namespace {
@@ -68,11 +69,11 @@ absl::StatusOr<std::string> ChatTemplateText(const json& document, const std::st
 absl::StatusOr<GenerationConfig> LoadGenerationConfig(const std::string& model_dir) {
   GenerationConfig generation;
   for (const char* name : {"config.json", "generation_config.json"}) {
-    const std::string path = model_dir + "/" + name;
+    const std::string path = ModelFile(model_dir, name);
     KVPLAN_ASSIGN_OR_RETURN(std::optional<json> document, ReadOptionalJson(path));
     if (document) KVPLAN_RETURN_IF_ERROR(AddStopIds(*document, path, generation.stop_token_ids));
   }
-  const std::string path = model_dir + "/tokenizer_config.json";
+  const std::string path = ModelFile(model_dir, "tokenizer_config.json");
   KVPLAN_ASSIGN_OR_RETURN(std::optional<json> tokenizer_config, ReadOptionalJson(path));
   if (!tokenizer_config) return generation;
   KVPLAN_ASSIGN_OR_RETURN(generation.chat_template, ChatTemplateText(*tokenizer_config, path));

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "loader/json_input.h"
+#include "loader/model_files.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -175,7 +176,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
-  const std::string path = model_dir + "/config.json";
+  const std::string path = ModelFile(model_dir, "config.json");
   std::ifstream file(path);
   if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
   std::stringstream text;

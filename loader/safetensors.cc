@@ -15,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "loader/json_input.h"
+#include "loader/model_files.h"
 #include "nlohmann/json.hpp"
 
 namespace kvplan {
@@ -174,8 +175,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::OpenFile(const std::stri
 }
 
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& model_dir) {
-  const std::string single = model_dir + "/model.safetensors";
-  const std::string index_path = model_dir + "/model.safetensors.index.json";
+  const std::string single = ModelFile(model_dir, "model.safetensors");
+  const std::string index_path = ModelFile(model_dir, "model.safetensors.index.json");
   if (::access(single.c_str(), F_OK) == 0) return OpenFile(single);
   std::ifstream index_file(index_path);
   if (!index_file)
@@ -195,7 +196,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     if (shard.find('/') != std::string::npos)
       return absl::DataLossError(absl::StrCat(index_path, ": shard name \"", shard, "\" must be a plain file name"));
     if (!opened.contains(shard)) {
-      KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(model_dir + "/" + shard));
+      KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file,
+                              SafetensorsFile::Open(ModelFile(model_dir, shard)));
       opened[shard] = file.get();
       checkpoint->files_.push_back(std::move(file));
     }

@@ -92,15 +92,4 @@ absl::StatusOr<std::vector<float>> RandomWeightSource::Read(const TensorSpec& sp
   return values;
 }
 
-absl::StatusOr<LoadedModel> OpenModelDirectory(const std::string& model_dir) {
-  KVPLAN_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
-  return LoadedModel{config, std::make_unique<CheckpointWeightSource>(std::move(checkpoint), model_dir)};
-}
-
-absl::StatusOr<LoadedModel> RandomModel(const std::string& shape_name, uint64_t seed) {
-  KVPLAN_ASSIGN_OR_RETURN(ModelConfig config, NamedModelShape(shape_name));
-  return LoadedModel{config, std::make_unique<RandomWeightSource>(seed)};
-}
-
 }  // namespace kvplan

@@ -64,12 +64,4 @@ class RandomWeightSource : public WeightSource {
   uint64_t seed_;
 };
 
-// A model directory's config and checkpoint together.
-struct LoadedModel {
-  ModelConfig config;
-  std::unique_ptr<WeightSource> weights;
-};
-absl::StatusOr<LoadedModel> OpenModelDirectory(const std::string& model_dir);
-absl::StatusOr<LoadedModel> RandomModel(const std::string& shape_name, uint64_t seed);
-
 }  // namespace kvplan

@@ -15,7 +15,7 @@
 #include "loader/generation_config.h"
 #include "loader/json_input.h"
 #include "loader/tokenizer.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "plans/cache_policy.h"
 #include "plans/plan_io.h"
 #include "runtime/backend.h"
@@ -271,8 +271,6 @@ struct Server::State {
   ServeOptions options;
   std::string model_name;
   LoadedModel loaded;
-  std::unique_ptr<Tokenizer> tokenizer;
-  GenerationConfig generation;
   absl::StatusOr<ChatTemplate> chat_template = absl::FailedPreconditionError("");
   std::unique_ptr<Model> model;
   ServeMetrics metrics;
@@ -284,19 +282,15 @@ struct Server::State {
   // The prompt's token ids: BOS and the text for completions (as `kvplan generate`), the rendered chat template
   // (which writes its own BOS) for chat.
   absl::StatusOr<std::vector<int32_t>> PromptTokens(const CompletionRequest& request) const {
-    std::vector<int32_t> tokens;
     if (request.chat) {
       if (!chat_template.ok()) return chat_template.status();
       KVPLAN_ASSIGN_OR_RETURN(std::string prompt, chat_template->Render({.messages = request.messages,
-                                                                         .bos_token = generation.bos_token,
-                                                                         .eos_token = generation.eos_token,
+                                                                         .bos_token = loaded.generation.bos_token,
+                                                                         .eos_token = loaded.generation.eos_token,
                                                                          .add_generation_prompt = true}));
-      return tokenizer->Encode(prompt);
+      return loaded.tokenizer->Encode(prompt);
     }
-    if (loaded.config.bos_token_id >= 0) tokens.push_back(loaded.config.bos_token_id);
-    const std::vector<int32_t> body = tokenizer->Encode(request.prompt_text);
-    tokens.insert(tokens.end(), body.begin(), body.end());
-    return tokens;
+    return loaded.EncodePrompt(request.prompt_text);
   }
 
   json Envelope(bool chat, bool chunk, const std::string& id) const {
@@ -332,7 +326,7 @@ struct Server::State {
                               "model"});
     absl::StatusOr<std::vector<int32_t>> prompt = PromptTokens(*request);
     if (!prompt.ok()) {
-      const bool missing_template = chat && generation.chat_template.empty();
+      const bool missing_template = chat && loaded.generation.chat_template.empty();
       return Reply(response, {400, missing_template ? "no_chat_template" : "chat_template_error",
                               missing_template ? std::string("the model has no chat template (tokenizer_config.json "
                                                              "has no chat_template); use /v1/completions")
@@ -347,7 +341,7 @@ struct Server::State {
         scheduler->Submit({.prompt = *std::move(prompt),
                            .max_tokens = max_tokens,
                            .sampling = request->sampling,
-                           .stop_token_ids = generation.stop_token_ids});
+                           .stop_token_ids = loaded.generation.stop_token_ids});
     if (!stream.ok()) {
       const absl::StatusCode code = stream.status().code();
       const char* error_code = code == absl::StatusCode::kOutOfRange          ? "context_length_exceeded"
@@ -357,7 +351,7 @@ struct Server::State {
       return Reply(response, FromStatus(stream.status(), error_code));
     }
     const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", next_id++);
-    auto text = std::make_shared<CompletionText>(*tokenizer, request->stops);
+    auto text = std::make_shared<CompletionText>(*loaded.tokenizer, request->stops);
     if (request->stream) return Stream(response, *stream, text, chat, id);
 
     std::string content;
@@ -491,11 +485,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServeOptions& optio
     state->model_name = folder.filename().string();
   }
   KVPLAN_ASSIGN_OR_RETURN(const Backend backend, ParseBackend(options.device));
-  KVPLAN_ASSIGN_OR_RETURN(state->loaded, OpenModelDirectory(options.model_dir));
-  KVPLAN_ASSIGN_OR_RETURN(state->tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
-  KVPLAN_ASSIGN_OR_RETURN(state->generation, LoadGenerationConfig(options.model_dir));
-  if (!state->generation.chat_template.empty())
-    state->chat_template = ChatTemplate::Parse(state->generation.chat_template);
+  KVPLAN_ASSIGN_OR_RETURN(state->loaded, OpenModel(options.model_dir));
+  if (!state->loaded.generation.chat_template.empty())
+    state->chat_template = ChatTemplate::Parse(state->loaded.generation.chat_template);
   const ModelConfig& config = state->loaded.config;
   std::optional<plan::Plan> plan;
   if (!options.plan_path.empty()) {
@@ -561,7 +553,7 @@ const std::string& Server::model_name() const { return state_->model_name; }
 std::string Server::device_name() const { return state_->model->device_name(); }
 
 absl::Status Server::chat_status() const {
-  if (state_->generation.chat_template.empty())
+  if (state_->loaded.generation.chat_template.empty())
     return absl::FailedPreconditionError("tokenizer_config.json has no chat_template");
   return state_->chat_template.status();
 }

@@ -11,7 +11,7 @@
 #include "base/status_macros.h"
 #include "loader/documents.h"
 #include "loader/tokenizer.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "planner/planner.h"
 #include "runtime/backend.h"
 #include "runtime/cache/plan_policies.h"
@@ -102,7 +102,7 @@ absl::StatusOr<SweepMethod> FindSweepMethod(const std::string& name) {
 absl::StatusOr<SweepResult> Sweep(const SweepOptions& options, const StageProgressCallback& progress) {
   KVPLAN_RETURN_IF_ERROR(CheckOptions(options));
   const int context = options.perplexity.window;
-  KVPLAN_ASSIGN_OR_RETURN(const LoadedModel loaded, OpenModelDirectory(options.calibration.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(const LoadedModel loaded, OpenModel(options.calibration.model_dir));
   const ModelConfig& config = loaded.config;
   KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(options.calibration.model_dir + "/tokenizer.json"));
   KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(options.eval_data_path));

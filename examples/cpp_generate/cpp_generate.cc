@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "base/build_info.h"
+#include "loader/open_model.h"
 #include "loader/tokenizer.h"
 #include "plans/plan_io.h"
 #include "runtime/backend.h"
@@ -17,10 +18,8 @@ namespace {
 
 absl::Status Generate(const std::string& model_dir, const std::string& text, int new_tokens,
                       const std::string& plan_path) {
-  absl::StatusOr<kvplan::LoadedModel> loaded = kvplan::OpenModelDirectory(model_dir);
+  absl::StatusOr<kvplan::LoadedModel> loaded = kvplan::OpenModel(model_dir);
   if (!loaded.ok()) return loaded.status();
-  absl::StatusOr<std::unique_ptr<kvplan::Tokenizer>> tokenizer = kvplan::Tokenizer::Load(model_dir + "/tokenizer.json");
-  if (!tokenizer.ok()) return tokenizer.status();
   std::optional<kvplan::plan::Plan> plan;
   if (!plan_path.empty()) {
     absl::StatusOr<kvplan::plan::Plan> read = kvplan::ReadPlanFile(plan_path);
@@ -28,9 +27,7 @@ absl::Status Generate(const std::string& model_dir, const std::string& text, int
     plan = *std::move(read);
   }
 
-  std::vector<int32_t> prompt;
-  if (loaded->config.bos_token_id >= 0) prompt.push_back(loaded->config.bos_token_id);
-  for (int32_t id : (*tokenizer)->Encode(text)) prompt.push_back(id);
+  const std::vector<int32_t> prompt = loaded->EncodePrompt(text);
   const int capacity = int(prompt.size()) + new_tokens;
   absl::StatusOr<std::unique_ptr<kvplan::Model>> model = kvplan::CreateModel(
       loaded->config, *loaded->weights, {.capacity = capacity, .max_rows = capacity, .plan = plan ? &*plan : nullptr});
@@ -51,7 +48,7 @@ absl::Status Generate(const std::string& model_dir, const std::string& text, int
   }
   if (!logits.ok()) return logits.status();
   std::printf("%s%s\nkvplan %s on %s: %zu prompt + %zu new tokens, KV cache %lld bytes\n", text.c_str(),
-              (*tokenizer)->Decode(generated).c_str(), kvplan::kKvplanVersion, (*model)->device_name().c_str(),
+              loaded->tokenizer->Decode(generated).c_str(), kvplan::kKvplanVersion, (*model)->device_name().c_str(),
               prompt.size(), generated.size(), (long long)(*model)->kv_cache_bytes());
   return absl::OkStatus();
 }

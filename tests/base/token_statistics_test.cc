@@ -1,8 +1,11 @@
-// The per-token statistics against values worked out by hand.
+// The per-token statistics against values worked out by hand, and the logit comparison built on them.
 #include "base/token_statistics.h"
 
 #include <cmath>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "base/logit_comparison.h"
 #include "gtest/gtest.h"
 
 namespace kvplan {
@@ -62,6 +65,31 @@ TEST(TokenStatisticsTest, QuantileInterpolatesBetweenOrderStatistics) {
   EXPECT_DOUBLE_EQ(Quantile({10, 0, 7}, 1.0), 10.0);
   EXPECT_DOUBLE_EQ(Quantile({10, 0, 7}, 0.0), 0.0);
   EXPECT_DOUBLE_EQ(Quantile({4}, 0.99), 4.0);
+}
+
+// eval --plan and the optimiser compare logits through this one function: a NaN or infinite row is an error that
+// names it, never a KL of 0.
+TEST(LogitComparisonTest, ComparesRowsAndRefusesNonFiniteOnes) {
+  const std::vector<float> reference = {0, 1, 2, 2, 1, 0}, same = reference;
+  const int32_t targets[] = {2, 0};
+  const auto name = [](int64_t r) { return absl::StrCat("row ", r); };
+  absl::StatusOr<std::vector<RowComparison>> compared =
+      CompareLogitRows(reference.data(), same.data(), 2, 3, targets, name);
+  ASSERT_TRUE(compared.ok()) << compared.status();
+  for (const RowComparison& row : *compared) {
+    EXPECT_EQ(row.kl, 0);
+    EXPECT_TRUE(row.same_top1);
+    EXPECT_DOUBLE_EQ(row.nll, row.reference_nll);
+  }
+  EXPECT_DOUBLE_EQ((*compared)[0].nll, NegativeLogLikelihood(LogitRow(reference.data(), 3), 2));
+  std::vector<float> nan_row = reference, infinite_reference = reference;
+  nan_row[4] = std::nanf("");
+  infinite_reference[0] = INFINITY;
+  const absl::Status nan = CompareLogitRows(reference.data(), nan_row.data(), 2, 3, nullptr, name).status();
+  EXPECT_EQ(nan.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(nan.message(), "non-finite logits at row 1 under the plan");
+  EXPECT_EQ(CompareLogitRows(infinite_reference.data(), same.data(), 2, 3, nullptr, name).status().message(),
+            "non-finite logits at row 0 under the full cache");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "eval/evaluate.h"
 #include "loader/documents.h"
+#include "loader/open_model.h"
 #include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "plans/plan_io.h"
@@ -66,7 +67,7 @@ TEST(CalibrateTest, EveryMethodEndToEnd) {
   const std::string path = ::testing::TempDir() + "/calibrate_test.kvplan";
   ASSERT_TRUE(WritePlanFile(plan, path).ok());
   KVPLAN_ASSERT_OK_AND_ASSIGN(read, ReadPlanFile(path));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreatePlannedCpuModel(loaded.config, *loaded.weights, read, {.capacity = 512}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(text, ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt"));

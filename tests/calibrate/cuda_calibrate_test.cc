@@ -6,6 +6,7 @@
 #include "calibrate/calibrate.h"
 #include "eval/evaluate.h"
 #include "loader/documents.h"
+#include "loader/open_model.h"
 #include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "runtime/backend.h"
@@ -37,7 +38,7 @@ class RecordingObserver : public ForwardObserver {
 
 TEST(CudaCalibrateTest, ObserverSeesWhatTheCpuRuntimeShows) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   std::vector<int32_t> tokens(97);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t((i * 131 + 7) % loaded.config.vocab_size);
   RecordingObserver on_gpu(loaded.config), on_cpu(loaded.config);
@@ -75,7 +76,7 @@ TEST(CudaCalibrateTest, GpuCalibrationIsAsGoodAsCpu) {
   options.dictionary_epochs = 3;
   options.max_training_vectors = 4096;
   options.target_memory_ratio = 0.3f;
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(options.model_dir));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(options.model_dir));
   KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(text, ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt"));
   const std::vector<int32_t> heldout = TokenizeDocuments(*tokenizer, SplitDocuments(text), 0, 1024);

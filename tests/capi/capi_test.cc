@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "eval/evaluate.h"
+#include "loader/open_model.h"
 #include "plans/plan_io.h"
 #include "runtime/backend.h"
 #include "tests/testing/plan_cases.h"
@@ -79,7 +80,7 @@ std::vector<std::vector<int32_t>> GenerateThroughCApi(kvplan_cache* cache, const
 // The fixture as the C++ runtime opens it, once for all tests.
 const LoadedModel& RuntimeFixture() {
   static const LoadedModel loaded = [] {
-    absl::StatusOr<LoadedModel> opened = OpenModelDirectory(testing::FixtureModelDir());
+    absl::StatusOr<LoadedModel> opened = OpenModel(testing::FixtureModelDir());
     if (!opened.ok()) {  // every test needs it
       std::fprintf(stderr, "%s\n", opened.status().ToString().c_str());
       std::abort();

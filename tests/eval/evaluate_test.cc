@@ -8,6 +8,8 @@
 #include "cli/commands.h"
 #include "eval/eval_report.h"
 #include "loader/documents.h"
+#include "loader/model_files.h"
+#include "loader/open_model.h"
 #include "nlohmann/json.hpp"
 #include "plans/plan_io.h"
 #include "runtime/cpu/cpu_model.h"
@@ -26,7 +28,7 @@ TEST(EvaluateTest, SplitsDocumentsOnMarkerLines) {
 }
 
 TEST(EvaluateTest, NeedlePromptHoldsTheKeyAndFitsTheContext) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(ModelFile(testing::FixtureModelDir(), "tokenizer.json")));
   for (double depth : {0.0, 0.5, 1.0}) {
     const std::vector<int32_t> prompt = NeedlePrompt(*tokenizer, 0, 512, 48213, depth);
     EXPECT_LE(prompt.size(), 512u);
@@ -44,8 +46,8 @@ TEST(EvaluateTest, NeedlePromptHoldsTheKeyAndFitsTheContext) {
 }
 
 TEST(EvaluateTest, PerplexityAndNeedleOnTheFixture) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
+  const Tokenizer* tokenizer = loaded.tokenizer.get();
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCpuModel(loaded.config, *loaded.weights, {.capacity = 512}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(text, ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt"));
   const std::vector<int32_t> tokens = TokenizeDocuments(*tokenizer, SplitDocuments(text), 0, 1024);
@@ -64,7 +66,7 @@ TEST(EvaluateTest, PerplexityAndNeedleOnTheFixture) {
 
 // The fixture's held-out token stream, cut at max_tokens.
 std::vector<int32_t> HeldOutTokens(int64_t max_tokens) {
-  auto tokenizer = Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json");
+  auto tokenizer = Tokenizer::Load(ModelFile(testing::FixtureModelDir(), "tokenizer.json"));
   auto text = ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt");
   EXPECT_TRUE(tokenizer.ok() && text.ok());
   return TokenizeDocuments(**tokenizer, SplitDocuments(*text), 0, max_tokens);
@@ -76,7 +78,7 @@ plan::Plan SharingPlan(const LoadedModel& loaded) {
 }
 
 TEST(EvaluateTest, AModelComparedWithItselfHasNoDivergence) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCpuModel(loaded.config, *loaded.weights, {.capacity = 256}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(twin, CreateCpuModel(loaded.config, *loaded.weights, {.capacity = 256}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(compared,
@@ -91,7 +93,7 @@ TEST(EvaluateTest, AModelComparedWithItselfHasNoDivergence) {
 }
 
 TEST(EvaluateTest, APlanDivergesFromTheFullCacheWithShrinkingErrors) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   const plan::Plan plan = SharingPlan(loaded);
   KVPLAN_ASSERT_OK_AND_ASSIGN(planned, CreatePlannedCpuModel(loaded.config, *loaded.weights, plan, {.capacity = 64}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(full, CreateCpuModel(loaded.config, *loaded.weights, {.capacity = 64}));
@@ -156,7 +158,7 @@ TEST(EvaluateTest, ReportJsonCarriesTheSchemaAndEveryMeasurement) {
 }
 
 TEST(CommandsTest, EvalOfAPlanWritesItsComparisonWithTheFullCache) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   const std::string plan_path = ::testing::TempDir() + "/evaluate_test.kvplan";
   ASSERT_TRUE(WritePlanFile(SharingPlan(loaded), plan_path).ok());
   const std::string json_path = ::testing::TempDir() + "/evaluate_test.json";

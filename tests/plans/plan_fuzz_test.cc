@@ -6,6 +6,7 @@
 
 #include "base/hash.h"
 #include "base/status_macros.h"
+#include "loader/open_model.h"
 #include "plans/cache_policy.h"
 #include "plans/plan_io.h"
 #include "tests/testing/mutation.h"
@@ -28,7 +29,7 @@ std::string Reseal(std::string file) {
 }
 
 TEST(PlanFuzzTest, PlanFiles) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   const plan::SparseCoding coding = testing::BasisCoding(loaded.config.num_layers, loaded.config.head_dim,
                                                          /*sparsity=*/4, /*recent_window=*/16);
   std::vector<std::string> seeds;

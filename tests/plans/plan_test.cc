@@ -2,6 +2,7 @@
 // inconsistent, for another model) gives an error naming the problem. Includes a seeded mutation fuzz.
 
 #include "absl/strings/match.h"
+#include "loader/open_model.h"
 #include "planner/planner.h"
 #include "plans/plan_io.h"
 #include "runtime/cache/plan_policies.h"
@@ -126,7 +127,7 @@ TEST(PlanFileTest, InconsistentPlansAreRejected) {
 }
 
 TEST(PlanFileTest, PlanForAnotherModelIsRefused) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   plan::Plan plan;
   *plan.mutable_model() = FingerprintModel(loaded.config, *loaded.weights);
   EXPECT_TRUE(PoliciesFromPlan(plan, loaded.config, *loaded.weights).ok());

@@ -1,7 +1,7 @@
 #include "runtime/cpu/cpu_model.h"
 
 #include "loader/safetensors.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "tests/testing/test_util.h"
 
 namespace kvplan {
@@ -25,7 +25,7 @@ Reference LoadReference() {
 }
 
 TEST(CpuModelTest, PrefillLogitsMatchTransformers) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCpuModel(loaded.config, *loaded.weights, {}));
   const Reference reference = LoadReference();
   KVPLAN_ASSERT_OK_AND_ASSIGN(logits, model->Forward(SequenceRows(reference.input_ids, 0, 0), LogitRows::kAll));
@@ -36,7 +36,7 @@ TEST(CpuModelTest, PrefillLogitsMatchTransformers) {
 }
 
 TEST(CpuModelTest, DecodeTokenByTokenMatchesPrefill) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCpuModel(loaded.config, *loaded.weights, {}));
   const Reference reference = LoadReference();
   const std::vector<int32_t> prompt(reference.input_ids.begin(), reference.input_ids.begin() + 248);
@@ -57,7 +57,7 @@ TEST(CpuModelTest, DecodeTokenByTokenMatchesPrefill) {
 // (teacher forcing) and each must be our argmax or within kTieMargin of it.
 TEST(CpuModelTest, GreedyContinuationMatchesTransformers) {
   constexpr float kTieMargin = 0.01f;
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCpuModel(loaded.config, *loaded.weights, {}));
   const Reference reference = LoadReference();
   const std::vector<int32_t> prompt(reference.greedy.begin(), reference.greedy.begin() + 64);
@@ -77,7 +77,7 @@ TEST(CpuModelTest, GreedyContinuationMatchesTransformers) {
 }
 
 TEST(CpuModelTest, RejectsOutOfVocabularyTokenAndPositionGap) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCpuModel(loaded.config, *loaded.weights, {}));
   EXPECT_FALSE(model->Forward(SequenceRows({5000}, 0, 0), LogitRows::kAll).ok());
   EXPECT_FALSE(model->Forward(SequenceRows({5}, 0, 3), LogitRows::kAll).ok());
@@ -85,7 +85,7 @@ TEST(CpuModelTest, RejectsOutOfVocabularyTokenAndPositionGap) {
 }
 
 TEST(CpuModelTest, BatchedDecodeMatchesSingleSequences) {
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(batched,
                               CreateCpuModel(loaded.config, *loaded.weights, {.num_sequences = 2, .capacity = 64}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(single,

@@ -1,5 +1,6 @@
 // The CUDA runtime against transformers' fp32 logits and the CPU runtime. The GPU keeps weights, activations
 // between GEMMs and the KV cache in bf16, so logits differ from fp32 by ~1e-2 relative (stated tolerance 3e-2).
+#include "loader/open_model.h"
 #include "runtime/cuda/cuda_model.h"
 
 #include <algorithm>
@@ -29,7 +30,7 @@ constexpr double kLossyCodingTolerance = 0.15;
 
 TEST(CudaModelTest, LogitsMatchTransformersAndDecodeMatchesPrefill) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreateCudaModel(loaded.config, *loaded.weights, {}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
@@ -54,7 +55,7 @@ TEST(CudaModelTest, LogitsMatchTransformersAndDecodeMatchesPrefill) {
 
 TEST(CudaModelTest, BatchedDecodeMatchesCpuRuntime) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(
       gpu, CreateCudaModel(loaded.config, *loaded.weights, {.num_sequences = 3, .capacity = 100, .max_rows = 64}));
   KVPLAN_ASSERT_OK_AND_ASSIGN(cpu,
@@ -74,7 +75,7 @@ TEST(CudaModelTest, BatchedDecodeMatchesCpuRuntime) {
 // through a prefill and 8 decode steps, and both hold the same bytes.
 TEST(CudaModelTest, LayerSharingPlanMatchesCpuPlanPath) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
   plan::Plan plan;
@@ -170,7 +171,7 @@ plan::SparseCoding* CudaPlanTest::dictionaries_ = nullptr;
 
 TEST_F(CudaPlanTest, EveryPlanMatchesTheCpuPlanPath) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
   const Case cases[] = {
@@ -225,7 +226,7 @@ TEST_F(CudaPlanTest, EveryPlanMatchesTheCpuPlanPath) {
 // token, against the CPU plan path doing the same.
 TEST_F(CudaPlanTest, BatchedPlanDecodeMatchesTheCpuPlanPath) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
   const plan::Plan plan = PlanFor({{"everything", true, true, true, true, true, true}}, loaded);
@@ -258,7 +259,7 @@ TEST_F(CudaPlanTest, BatchedPlanDecodeMatchesTheCpuPlanPath) {
 // runtime computes for each plan, after a full-cache pass and after one another.
 TEST_F(CudaPlanTest, SwitchedPlansMatchTheCpuPlanPath) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
   std::vector<int32_t> tokens;
@@ -296,7 +297,7 @@ TEST_F(CudaPlanTest, SwitchedPlansMatchTheCpuPlanPath) {
 // if nothing happened (the full cache, and a plan with every method).
 TEST_F(CudaPlanTest, ResetSequenceForgetsOneSequenceOnly) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(reference, Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(ids, reference->ReadInt32("input_ids"));
   const plan::Plan plan = PlanFor({{"everything", true, true, true, true, true, true}}, loaded);
@@ -318,7 +319,7 @@ TEST_F(CudaPlanTest, ResetSequenceForgetsOneSequenceOnly) {
 // auto picks the GPU for any plan the CUDA runtime executes.
 TEST(CudaModelTest, AutoRunsPlansOnTheGpu) {
   KVPLAN_SKIP_WITHOUT_GPU();
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   plan::Plan plan;
   *plan.mutable_model() = FingerprintModel(loaded.config, *loaded.weights);
   plan.mutable_budgets()->set_scoring(plan::TokenBudgets::KEY_L2_NORM);

@@ -5,7 +5,7 @@
 
 #include <thread>
 
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "plans/cache_policy.h"
 #include "runtime/backend.h"
 #include "tests/testing/test_util.h"
@@ -32,7 +32,7 @@ Finished Drain(GenerationStream& stream) {
 class SchedulerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    absl::StatusOr<LoadedModel> loaded = OpenModelDirectory(testing::FixtureModelDir());
+    absl::StatusOr<LoadedModel> loaded = OpenModel(testing::FixtureModelDir());
     ASSERT_TRUE(loaded.ok()) << loaded.status();
     loaded_ = std::move(*loaded);
     const ModelConfig& c = loaded_.config;

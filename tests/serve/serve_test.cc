@@ -15,7 +15,7 @@
 
 #include "eval/evaluate.h"
 #include "loader/tokenizer.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "nlohmann/json.hpp"
 #include "runtime/backend.h"
 #include "tests/testing/test_util.h"
@@ -241,15 +241,13 @@ TEST(ServeTest, GreedyCompletionEqualsGenerateAndStopStringsCut) {
   ASSERT_TRUE(server.ok());
   const std::string prompt = "git-show(1)";
   const int max_tokens = 24;
-  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModelDirectory(testing::FixtureModelDir()));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json"));
+  KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(
       model, CreateModel(loaded.config, *loaded.weights, {.backend = Backend::kCpu, .capacity = kContext}));
-  std::vector<int32_t> ids = {loaded.config.bos_token_id};
-  for (int32_t id : tokenizer->Encode(prompt)) ids.push_back(id);
+  const std::vector<int32_t> ids = loaded.EncodePrompt(prompt);
   KVPLAN_ASSERT_OK_AND_ASSIGN(generated, GenerateGreedy(*model, ids, max_tokens, loaded.config.eos_token_id));
   if (!generated.empty() && generated.back() == loaded.config.eos_token_id) generated.pop_back();
-  const std::string expected = tokenizer->Decode(generated);
+  const std::string expected = loaded.tokenizer->Decode(generated);
 
   httplib::Result result = server.Post("/v1/completions", CompletionBody(prompt, max_tokens, {{"temperature", 0}}));
   ASSERT_TRUE(result);

@@ -6,7 +6,7 @@
 #include <algorithm>
 
 #include "gtest/gtest.h"
-#include "loader/weights.h"
+#include "loader/open_model.h"
 #include "planner/planner.h"
 #include "runtime/cache/plan_policies.h"
 

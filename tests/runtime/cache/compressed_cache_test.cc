@@ -1,5 +1,6 @@
 // Compressed caches: each method in its lossless limit matches the dense cache; eviction keeps the tokens its
 // scoring says; merging keeps the evicted mass; measured bytes agree with the planner's estimate.
+#include "loader/open_model.h"
 #include "runtime/cache/compressed_cache.h"
 
 #include <random>
@@ -24,7 +25,7 @@ struct Fixture {
 };
 
 Fixture LoadFixture() {
-  Fixture fixture{*OpenModelDirectory(testing::FixtureModelDir()), {}};
+  Fixture fixture{*OpenModel(testing::FixtureModelDir()), {}};
   auto reference = Checkpoint::OpenFile(testing::FixtureModelDir() + "/reference.safetensors");
   fixture.tokens = *(*reference)->ReadInt32("input_ids");
   return fixture;
