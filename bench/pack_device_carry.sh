@@ -20,6 +20,6 @@ cp -r ../shared/models/llama-dev-6m ../shared/models/llama-dev-16l $stage/shared
 cp ../shared/data/heldout-git-docs.txt ../shared/data/calib-sample.txt $stage/shared/data/
 for plan in "$@"; do cp "$plan" $stage/plans/; done
 rm -rf .device-carry && mkdir .device-carry
-tar -C $stage -cJf .device-carry/carry.tar.xz bin lib plans shared
+XZ_OPT=${XZ_OPT:--9 -T2} tar -C $stage -cJf .device-carry/carry.tar.xz bin lib plans shared
 rm -rf $stage
 du -sh .device-carry
