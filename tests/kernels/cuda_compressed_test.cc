@@ -10,7 +10,13 @@
 #include <string>
 
 #include "absl/strings/str_format.h"
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/append.h"
+#include "kernels/cpu/compressed/attention.h"
+#include "kernels/cpu/compressed/coding.h"
+#include "kernels/cpu/compressed/eviction.h"
+#include "kernels/cpu/compressed/pursuit.h"
+#include "kernels/cpu/compressed/scoring.h"
+#include "kernels/cpu/elementwise.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/host_layer.h"
 #include "tests/testing/matching_pursuit_check.h"

@@ -9,8 +9,8 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels/cpu_reference.h"
-#include "kernels/cpu_training_reference.h"
+#include "kernels/cpu/compressed/coding.h"
+#include "kernels/cpu/dictionary_training.h"
 #include "kernels/cuda/dictionary_training.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/tolerance.h"
