@@ -1,4 +1,4 @@
-// The compressed-cache CUDA kernels against their CPU references (kernels/cpu_reference.h) on random layers of
+// The compressed-cache CUDA kernels against their CPU references (kernels/cpu/compressed/) on random layers of
 // several shapes: ragged heads, coded and dense regions, merged slots, RefreshKV subsets, several sequences per
 // step. Where a kernel only moves data or makes a decision, storage must match the reference exactly, slot for
 // slot; where it computes, per element within the tolerance stated beside the check.

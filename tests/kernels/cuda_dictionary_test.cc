@@ -1,5 +1,5 @@
 // The dictionary training kernels (kernels/cuda/dictionary_training.h) against their CPU oracles
-// (kernels/cpu_training_reference.h) on random inputs of odd shapes. Each kernel repeats its oracle's floating-point
+// (kernels/cpu/dictionary_training.h) on random inputs of odd shapes. Each kernel repeats its oracle's floating-point
 // operations in the same order, so every output must match exactly (kExact): indices and orders as integers,
 // values to the bit. Quantised inputs put many exact ties in the argmin / argmax kernels, whose rule (the lowest
 // index wins) must then match too.
