@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/cpu_reference.h"
-#include "kernels/cpu_training_reference.h"
+#include "kernels/cpu/compressed/pursuit.h"
+#include "kernels/cpu/dictionary_training.h"
 #include "runtime/cache/sparse_coding.h"
 
 namespace kvplan {

@@ -1,5 +1,5 @@
 // The storage of one layer's compressed KV cache as flat arrays, and the per-step descriptions the operations
-// on it take. The CPU runtime holds these arrays in host memory and runs kernels/cpu_reference.h on them; the
+// on it take. The CPU runtime holds these arrays in host memory and runs kernels/cpu/compressed/ on them; the
 // CUDA runtime holds them in device memory and runs kernels/cuda/kernels.h on them; the same decisions come out
 // of both because the CPU functions are the GPU kernels' oracles, array for array.
 //

@@ -1,6 +1,6 @@
 // CUDA kernels of calibration's statistics: what calibration learns from each layer's queries, keys and values
 // is reduced on the device, so only small results travel to the host. Raw pointers in, cudaError_t out. Each
-// kernel's CPU oracle is the function of the same name in kernels/cpu_statistics_reference.h (layouts as there).
+// kernel's CPU oracle is the function of the same name in kernels/cpu/calibration_statistics.h (layouts as there).
 #pragma once
 
 #include <cuda_runtime.h>

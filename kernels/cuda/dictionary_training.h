@@ -1,7 +1,7 @@
 // CUDA kernels of dictionary training (calibrate/cuda/dictionary_learning_cuda.cc drives them around cuBLAS
 // GEMMs): k-means initialisation by Lloyd iterations, then matching pursuit and the per-atom dictionary step.
 // Raw pointers in, cudaError_t out. Each kernel's CPU oracle is the function of the same name in
-// kernels/cpu_training_reference.h; the oracles take the assignment or the codes directly where a kernel takes
+// kernels/cpu/dictionary_training.h; the oracles take the assignment or the codes directly where a kernel takes
 // them grouped by group_by_key.
 //
 // Layouts (row-major): vectors x and residuals [n, dim]; dictionary and centroids [atoms, dim];

@@ -3,7 +3,13 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/append.h"
+#include "kernels/cpu/compressed/attention.h"
+#include "kernels/cpu/compressed/coding.h"
+#include "kernels/cpu/compressed/eviction.h"
+#include "kernels/cpu/compressed/noise.h"
+#include "kernels/cpu/compressed/pursuit.h"
+#include "kernels/cpu/compressed/scoring.h"
 #include "runtime/cache/compressed_step.h"
 #include "runtime/cache/sparse_coding.h"
 

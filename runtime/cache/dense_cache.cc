@@ -4,7 +4,7 @@
 #include <numeric>
 #include <random>
 
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/attention.h"
 #include "plans/cache_policy.h"
 
 namespace kvplan {

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/coding.h"
 
 namespace kvplan {
 

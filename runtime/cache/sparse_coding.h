@@ -1,6 +1,6 @@
 // Batched matching pursuit over a dictionary, with BLAS doing the correlations. The runtime codes tokens
 // leaving the recent window with it; calibration codes training vectors with it. cpu::matching_pursuit
-// (kernels/cpu_reference.h) is the one-vector reference it must agree with.
+// (kernels/cpu/compressed/pursuit.h) is the one-vector reference it must agree with.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The CPU reference runtime: fp32 weights and activations, OpenBLAS GEMMs, kernels/cpu_reference.h for
+// The CPU reference runtime: fp32 weights and activations, OpenBLAS GEMMs, the kernels/cpu/ oracles for
 // everything else, and a dense fp32 KV cache. It is the oracle the CUDA runtime and the compressed
 // caches are measured against.
 #pragma once

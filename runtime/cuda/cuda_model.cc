@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cuda/kernels.h"
 #include "plans/cache_policy.h"
 #include "runtime/cache/plan_policies.h"

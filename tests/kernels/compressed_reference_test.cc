@@ -5,7 +5,12 @@
 #include <random>
 
 #include "gtest/gtest.h"
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/coding.h"
+#include "kernels/cpu/compressed/common.h"
+#include "kernels/cpu/compressed/eviction.h"
+#include "kernels/cpu/compressed/pursuit.h"
+#include "kernels/cpu/compressed/scoring.h"
+#include "kernels/cpu/elementwise.h"
 #include "tests/testing/host_layer.h"
 
 namespace kvplan {

@@ -1,4 +1,4 @@
-// The compressed-cache CUDA kernels against their CPU references (kernels/cpu_reference.h) on random layers of
+// The compressed-cache CUDA kernels against their CPU references (kernels/cpu/compressed/) on random layers of
 // several shapes: ragged heads, coded and dense regions, merged slots, RefreshKV subsets, several sequences per
 // step. Where a kernel only moves data or makes a decision, storage must match the reference exactly, slot for
 // slot; where it computes, per element within the tolerance stated beside the check.
@@ -10,7 +10,13 @@
 #include <string>
 
 #include "absl/strings/str_format.h"
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/append.h"
+#include "kernels/cpu/compressed/attention.h"
+#include "kernels/cpu/compressed/coding.h"
+#include "kernels/cpu/compressed/eviction.h"
+#include "kernels/cpu/compressed/pursuit.h"
+#include "kernels/cpu/compressed/scoring.h"
+#include "kernels/cpu/elementwise.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/host_layer.h"
 #include "tests/testing/matching_pursuit_check.h"

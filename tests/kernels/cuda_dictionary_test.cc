@@ -1,5 +1,5 @@
 // The dictionary training kernels (kernels/cuda/dictionary_training.h) against their CPU oracles
-// (kernels/cpu_training_reference.h) on random inputs of odd shapes. Each kernel repeats its oracle's floating-point
+// (kernels/cpu/dictionary_training.h) on random inputs of odd shapes. Each kernel repeats its oracle's floating-point
 // operations in the same order, so every output must match exactly (kExact): indices and orders as integers,
 // values to the bit. Quantised inputs put many exact ties in the argmin / argmax kernels, whose rule (the lowest
 // index wins) must then match too.
@@ -9,8 +9,8 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels/cpu_reference.h"
-#include "kernels/cpu_training_reference.h"
+#include "kernels/cpu/compressed/coding.h"
+#include "kernels/cpu/dictionary_training.h"
 #include "kernels/cuda/dictionary_training.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/tolerance.h"

@@ -8,7 +8,8 @@
 #include <string>
 
 #include "absl/strings/str_format.h"
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cuda/kernels.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/test_util.h"

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <tuple>
 
-#include "kernels/cpu_statistics_reference.h"
+#include "kernels/cpu/calibration_statistics.h"
 #include "tests/testing/cuda_test_util.h"
 
 namespace kvplan {

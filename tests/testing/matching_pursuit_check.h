@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/pursuit.h"
 #include "tests/testing/tolerance.h"
 
 namespace kvplan::testing {

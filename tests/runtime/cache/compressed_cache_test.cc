@@ -5,7 +5,6 @@
 
 #include <random>
 
-#include "kernels/cpu_reference.h"
 #include "loader/safetensors.h"
 #include "planner/planner.h"
 #include "runtime/cache/plan_policies.h"

@@ -1,4 +1,4 @@
-#include "kernels/cpu_statistics_reference.h"
+#include "kernels/cpu/calibration_statistics.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,10 +1,10 @@
-#include "kernels/cpu_training_reference.h"
+#include "kernels/cpu/dictionary_training.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "kernels/cpu_reference.h"
+#include "kernels/cpu/compressed/coding.h"
 
 namespace kvplan::cpu {
 
