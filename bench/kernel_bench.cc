@@ -274,12 +274,16 @@ DenseTiming TimeCompressedAttention(const CompressedCase& c, std::mt19937& gener
       .heads = kHeads, .scale = scale, .merge_compensation = 1.0f, .max_region = c.dense + c.coded + 1};
   float* q = keep(DeviceRandom(kHeads * kHeadDim, generator, 1.0f));
   __nv_bfloat16* out = keep(DeviceAlloc<__nv_bfloat16>(kHeads * kHeadDim));
-  void* workspace = keep(
-      DeviceAlloc<char>(cuda::compressed_attention_workspace_bytes(shape, 1, kKvHeads, kHeadDim, coding ? kAtoms : 0)));
+  const cuda::DeviceLimits limits = cuda::device_limits();
+  void* workspace = keep(DeviceAlloc<char>(
+      cuda::compressed_attention_workspace_bytes(shape, 1, kKvHeads, kHeadDim, coding ? kAtoms : 0, limits)));
+  // Every copy has the same shape, so one plan serves them all.
+  const cuda::CompressedAttentionPlan plan =
+      cuda::plan_compressed_attention(layers[0], coding ? &tables[0] : nullptr, shape, 1, limits);
   CHECK(cudaDeviceSynchronize());
   auto call = [&](int copy, cudaStream_t stream) {
-    CHECK(cuda::compressed_attention(layers[copy], coding ? &tables[copy] : nullptr, step, nullptr, shape, q, out,
-                                     nullptr, workspace, stream));
+    CHECK(cuda::compressed_attention(layers[copy], coding ? &tables[copy] : nullptr, step, nullptr, shape, plan, q,
+                                     out, nullptr, workspace, stream));
   };
   const int calls = std::max(copies, 8);
   DenseTiming timing;

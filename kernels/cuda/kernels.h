@@ -1,5 +1,6 @@
 // CUDA kernels of the GPU runtime. Raw pointers in, cudaError_t out: no framework, abseil or protobuf types,
-// so this header and its .cu files build with nvcc alone. Each kernel's CPU oracle is in kernels/cpu_reference.h.
+// so this header and its .cu files build with nvcc alone. Each kernel file's CPU oracle sits at the same name under
+// kernels/cpu/ (elementwise.cu: kernels/cpu/elementwise.h, attention.cu: kernels/cpu/attention.h, ...).
 //
 // Layouts (row-major):
 //   activations          [rows, dim]                          rows = tokens of one step across the batch
@@ -15,6 +16,7 @@
 #include <cstdint>
 
 #include "kernels/compressed_layout.h"
+#include "kernels/cuda/compressed/attention_schedule.h"
 
 namespace kvplan::cuda {
 
@@ -67,8 +69,10 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
 }  // namespace kvplan::cuda
 
 // --- Compressed layer caches (kernels/compressed_layout.h) ---------------------------------------------------
-// Each kernel's oracle is the kernels/cpu_reference.h function of the same name, which acts on the same arrays
-// the same way; the inputs' StepRowsView, StepTargets and state pointers are device memory here. Launch shapes
+// In kernels/cuda/compressed/, one file per operation family; each kernel's oracle is the function of the same name
+// in the file of the same name under kernels/cpu/compressed/ (attention.cu: kernels/cpu/compressed/attention.h, ...),
+// which acts on the same arrays the same way. The inputs' StepRowsView, StepTargets and state pointers are device
+// memory here. Launch shapes
 // depend only on the step's row and sequence counts and on max_region (the most entries any head slot's dense
 // plus coded regions hold), never on the counts in device memory, so a step captured into a CUDA graph replays
 // at any length.
@@ -82,22 +86,14 @@ cudaError_t compressed_append(const CompressedLayer& layer, const StepRowsView& 
                               const float* values, const float* inv_freq, float rope_attention_factor,
                               bool key_norm_scores, cudaStream_t stream);
 
-struct CompressedAttentionShape {
-  int heads = 0;  // query heads
-  float scale = 1.0f;
-  float merge_compensation = 0.0f;
-  int max_region = 0;  // most entries (dense + coded + merged) a head slot can hold
-};
-bool compressed_attention_supported(int heads, int kv_heads, int head_dim);
-// Workspace for compressed_attention with at most `rows` rows; atoms: the layer's dictionary size (0 for a layer
-// that codes nothing). Its contents need no initialising.
-size_t compressed_attention_workspace_bytes(const CompressedAttentionShape& shape, int rows, int kv_heads, int head_dim,
-                                            int atoms);
 // cpu::compressed_attention's output in bf16 (the O projection's input), split-KV so one decode row fills the
-// GPU. row_stats ([rows, heads, 2]: softmax max and sum, nullable) feed entry_probabilities.
+// GPU, as `plan` says (plan_compressed_attention for this layer, shape and step.rows rows; attention_schedule.h has
+// it, CompressedAttentionShape, compressed_attention_supported and the workspace's size). row_stats ([rows, heads,
+// 2]: softmax max and sum, nullable) feed entry_probabilities.
 cudaError_t compressed_attention(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,
-                                 const RefreshStateView* refresh, const CompressedAttentionShape& shape, const float* q,
-                                 __nv_bfloat16* out, float* row_stats, void* workspace, cudaStream_t stream);
+                                 const RefreshStateView* refresh, const CompressedAttentionShape& shape,
+                                 const CompressedAttentionPlan& plan, const float* q, __nv_bfloat16* out,
+                                 float* row_stats, void* workspace, cudaStream_t stream);
 // The probabilities half of cpu::compressed_attention, from the attention's row_stats. With full_steps_only,
 // only sequences on a RefreshKV full step are scored (nothing else reads them).
 cudaError_t entry_probabilities(const CompressedLayer& layer, const CodingTables* tables, const StepRowsView& step,

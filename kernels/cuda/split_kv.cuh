@@ -1,5 +1,5 @@
-// Split-KV (flash-decoding) plumbing shared by the attention kernels: how many splits a launch uses, where the
-// per-split partial softmax states live in the workspace, and the pass that combines them.
+// Split-KV (flash-decoding) plumbing shared by the attention kernels: the pass that combines the per-split partial
+// softmax states (split_kv.h: how many splits a launch uses and where their states live in the workspace).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,30 +8,10 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "kernels/cuda/split_kv.h"
+
 namespace kvplan::cuda {
 namespace {
-
-constexpr int kMinChunk = 64;        // cache entries per split, at least
-constexpr int kTargetBlocks = 1024;  // enough blocks in flight to saturate HBM on an H100 (132 SMs)
-
-// Partial softmax state of one split: running max, running sum and unnormalised output per head.
-struct PartialView {
-  float* max;  // [rows, heads, splits]
-  float* sum;  // [rows, heads, splits]
-  float* acc;  // [rows, heads, splits, head_dim]
-};
-
-inline int split_count(int rows, int kv_heads, int max_entries) {
-  const int wanted = (kTargetBlocks + rows * kv_heads - 1) / (rows * kv_heads);
-  const int most = (max_entries + kMinChunk - 1) / kMinChunk;
-  return wanted < most ? (wanted > 1 ? wanted : 1) : (most > 1 ? most : 1);
-}
-
-inline PartialView partial_view(void* workspace, int rows, int heads, int splits) {
-  float* base = static_cast<float*>(workspace);
-  const int64_t slots = int64_t(rows) * heads * splits;
-  return PartialView{base, base + slots, base + 2 * slots};
-}
 
 // Grid (heads, rows), one thread per output dimension: the splits' states merged into the bf16 output and, with
 // row_stats non-null ([rows, heads, 2]), the row's softmax max and sum.

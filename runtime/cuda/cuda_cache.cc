@@ -88,6 +88,8 @@ class CudaKvCacheImpl : public CudaKvCache {
     KVPLAN_RETURN_IF_ERROR(inv_freq_.Upload(RopeInverseFrequencies(c)));
 
     compressed_.resize(c.num_layers);
+    attention_plans_.resize(c.num_layers);
+    device_limits_ = cuda::device_limits();
     int64_t most_dense = 0, most_coded = 0, most_key_sparsity = 0, most_value_sparsity = 0;
     size_t attention_workspace = 0;
     bool refreshes = false, probabilities = false;
@@ -106,7 +108,7 @@ class CudaKvCacheImpl : public CudaKvCache {
       }
       attention_workspace = std::max(attention_workspace, cuda::compressed_attention_workspace_bytes(
                                                               AttentionShape(*layer), options_.max_rows, c.num_kv_heads,
-                                                              c.head_dim, layer->tables.atoms));
+                                                              c.head_dim, layer->tables.atoms, device_limits_));
       refreshes |= bool(policy.refresh);
       probabilities |= NeedsProbabilities(policy);
       compressed_[l] = std::move(layer);
@@ -188,7 +190,8 @@ class CudaKvCacheImpl : public CudaKvCache {
       if (compressed_[donor] == nullptr) return DenseAttention(layer_slot_[donor], q, out);
       const DeviceLayer& storage = *compressed_[donor];
       return CudaStatus(cuda::compressed_attention(storage.view, storage.tables_or_null(), Step(),
-                                                   storage.refresh_or_null(), AttentionShape(storage), q, out, nullptr,
+                                                   storage.refresh_or_null(), AttentionShape(storage),
+                                                   attention_plans_[donor], q, out, nullptr,
                                                    compressed_workspace_.as<void>(), stream_),
                         "compressed_attention (shared)");
     }
@@ -304,6 +307,7 @@ class CudaKvCacheImpl : public CudaKvCache {
           step_(cache.Step()),
           targets_{.kept = cache.metadata_.as<int32_t>() + cache.layout_.kept[index],
                    .selected = cache.metadata_.as<int32_t>() + cache.layout_.selected[index]},
+          plan_(cache.attention_plans_[index]),
           q_(q),
           out_(out) {}
 
@@ -316,7 +320,7 @@ class CudaKvCacheImpl : public CudaKvCache {
       const cuda::CompressedAttentionShape shape = cache_.AttentionShape(layer_);
       float* row_stats = probabilities ? cache_.row_stats_.as<float>() : nullptr;
       KVPLAN_CUDA(cuda::compressed_attention(layer_.view, layer_.tables_or_null(), step_, layer_.refresh_or_null(),
-                                             shape, q_, out_, row_stats, cache_.compressed_workspace_.as<void>(),
+                                             shape, plan_, q_, out_, row_stats, cache_.compressed_workspace_.as<void>(),
                                              cache_.stream_));
       if (!probabilities) return absl::OkStatus();
       // Between RefreshKV full steps only attention-scored budgets read the probabilities.
@@ -379,6 +383,7 @@ class CudaKvCacheImpl : public CudaKvCache {
     DeviceLayer& layer_;
     StepRowsView step_;
     StepTargets targets_;
+    const cuda::CompressedAttentionPlan& plan_;
     const float* q_;
     __nv_bfloat16* out_;
   };
@@ -406,6 +411,9 @@ class CudaKvCacheImpl : public CudaKvCache {
       const StepCounts counts = CountsForStep(policy_.layers[l], config_.num_kv_heads, groups_);
       std::copy(counts.kept.begin(), counts.kept.end(), words + layout_.kept[l]);
       std::copy(counts.selected.begin(), counts.selected.end(), words + layout_.selected[l]);
+      const DeviceLayer& layer = *compressed_[l];
+      attention_plans_[l] =
+          cuda::plan_compressed_attention(layer.view, layer.tables_or_null(), AttentionShape(layer), T, device_limits_);
     }
     return absl::OkStatus();
   }
@@ -554,6 +562,9 @@ class CudaKvCacheImpl : public CudaKvCache {
   std::vector<int> layer_slot_;  // [layer] full-cache slot, -1 for other layers
   DeviceBuffer k_cache_, v_cache_;
   std::vector<std::unique_ptr<DeviceLayer>> compressed_;  // [layer], null for layers that do not compress
+  // [layer]: how the staged pass's attention runs on each compressed layer (sharing layers take their donor's).
+  std::vector<cuda::CompressedAttentionPlan> attention_plans_;
+  cuda::DeviceLimits device_limits_;
   DeviceBuffer inv_freq_;
   // Scratch shared by the layers (they run one after another on one stream).
   DeviceBuffer dense_workspace_, compressed_workspace_, row_stats_, dense_probabilities_, coded_probabilities_;

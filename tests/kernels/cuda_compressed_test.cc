@@ -492,13 +492,16 @@ TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
                                                  .max_region = max_region};
       Device<uint16_t> out(q.size());
       Device<float> row_stats(size_t(rows) * heads * 2);
+      const cuda::DeviceLimits limits = cuda::device_limits();
       Device<char> workspace(cuda::compressed_attention_workspace_bytes(shape, rows, c.kv_heads, c.head_dim,
-                                                                        c.key_sparsity ? c.atoms : 0));
+                                                                        c.key_sparsity ? c.atoms : 0, limits));
+      const cuda::CompressedAttentionPlan plan =
+          cuda::plan_compressed_attention(device.View(), &device_tables.get(), shape, rows, limits);
       Device<float> d_dense_probabilities(dense_probabilities.size()),
           d_coded_probabilities(coded_probabilities.size());
       ASSERT_EQ(
           cuda::compressed_attention(device.View(), &device_tables.get(), device_step.View(), &device_refresh, shape,
-                                     d_q.get(), testing::AsBf16(out), row_stats.get(), workspace.get(), nullptr),
+                                     plan, d_q.get(), testing::AsBf16(out), row_stats.get(), workspace.get(), nullptr),
           cudaSuccess);
       ASSERT_EQ(cuda::entry_probabilities(device.View(), &device_tables.get(), device_step.View(), &device_refresh,
                                           shape, d_q.get(), row_stats.get(), false, d_dense_probabilities.get(),
