@@ -21,8 +21,10 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "kernels/cuda/kernels.h"
 #include "plans/cache_policy.h"
+#include "runtime/cuda/device_layer.h"
 
 namespace {
 
@@ -34,6 +36,12 @@ namespace {
       std::exit(1);                                                                                  \
     }                                                                                                \
   } while (0)
+
+void CheckOk(const absl::Status& status) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "%s\n", status.ToString().c_str());
+  std::exit(1);
+}
 
 // n normal floats of standard deviation `scale`, in device memory.
 float* DeviceRandom(size_t n, std::mt19937& generator, float scale) {
@@ -196,7 +204,6 @@ double CompressedBytesRead(const CompressedCase& c) {
 DenseTiming TimeCompressedAttention(const CompressedCase& c, std::mt19937& generator) {
   using namespace kvplan;
   const bool coding = c.coded > 0;
-  const size_t dense_slots = size_t(kKvHeads) * std::max(c.dense, 1), coded_slots = size_t(kKvHeads) * c.coded;
   std::vector<int32_t> dense_begin, coded_begin;
   for (int h = 0; h <= kKvHeads; ++h) {
     dense_begin.push_back(h * std::max(c.dense, 1));
@@ -218,6 +225,13 @@ DenseTiming TimeCompressedAttention(const CompressedCase& c, std::mt19937& gener
   const std::vector<uint8_t> merged(kKvHeads, c.merged_older ? 1 : 0);
   int32_t *fill_lengths = DeviceCopy(lengths), *fill_dense = DeviceCopy(dense), *fill_coded = DeviceCopy(coded);
   uint8_t* fill_merged = DeviceCopy(merged);
+  const CompressedArrayShape layer_shape{.head_slots = kKvHeads,
+                                         .kv_heads = kKvHeads,
+                                         .head_dim = kHeadDim,
+                                         .key_sparsity = coding ? kKeySparsity : 0,
+                                         .value_sparsity = coding ? kValueSparsity : 0,
+                                         .merged = c.merged_older};
+  std::vector<DeviceCompressedLayer> storage(copies);
   std::vector<CompressedLayer> layers(copies);
   std::vector<CodingTables> tables(copies);
   std::vector<void*> buffers = {fill_lengths, fill_dense, fill_coded, fill_merged};
@@ -226,34 +240,15 @@ DenseTiming TimeCompressedAttention(const CompressedCase& c, std::mt19937& gener
     return buffer;
   };
   for (int copy = 0; copy < copies; ++copy) {
+    CheckOk(storage[copy].Allocate(layer_shape, dense_begin, coded_begin));
     CompressedLayer& layer = layers[copy];
-    layer = CompressedLayer{.head_slots = kKvHeads,
-                            .kv_heads = kKvHeads,
-                            .head_dim = kHeadDim,
-                            .key_sparsity = coding ? kKeySparsity : 0,
-                            .value_sparsity = coding ? kValueSparsity : 0,
-                            .dense_begin = keep(DeviceCopy(dense_begin)),
-                            .dense_count = keep(DeviceAlloc<int32_t>(kKvHeads)),
-                            .dense_keys = keep(DeviceAlloc<uint16_t>(dense_slots * kHeadDim)),
-                            .dense_values = keep(DeviceAlloc<uint16_t>(dense_slots * kHeadDim)),
-                            .dense_positions = keep(DeviceAlloc<int32_t>(dense_slots))};
-    if (coding) {
-      layer.coded_begin = keep(DeviceCopy(coded_begin));
-      layer.coded_count = keep(DeviceAlloc<int32_t>(kKvHeads));
-      layer.key_codes = keep(DeviceAlloc<uint32_t>(coded_slots * kKeySparsity));
-      layer.value_codes = keep(DeviceAlloc<uint32_t>(coded_slots * kValueSparsity));
-      layer.coded_positions = keep(DeviceAlloc<int32_t>(coded_slots));
+    layer = storage[copy].View();
+    if (coding)
       tables[copy] = CodingTables{.atoms = kAtoms,
                                   .key_atoms = keep(DeviceCopy(key_atoms)),
                                   .value_atoms = keep(DeviceCopy(value_atoms)),
                                   .keys_after_rope = c.keys_after_rope,
                                   .inv_freq = keep(DeviceCopy(inv_freq))};
-    }
-    if (c.merged_older) {
-      layer.merged_keys = keep(DeviceAlloc<float>(size_t(kKvHeads) * kHeadDim));
-      layer.merged_values = keep(DeviceAlloc<float>(size_t(kKvHeads) * kHeadDim));
-      layer.merged_tokens = keep(DeviceAlloc<float>(kKvHeads));
-    }
     CHECK(cuda::fill_compressed_noise(layer,
                                       {.lengths = fill_lengths,
                                        .dense = fill_dense,

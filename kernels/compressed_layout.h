@@ -8,10 +8,14 @@
 // its first `count` slots, in no particular order: attention is order-free and every entry carries its position.
 // Removing entries keeps regions dense with one deterministic rule (cpu::CompactionMoves) that both backends use.
 //
-// Plain C++ only (pointers and integers), so nvcc and the host compiler read it alike.
+// Plain C++17 (pointers, integers and the templates that view storage), so nvcc and the host compiler read it
+// alike.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+#include "kernels/compressed_arrays.h"
 
 #ifdef __CUDACC__
 #define KVPLAN_HOST_DEVICE __host__ __device__
@@ -21,35 +25,15 @@
 
 namespace kvplan {
 
-// One layer's storage. Pointers are host or device memory, as the owner allocated them.
+// One layer's storage, its arrays as kernels/compressed_arrays.h lists them. Pointers are host or device memory,
+// as the owner allocated them; an array the layer does not keep is null.
+#define KVPLAN_VIEW_FIELD(type, name, ...) type* name = nullptr;
 struct CompressedLayer {
   int head_slots = 0;  // sequences * kv_heads
   int kv_heads = 0;
   int head_dim = 0;
   int key_sparsity = 0, value_sparsity = 0;  // 0 when the layer codes nothing
-
-  // Dense entries: uncoded tokens, keys after RoPE.
-  const int32_t* dense_begin = nullptr;  // [head_slots + 1]: head slot i owns [dense_begin[i], dense_begin[i + 1])
-  int32_t* dense_count = nullptr;        // [head_slots] live entries, the first slots of the region
-  uint16_t* dense_keys = nullptr;        // [dense slots, head_dim] bf16
-  uint16_t* dense_values = nullptr;      // [dense slots, head_dim] bf16
-  int32_t* dense_positions = nullptr;    // [dense slots]
-  float* dense_scores = nullptr;         // [dense slots] eviction score; null without a budget
-  uint8_t* dense_selected = nullptr;     // [dense slots] RefreshKV small-cache membership; null without refresh
-
-  // Coded entries: tokens older than the coding window, as (atom, coefficient) pairs.
-  const int32_t* coded_begin = nullptr;  // [head_slots + 1]
-  int32_t* coded_count = nullptr;        // [head_slots]
-  uint32_t* key_codes = nullptr;         // [coded slots, key_sparsity] packed codes (PackCode)
-  uint32_t* value_codes = nullptr;       // [coded slots, value_sparsity]
-  int32_t* coded_positions = nullptr;
-  float* coded_scores = nullptr;
-  uint8_t* coded_selected = nullptr;
-
-  // ZeroMerge: one slot per head slot holding the running mean of the evicted tokens' K (after RoPE) and V.
-  float* merged_keys = nullptr;    // [head_slots, head_dim]; null without merging
-  float* merged_values = nullptr;  // [head_slots, head_dim]
-  float* merged_tokens = nullptr;  // [head_slots] tokens folded in; 0: no merged entry yet
+  KVPLAN_COMPRESSED_LAYER_ARRAYS(KVPLAN_VIEW_FIELD)
 };
 
 // A code: atom index in the low 16 bits, the fp16 coefficient's bits in the high 16.
@@ -115,15 +99,37 @@ struct NoiseFill {
   uint32_t seed = 0;
 };
 
-// RefreshKV state of every cache sequence of one layer.
+// RefreshKV state of every cache sequence of one layer (KVPLAN_REFRESH_STATE_ARRAYS).
 struct RefreshStateView {
-  int32_t* refresh_position = nullptr;     // [sequences] entries at or after this position are always in view
-  int32_t* steps_since_refresh = nullptr;  // [sequences]
-  uint8_t* has_query = nullptr;            // [sequences] whether a full step has happened
-  uint8_t* full_step = nullptr;            // [sequences] this step's decision
-  float* query = nullptr;                  // [sequences, head_dim] the last full step's mean query
-  float* step_query = nullptr;             // [sequences, head_dim] this step's mean query
+  KVPLAN_REFRESH_STATE_ARRAYS(KVPLAN_VIEW_FIELD)
 };
+#undef KVPLAN_VIEW_FIELD
+
+// The views of storage that holds every array (CompressedArrays, a HostCompressedLayer): `pointer(holder)` is
+// where a holder's elements are, null for an empty one.
+template <typename Pointer>
+auto PointFieldsAt(Pointer pointer) {
+  return [pointer](const ArraySpec&, auto& holder, auto& field) {
+    field = static_cast<std::remove_reference_t<decltype(field)>>(pointer(holder));
+  };
+}
+template <typename Storage, typename Pointer>
+CompressedLayer LayerView(const CompressedArrayShape& shape, Storage& storage, Pointer pointer) {
+  CompressedLayer view;
+  view.head_slots = shape.head_slots;
+  view.kv_heads = shape.kv_heads;
+  view.head_dim = shape.head_dim;
+  view.key_sparsity = shape.key_sparsity;
+  view.value_sparsity = shape.value_sparsity;
+  ForEachLayerArray(PointFieldsAt(pointer), storage, view);
+  return view;
+}
+template <typename Storage, typename Pointer>
+RefreshStateView RefreshView(Storage& storage, Pointer pointer) {
+  RefreshStateView view;
+  ForEachRefreshArray(PointFieldsAt(pointer), storage, view);
+  return view;
+}
 
 // Settings of the operations, from the layer's cache policy.
 struct EvictionSettings {

@@ -16,17 +16,6 @@
 namespace kvplan {
 namespace {
 
-struct HostRefreshState {
-  std::vector<int32_t> refresh_position, steps_since_refresh;
-  std::vector<uint8_t> has_query, full_step;
-  std::vector<float> query, step_query;
-};
-
-template <typename T>
-T* DataOrNull(std::vector<T>& values) {
-  return values.empty() ? nullptr : values.data();
-}
-
 class CompressedLayerCache : public LayerCache {
  public:
   CompressedLayerCache(const ModelConfig& config, int num_sequences, int capacity, int max_step_rows,
@@ -38,7 +27,8 @@ class CompressedLayerCache : public LayerCache {
         codebook_(std::move(codebook)),
         inv_freq_(RopeInverseFrequencies(config)),
         storage_(MakeStorage(config, policy, num_sequences, capacity, max_step_rows)),
-        layer_(storage_.View()) {
+        layer_(storage_.View()),
+        refresh_view_(storage_.RefreshView()) {
     if (NeedsProbabilities(policy)) {
       dense_probabilities_.resize(storage_.dense_begin.back());
       coded_probabilities_.resize(storage_.coded_begin.back());
@@ -53,25 +43,12 @@ class CompressedLayerCache : public LayerCache {
                              .keys_after_rope = policy.coding->keys_after_rope,
                              .inv_freq = inv_freq_.data(),
                              .rope_attention_factor = float(config.rope.attention_factor)};
-    if (policy.refresh) {
-      HostRefreshState& r = refresh_;
-      r.refresh_position.resize(num_sequences);
-      r.steps_since_refresh.resize(num_sequences);
-      r.has_query.resize(num_sequences);
-      r.full_step.resize(num_sequences);
-      r.query.resize(int64_t(num_sequences) * config.head_dim);
-      r.step_query.resize(int64_t(num_sequences) * config.head_dim);
-      refresh_view_ = RefreshStateView{.refresh_position = r.refresh_position.data(),
-                                       .steps_since_refresh = r.steps_since_refresh.data(),
-                                       .has_query = r.has_query.data(),
-                                       .full_step = r.full_step.data(),
-                                       .query = r.query.data(),
-                                       .step_query = r.step_query.data()};
-    }
   }
 
-  void Reset() override { Forget(0, num_sequences_); }
-  void ResetSequence(int sequence) override { Forget(sequence, sequence + 1); }
+  // Entries past a count are never read, nor a merged slot with no tokens: a reset zeroes the counts and the
+  // RefreshKV state (HostCompressedLayer::ResetSequences).
+  void Reset() override { storage_.ResetSequences(0, num_sequences_); }
+  void ResetSequence(int sequence) override { storage_.ResetSequences(sequence, sequence + 1); }
 
   void Append(int sequence, const int32_t* positions, int rows, const float* k_pre_rope, const float* k,
               const float* v) override {
@@ -131,23 +108,6 @@ class CompressedLayerCache : public LayerCache {
   }
 
  private:
-  // Empties sequences [first, end): their head slots' counts and merged slots, and their RefreshKV state. Every
-  // array below holds the same number of values per sequence, sequence-major.
-  void Forget(int first, int end) {
-    auto clear = [&](auto& values) {
-      const int64_t per_sequence = int64_t(values.size()) / num_sequences_;
-      std::fill(values.begin() + first * per_sequence, values.begin() + end * per_sequence, 0);
-    };
-    clear(storage_.dense_count);
-    clear(storage_.coded_count);
-    clear(storage_.merged_keys);
-    clear(storage_.merged_values);
-    clear(storage_.merged_tokens);
-    clear(refresh_.has_query);
-    clear(refresh_.steps_since_refresh);
-    clear(refresh_.refresh_position);
-  }
-
   // One sequence's rows as a step.
   struct Step {
     Step(int sequence, const int32_t* positions, int rows)
@@ -179,7 +139,7 @@ class CompressedLayerCache : public LayerCache {
       // Between RefreshKV full steps only attention-scored budgets read the probabilities.
       const bool scores =
           cache_.policy_.budget && cache_.policy_.budget->scoring == plan::TokenBudgets::ATTENTION_SCORE;
-      const bool full_step = cache_.policy_.refresh && cache_.refresh_.full_step[step_.view.sequence[0]];
+      const bool full_step = cache_.policy_.refresh && cache_.storage_.full_step[step_.view.sequence[0]];
       const bool wanted = probabilities && (scores || full_step);
       cpu::compressed_attention(cache_.layer_, cache_.Tables(), step_.view,
                                 cache_.policy_.refresh ? &cache_.refresh_view_ : nullptr, cache_.AttentionParams(), q_,
@@ -277,7 +237,6 @@ class CompressedLayerCache : public LayerCache {
   std::vector<float> inv_freq_;
   HostCompressedLayer storage_;
   std::vector<float> dense_probabilities_, coded_probabilities_;  // scratch the operations share within a step
-  HostRefreshState refresh_;
   CompressedLayer layer_;
   CodingTables tables_;
   RefreshStateView refresh_view_;

@@ -8,6 +8,7 @@
 #include "base/status_macros.h"
 #include "kernels/cuda/kernels.h"
 #include "runtime/cache/compressed_step.h"
+#include "runtime/cuda/device_layer.h"
 #include "runtime/cuda/device_memory.h"
 
 namespace kvplan {
@@ -17,12 +18,8 @@ namespace {
 struct DeviceLayer {
   LayerPolicy policy;
   CompressedRegions regions;
-  DeviceBuffer dense_begin, coded_begin, dense_count, coded_count;
-  DeviceBuffer dense_keys, dense_values, dense_positions, dense_scores, dense_selected;
-  DeviceBuffer key_codes, value_codes, coded_positions, coded_scores, coded_selected;
-  DeviceBuffer merged_keys, merged_values, merged_tokens;
+  DeviceCompressedLayer arrays;                            // the layout's arrays and the RefreshKV state
   DeviceBuffer key_atoms, value_atoms, key_channel_scale;  // dictionaries, or a quantized layer's key scales
-  DeviceBuffer refresh_position, steps_since_refresh, has_query, full_step, query, step_query;
   CompressedLayer view;
   CodingTables tables;
   RefreshStateView refresh;
@@ -30,14 +27,6 @@ struct DeviceLayer {
 
   const CodingTables* tables_or_null() const { return policy.coding ? &tables : nullptr; }
   const RefreshStateView* refresh_or_null() const { return policy.refresh ? &refresh : nullptr; }
-  int64_t bytes() const {
-    int64_t total = 0;
-    for (const DeviceBuffer* buffer : {&dense_count, &coded_count, &dense_keys, &dense_values, &dense_positions,
-                                       &dense_scores, &dense_selected, &key_codes, &value_codes, &coded_positions,
-                                       &coded_scores, &coded_selected, &merged_keys, &merged_values, &merged_tokens})
-      total += int64_t(buffer->bytes());
-    return total;
-  }
 };
 
 // Where each array of a pass's metadata sits in the int32 words copied to the device. The offsets depend only on
@@ -216,18 +205,10 @@ class CudaKvCacheImpl : public CudaKvCache {
 
   // Empties sequences [first, end) of every compressed layer: their head slots' counts (entries past a count are
   // never read; a merged slot with no tokens is empty) and their RefreshKV state. Full-cache layers hold no
-  // state beside the model's lengths. Each array holds the same bytes per sequence, sequence-major.
+  // state beside the model's lengths.
   absl::Status Forget(int first, int end) {
-    for (const auto& layer : compressed_) {
-      if (layer == nullptr) continue;
-      for (DeviceBuffer* buffer : {&layer->dense_count, &layer->coded_count, &layer->merged_tokens, &layer->has_query,
-                                   &layer->steps_since_refresh, &layer->refresh_position}) {
-        const size_t per_sequence = buffer->bytes() / options_.num_sequences;
-        if (per_sequence > 0)
-          KVPLAN_CUDA(
-              cudaMemsetAsync(buffer->as<char>() + first * per_sequence, 0, (end - first) * per_sequence, stream_));
-      }
-    }
+    for (const auto& layer : compressed_)
+      if (layer != nullptr) KVPLAN_RETURN_IF_ERROR(layer->arrays.ResetSequences(first, end, stream_));
     return absl::OkStatus();
   }
 
@@ -275,7 +256,7 @@ class CudaKvCacheImpl : public CudaKvCache {
   int64_t reserved_bytes() const override {
     int64_t total = int64_t(k_cache_.bytes() + v_cache_.bytes());
     for (const auto& layer : compressed_)
-      if (layer != nullptr) total += layer->bytes();
+      if (layer != nullptr) total += layer->arrays.bytes();
     return total;
   }
 
@@ -287,11 +268,12 @@ class CudaKvCacheImpl : public CudaKvCache {
     std::vector<int32_t> dense(n), coded(n, 0);
     std::vector<float> merged(n, 0.0f);
     KVPLAN_CUDA(cudaStreamSynchronize(stream_));
-    KVPLAN_CUDA(cudaMemcpy(dense.data(), storage.dense_count.as<void>(), n * 4, cudaMemcpyDeviceToHost));
-    if (storage.coded_count.bytes() > 0)
-      KVPLAN_CUDA(cudaMemcpy(coded.data(), storage.coded_count.as<void>(), n * 4, cudaMemcpyDeviceToHost));
-    if (storage.merged_tokens.bytes() > 0)
-      KVPLAN_CUDA(cudaMemcpy(merged.data(), storage.merged_tokens.as<void>(), n * 4, cudaMemcpyDeviceToHost));
+    const DeviceCompressedLayer& arrays = storage.arrays;
+    KVPLAN_CUDA(cudaMemcpy(dense.data(), arrays.dense_count.as<void>(), n * 4, cudaMemcpyDeviceToHost));
+    if (arrays.coded_count.bytes() > 0)
+      KVPLAN_CUDA(cudaMemcpy(coded.data(), arrays.coded_count.as<void>(), n * 4, cudaMemcpyDeviceToHost));
+    if (arrays.merged_tokens.bytes() > 0)
+      KVPLAN_CUDA(cudaMemcpy(merged.data(), arrays.merged_tokens.as<void>(), n * 4, cudaMemcpyDeviceToHost));
     std::vector<HeadEntries> entries(n);
     for (int i = 0; i < n; ++i) entries[i] = {.dense = dense[i], .coded = coded[i], .merged = merged[i] > 0.0f ? 1 : 0};
     return entries;
@@ -466,42 +448,15 @@ class CudaKvCacheImpl : public CudaKvCache {
     const int head_slots = options_.num_sequences * c.num_kv_heads, hd = c.head_dim, n = options_.num_sequences;
     layer.policy = policy;
     layer.regions = PlanRegions(policy, n, c.num_kv_heads, options_.capacity, max_rows_per_sequence_);
-    const int64_t dense = layer.regions.dense_slots(), coded = layer.regions.coded_slots();
     for (int i = 0; i < head_slots; ++i)
       layer.max_region =
           std::max(layer.max_region, layer.regions.dense_begin[i + 1] - layer.regions.dense_begin[i] +
                                          layer.regions.coded_begin[i + 1] - layer.regions.coded_begin[i]);
     layer.max_region += 1;
-    KVPLAN_RETURN_IF_ERROR(layer.dense_begin.Upload(layer.regions.dense_begin));
-    KVPLAN_RETURN_IF_ERROR(layer.coded_begin.Upload(layer.regions.coded_begin));
     // The host storage's shape (ArrayShapeOf) says which arrays exist; the device holds the same ones.
     const CompressedArrayShape shape = ArrayShapeOf(policy, n, c.num_kv_heads, hd);
-    const bool scores = shape.scores, refresh = shape.selected, coding = shape.key_sparsity > 0, merge = shape.merged;
-    const int sk = shape.key_sparsity, sv = shape.value_sparsity;
-    const std::pair<DeviceBuffer*, int64_t> arrays[] = {
-        {&layer.dense_count, int64_t(head_slots) * 4},
-        {&layer.dense_keys, dense * hd * 2},
-        {&layer.dense_values, dense * hd * 2},
-        {&layer.dense_positions, dense * 4},
-        {&layer.dense_scores, scores ? dense * 4 : 0},
-        {&layer.dense_selected, refresh ? dense : 0},
-        {&layer.coded_count, coding ? int64_t(head_slots) * 4 : 0},
-        {&layer.key_codes, coded * sk * 4},
-        {&layer.value_codes, coded * sv * 4},
-        {&layer.coded_positions, coded * 4},
-        {&layer.coded_scores, scores ? coded * 4 : 0},
-        {&layer.coded_selected, refresh ? coded : 0},
-        {&layer.merged_keys, merge ? int64_t(head_slots) * hd * 4 : 0},
-        {&layer.merged_values, merge ? int64_t(head_slots) * hd * 4 : 0},
-        {&layer.merged_tokens, merge ? int64_t(head_slots) * 4 : 0},
-        {&layer.refresh_position, refresh ? n * 4 : 0},
-        {&layer.steps_since_refresh, refresh ? n * 4 : 0},
-        {&layer.has_query, refresh ? n : 0},
-        {&layer.full_step, refresh ? n : 0},
-        {&layer.query, refresh ? int64_t(n) * hd * 4 : 0},
-        {&layer.step_query, refresh ? int64_t(n) * hd * 4 : 0}};
-    for (const auto& [buffer, bytes] : arrays)
-      if (bytes > 0) KVPLAN_RETURN_IF_ERROR(buffer->Allocate(bytes));
+    KVPLAN_RETURN_IF_ERROR(layer.arrays.Allocate(shape, layer.regions.dense_begin, layer.regions.coded_begin));
+    const bool coding = shape.key_sparsity > 0;
     const bool quantized = coding && policy.coding->quantized();
     if (quantized) {
       if (codebook->key_channel_scale.size() != size_t(c.num_kv_heads) * hd)
@@ -513,28 +468,7 @@ class CudaKvCacheImpl : public CudaKvCache {
       KVPLAN_RETURN_IF_ERROR(layer.key_atoms.Upload(codebook->key_atoms));
       KVPLAN_RETURN_IF_ERROR(layer.value_atoms.Upload(codebook->value_atoms));
     }
-    layer.view = CompressedLayer{.head_slots = head_slots,
-                                 .kv_heads = c.num_kv_heads,
-                                 .head_dim = hd,
-                                 .key_sparsity = sk,
-                                 .value_sparsity = sv,
-                                 .dense_begin = layer.dense_begin.as<int32_t>(),
-                                 .dense_count = layer.dense_count.as<int32_t>(),
-                                 .dense_keys = layer.dense_keys.as<uint16_t>(),
-                                 .dense_values = layer.dense_values.as<uint16_t>(),
-                                 .dense_positions = layer.dense_positions.as<int32_t>(),
-                                 .dense_scores = layer.dense_scores.as_or_null<float>(),
-                                 .dense_selected = layer.dense_selected.as_or_null<uint8_t>(),
-                                 .coded_begin = layer.coded_begin.as<int32_t>(),
-                                 .coded_count = layer.coded_count.as_or_null<int32_t>(),
-                                 .key_codes = layer.key_codes.as_or_null<uint32_t>(),
-                                 .value_codes = layer.value_codes.as_or_null<uint32_t>(),
-                                 .coded_positions = layer.coded_positions.as_or_null<int32_t>(),
-                                 .coded_scores = layer.coded_scores.as_or_null<float>(),
-                                 .coded_selected = layer.coded_selected.as_or_null<uint8_t>(),
-                                 .merged_keys = layer.merged_keys.as_or_null<float>(),
-                                 .merged_values = layer.merged_values.as_or_null<float>(),
-                                 .merged_tokens = layer.merged_tokens.as_or_null<float>()};
+    layer.view = layer.arrays.View();
     if (coding)
       layer.tables = CodingTables{.atoms = codebook->atoms,
                                   .key_atoms = layer.key_atoms.as_or_null<float>(),
@@ -545,12 +479,7 @@ class CudaKvCacheImpl : public CudaKvCache {
                                   .keys_after_rope = policy.coding->keys_after_rope,
                                   .inv_freq = inv_freq_.as<float>(),
                                   .rope_attention_factor = float(c.rope.attention_factor)};
-    layer.refresh = RefreshStateView{.refresh_position = layer.refresh_position.as_or_null<int32_t>(),
-                                     .steps_since_refresh = layer.steps_since_refresh.as_or_null<int32_t>(),
-                                     .has_query = layer.has_query.as_or_null<uint8_t>(),
-                                     .full_step = layer.full_step.as_or_null<uint8_t>(),
-                                     .query = layer.query.as_or_null<float>(),
-                                     .step_query = layer.step_query.as_or_null<float>()};
+    layer.refresh = layer.arrays.RefreshView();
     return absl::OkStatus();
   }
 

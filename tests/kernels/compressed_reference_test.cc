@@ -166,34 +166,32 @@ TEST(CompressedReferenceTest, LeavingEntriesMoveToCodedSlots) {
 
 TEST(CompressedReferenceTest, RefreshStepsAndSelection) {
   const int hd = 2;
-  std::vector<int32_t> refresh_position(1), steps(1);
-  std::vector<uint8_t> has_query(1), full_step(1);
-  std::vector<float> query(hd), step_query(hd);
-  const RefreshStateView state{refresh_position.data(), steps.data(), has_query.data(),
-                               full_step.data(),        query.data(), step_query.data()};
+  // One sequence of one head; its RefreshKV state lives with the layer.
+  HostLayer layer(HostLayerShape{.head_dim = hd, .dense_capacity = 8, .selected = true});
+  const RefreshStateView state = layer.RefreshView();
   const RefreshSettings settings{.refresh_stride = 3, .query_similarity_threshold = 0.5f, .pool_kernel = 1};
   HostStep step;
   step.AddSequence(0, 1, 7);
   auto decide = [&](std::vector<float> q) {  // one row, one query head
     cpu::refresh_decide(state, step.View(), settings, q.data(), 1, hd);
-    return bool(full_step[0]);
+    return bool(layer.full_step[0]);
   };
   EXPECT_TRUE(decide({1, 0}));  // nothing selected yet
-  has_query[0] = 1;
-  query = {1, 0};
+  layer.has_query[0] = 1;
+  layer.query[0] = 1.0f;
+  layer.query[1] = 0.0f;
   EXPECT_FALSE(decide({1, 0.1f}));
   EXPECT_TRUE(decide({0, 1}));  // the query moved
-  steps[0] = 2;
+  layer.steps_since_refresh[0] = 2;
   EXPECT_TRUE(decide({1, 0}));  // the stride is due
 
   // 8 entries: 2 selected, the most attended.
-  HostLayer layer(HostLayerShape{.head_dim = hd, .dense_capacity = 8, .selected = true});
   std::mt19937 generator(3);
   const std::vector<int32_t> positions = {5, 0, 2, 7, 1, 3, 4, 6};
   const std::vector<float> probabilities = {0.1f, 0.3f, 0.05f, 0.4f, 0.0f, 0.1f, 0.02f, 0.03f};
   for (int32_t p : positions) layer.AddDense(0, p, 0, generator);
   auto select = [&](int pool_kernel) {
-    full_step[0] = 1;
+    layer.full_step[0] = 1;
     const std::vector<int32_t> selected_count = {2};
     RefreshSettings pooled = settings;
     pooled.pool_kernel = pool_kernel;
@@ -205,15 +203,15 @@ TEST(CompressedReferenceTest, RefreshStepsAndSelection) {
     return Sorted(chosen);
   };
   EXPECT_EQ(select(1), (std::vector<int32_t>{0, 7}));
-  EXPECT_EQ(refresh_position[0], 8);
-  EXPECT_EQ(steps[0], 0);
-  EXPECT_EQ(query, step_query);
+  EXPECT_EQ(layer.refresh_position[0], 8);
+  EXPECT_EQ(layer.steps_since_refresh[0], 0);
+  EXPECT_EQ(layer.query, layer.step_query);
   // Max-pooling over 3 neighbours spreads position 7's weight to 6: ties go to the newer position.
   EXPECT_EQ(select(3), (std::vector<int32_t>{6, 7}));
   // Not a full step: only the count moves.
-  full_step[0] = 0;
+  layer.full_step[0] = 0;
   cpu::refresh_select(layer.View(), state, step.View(), StepTargets{}, settings, probabilities.data(), nullptr);
-  EXPECT_EQ(steps[0], 1);
+  EXPECT_EQ(layer.steps_since_refresh[0], 1);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "kernels/cpu/compressed/pursuit.h"
 #include "kernels/cpu/compressed/scoring.h"
 #include "kernels/cpu/elementwise.h"
+#include "runtime/cuda/device_layer.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/host_layer.h"
 #include "tests/testing/matching_pursuit_check.h"
@@ -48,82 +49,21 @@ constexpr Tolerance kUnrotated{.atol = 2e-6, .rtol = 2e-5};
 // Every array of a HostLayer on the device, and back.
 class DeviceLayer {
  public:
-  explicit DeviceLayer(const HostLayer& host)
-      : dense_begin_(host.dense_begin),
-        coded_begin_(host.coded_begin),
-        dense_count_(host.dense_count),
-        coded_count_(host.coded_count),
-        dense_keys_(host.dense_keys),
-        dense_values_(host.dense_values),
-        dense_positions_(host.dense_positions),
-        coded_positions_(host.coded_positions),
-        dense_scores_(host.dense_scores),
-        coded_scores_(host.coded_scores),
-        dense_selected_(host.dense_selected),
-        coded_selected_(host.coded_selected),
-        key_codes_(host.key_codes),
-        value_codes_(host.value_codes),
-        merged_keys_(host.merged_keys),
-        merged_values_(host.merged_values),
-        merged_tokens_(host.merged_tokens),
-        host_(host) {}
-
-  CompressedLayer View() {
-    auto data = [](auto& device, size_t n) { return n == 0 ? nullptr : device.get(); };
-    const CompressedArrayShape& s = host_.shape;
-    const bool coded = s.key_sparsity > 0;
-    return CompressedLayer{.head_slots = s.head_slots,
-                           .kv_heads = s.kv_heads,
-                           .head_dim = s.head_dim,
-                           .key_sparsity = s.key_sparsity,
-                           .value_sparsity = s.value_sparsity,
-                           .dense_begin = dense_begin_.get(),
-                           .dense_count = dense_count_.get(),
-                           .dense_keys = dense_keys_.get(),
-                           .dense_values = dense_values_.get(),
-                           .dense_positions = dense_positions_.get(),
-                           .dense_scores = data(dense_scores_, s.scores),
-                           .dense_selected = data(dense_selected_, s.selected),
-                           .coded_begin = coded_begin_.get(),
-                           .coded_count = data(coded_count_, coded),
-                           .key_codes = data(key_codes_, coded),
-                           .value_codes = data(value_codes_, coded),
-                           .coded_positions = data(coded_positions_, coded),
-                           .coded_scores = data(coded_scores_, coded && s.scores),
-                           .coded_selected = data(coded_selected_, coded && s.selected),
-                           .merged_keys = data(merged_keys_, s.merged),
-                           .merged_values = data(merged_values_, s.merged),
-                           .merged_tokens = data(merged_tokens_, s.merged)};
+  explicit DeviceLayer(const HostLayer& host) : host_(host) {
+    const absl::Status status = device_.Upload(host);
+    EXPECT_TRUE(status.ok()) << status;
   }
-
+  CompressedLayer View() const { return device_.View(); }
+  RefreshStateView RefreshView() const { return device_.RefreshView(); }
   HostLayer Read() const {
     HostLayer host = host_;
-    host.dense_count = dense_count_.Read();
-    host.coded_count = coded_count_.Read();
-    host.dense_keys = dense_keys_.Read();
-    host.dense_values = dense_values_.Read();
-    host.dense_positions = dense_positions_.Read();
-    host.coded_positions = coded_positions_.Read();
-    host.dense_scores = dense_scores_.Read();
-    host.coded_scores = coded_scores_.Read();
-    host.dense_selected = dense_selected_.Read();
-    host.coded_selected = coded_selected_.Read();
-    host.key_codes = key_codes_.Read();
-    host.value_codes = value_codes_.Read();
-    host.merged_keys = merged_keys_.Read();
-    host.merged_values = merged_values_.Read();
-    host.merged_tokens = merged_tokens_.Read();
+    const absl::Status status = device_.Download(host);
+    EXPECT_TRUE(status.ok()) << status;
     return host;
   }
 
  private:
-  Device<int32_t> dense_begin_, coded_begin_, dense_count_, coded_count_;
-  Device<uint16_t> dense_keys_, dense_values_;
-  Device<int32_t> dense_positions_, coded_positions_;
-  Device<float> dense_scores_, coded_scores_;
-  Device<uint8_t> dense_selected_, coded_selected_;
-  Device<uint32_t> key_codes_, value_codes_;
-  Device<float> merged_keys_, merged_values_, merged_tokens_;
+  DeviceCompressedLayer device_;
   HostLayer host_;  // the layer it was made from: shape and regions
 };
 
@@ -460,13 +400,14 @@ TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
       const int rows = int(step.row_sequence.size()), heads = c.kv_heads * group;
       const std::vector<float> q = RandomVector(size_t(rows) * heads * c.head_dim, 23, 1.5f);
       // Refresh state: sequence 0 on a full step, the others on subsets past a refresh position.
-      std::vector<int32_t> refresh_position(c.sequences), steps(c.sequences, 1);
-      std::vector<uint8_t> has_query(c.sequences, 1), full_step(c.sequences, 0);
-      std::vector<float> queries(size_t(c.sequences) * c.head_dim, 0.0f);
-      for (int s = 0; s < c.sequences; ++s) refresh_position[s] = layer.lengths[s] - 5;
-      full_step[0] = 1;
-      const RefreshStateView host_refresh{refresh_position.data(), steps.data(),   has_query.data(),
-                                          full_step.data(),        queries.data(), queries.data()};
+      HostLayer& host = layer.host;
+      for (int s = 0; s < c.sequences; ++s) {
+        host.refresh_position[s] = layer.lengths[s] - 5;
+        host.steps_since_refresh[s] = 1;
+        host.has_query[s] = 1;
+      }
+      host.full_step[0] = 1;
+      const RefreshStateView host_refresh = host.RefreshView();
       const cpu::CompressedAttentionParams params{
           .heads = heads, .scale = 1.0f / std::sqrt(float(c.head_dim)), .merge_compensation = 0.7f};
       const CodingTables tables = layer.Tables();
@@ -479,11 +420,7 @@ TEST(CudaCompressedTest, AttentionAndProbabilitiesMatchCpu) {
       DeviceStep device_step(step);
       Device<float> d_q(q);
       const DeviceTables device_tables(layer);
-      Device<int32_t> d_refresh_position(refresh_position), d_steps(steps);
-      Device<uint8_t> d_has_query(has_query), d_full_step(full_step);
-      Device<float> d_queries(queries);
-      const RefreshStateView device_refresh{d_refresh_position.get(), d_steps.get(),   d_has_query.get(),
-                                            d_full_step.get(),        d_queries.get(), d_queries.get()};
+      const RefreshStateView device_refresh = device.RefreshView();
       const int max_region = (layer.host.dense_begin[1] - layer.host.dense_begin[0]) +
                              (layer.host.coded_begin[1] - layer.host.coded_begin[0]) + 1;
       const cuda::CompressedAttentionShape shape{.heads = heads,
@@ -540,23 +477,15 @@ TEST(CudaCompressedTest, ScoresAndRefreshMatchCpu) {
         coded_probabilities(layer.host.coded_positions.size());
     for (float& p : dense_probabilities) p = uniform(generator) * 0.1f;
     for (float& p : coded_probabilities) p = uniform(generator) * 0.1f;
-
-    DeviceLayer device(layer.host);
-    DeviceStep device_step(step);
-    Device<float> d_dense(dense_probabilities), d_coded(coded_probabilities);
-    cpu::update_scores(layer.host.View(), step.View(), 0.9f, dense_probabilities.data(), coded_probabilities.data());
-    ASSERT_EQ(cuda::update_scores(device.View(), device_step.View(), 0.9f, d_dense.get(), d_coded.get(), nullptr),
-              cudaSuccess);
-    ExpectSameLiveEntries(device.Read(), layer.host, "update_scores " + c.Name());
-
-    // Decide: sequence 0 has no query yet, 2 is due by stride, 3 drifted, the rest stay on subsets.
+    // The refresh state the decide below starts from (the device copy takes it with the layer): sequence 0 has no
+    // query yet, 2 is due by stride, 3 drifted, the rest stay on subsets.
     const int heads = 2 * c.kv_heads, rows = int(step.row_sequence.size());
     std::vector<float> q = RandomVector(size_t(rows) * heads * c.head_dim, 34);
-    std::vector<int32_t> refresh_position(c.sequences, 3), steps(c.sequences, 0);
-    std::vector<uint8_t> has_query(c.sequences, 1), full_step(c.sequences, 0);
-    std::vector<float> queries(size_t(c.sequences) * c.head_dim), step_query(queries.size(), 0.0f);
-    has_query[0] = 0;
-    if (c.sequences > 2) steps[2] = 7;
+    HostLayer& host = layer.host;
+    std::fill(host.refresh_position.begin(), host.refresh_position.end(), 3);
+    std::fill(host.has_query.begin(), host.has_query.end(), 1);
+    host.has_query[0] = 0;
+    if (c.sequences > 2) host.steps_since_refresh[2] = 7;
     // The last full step's query: this step's mean query (no drift), reversed for sequence 3 (drift).
     for (int j = 0; j < int(step.sequence.size()); ++j) {
       const int s = step.sequence[j];
@@ -564,45 +493,51 @@ TEST(CudaCompressedTest, ScoresAndRefreshMatchCpu) {
       for (int d = 0; d < c.head_dim; ++d) {
         float mean = 0.0f;
         for (int h = 0; h < heads; ++h) mean += last[h * c.head_dim + d] / heads;
-        queries[size_t(s) * c.head_dim + d] = s == 3 ? -mean : mean;
+        host.query[size_t(s) * c.head_dim + d] = s == 3 ? -mean : mean;
       }
     }
-    const RefreshSettings settings{.refresh_stride = 8, .query_similarity_threshold = 0.85f, .pool_kernel = 5};
-    const RefreshStateView host_state{refresh_position.data(), steps.data(),   has_query.data(),
-                                      full_step.data(),        queries.data(), step_query.data()};
-    Device<int32_t> d_refresh_position(refresh_position), d_steps(steps);
-    Device<uint8_t> d_has_query(has_query), d_full_step(full_step);
-    Device<float> d_queries(queries), d_step_query(step_query), d_q(q);
-    const RefreshStateView device_state{d_refresh_position.get(), d_steps.get(),   d_has_query.get(),
-                                        d_full_step.get(),        d_queries.get(), d_step_query.get()};
-    cpu::refresh_decide(host_state, step.View(), settings, q.data(), heads, c.head_dim);
-    ASSERT_EQ(cuda::refresh_decide(device_state, device_step.View(), settings, d_q.get(), heads, c.head_dim, nullptr),
+
+    DeviceLayer device(host);
+    DeviceStep device_step(step);
+    Device<float> d_dense(dense_probabilities), d_coded(coded_probabilities);
+    cpu::update_scores(host.View(), step.View(), 0.9f, dense_probabilities.data(), coded_probabilities.data());
+    ASSERT_EQ(cuda::update_scores(device.View(), device_step.View(), 0.9f, d_dense.get(), d_coded.get(), nullptr),
               cudaSuccess);
-    ASSERT_EQ(d_full_step.Read(), full_step) << c.Name();
-    EXPECT_TRUE(AllClose(d_step_query.Read(), step_query, kFp32Reduction)) << c.Name();
-    EXPECT_EQ(full_step[0], 1);
+    ExpectSameLiveEntries(device.Read(), host, "update_scores " + c.Name());
+
+    const RefreshSettings settings{.refresh_stride = 8, .query_similarity_threshold = 0.85f, .pool_kernel = 5};
+    Device<float> d_q(q);
+    cpu::refresh_decide(host.RefreshView(), step.View(), settings, q.data(), heads, c.head_dim);
+    ASSERT_EQ(
+        cuda::refresh_decide(device.RefreshView(), device_step.View(), settings, d_q.get(), heads, c.head_dim, nullptr),
+        cudaSuccess);
+    const HostLayer decided = device.Read();
+    ASSERT_EQ(decided.full_step, host.full_step) << c.Name();
+    EXPECT_TRUE(AllClose(decided.step_query, host.step_query, kFp32Reduction)) << c.Name();
+    EXPECT_EQ(host.full_step[0], 1);
 
     // Select: each head keeps a third of its entries.
     std::vector<int32_t> selected_counts;
     for (int j = 0; j < int(step.sequence.size()); ++j)
       for (int h = 0; h < c.kv_heads; ++h) {
         const int i = step.sequence[j] * c.kv_heads + h;
-        selected_counts.push_back((layer.host.dense_count[i] + (c.key_sparsity ? layer.host.coded_count[i] : 0)) / 3);
+        selected_counts.push_back((host.dense_count[i] + (c.key_sparsity ? host.coded_count[i] : 0)) / 3);
       }
     Device<int32_t> d_selected_counts(selected_counts);
     const int capacity = *std::max_element(layer.lengths.begin(), layer.lengths.end()) + c.rows_per_sequence;
     Device<float> position_workspace(
         cuda::refresh_select_workspace_bytes(int(step.sequence.size()), c.kv_heads, capacity) / sizeof(float));
-    cpu::refresh_select(layer.host.View(), host_state, step.View(), {.selected = selected_counts.data()}, settings,
+    cpu::refresh_select(host.View(), host.RefreshView(), step.View(), {.selected = selected_counts.data()}, settings,
                         dense_probabilities.data(), coded_probabilities.data());
-    ASSERT_EQ(
-        cuda::refresh_select(device.View(), device_state, device_step.View(), {.selected = d_selected_counts.get()},
-                             settings, d_dense.get(), d_coded.get(), capacity, position_workspace.get(), nullptr),
-        cudaSuccess);
-    ExpectSameLiveEntries(device.Read(), layer.host, "refresh_select " + c.Name());
-    EXPECT_EQ(d_refresh_position.Read(), refresh_position) << c.Name();
-    EXPECT_EQ(d_steps.Read(), steps) << c.Name();
-    EXPECT_EQ(d_has_query.Read(), has_query) << c.Name();
+    ASSERT_EQ(cuda::refresh_select(device.View(), device.RefreshView(), device_step.View(),
+                                   {.selected = d_selected_counts.get()}, settings, d_dense.get(), d_coded.get(),
+                                   capacity, position_workspace.get(), nullptr),
+              cudaSuccess);
+    const HostLayer selected = device.Read();
+    ExpectSameLiveEntries(selected, host, "refresh_select " + c.Name());
+    EXPECT_EQ(selected.refresh_position, host.refresh_position) << c.Name();
+    EXPECT_EQ(selected.steps_since_refresh, host.steps_since_refresh) << c.Name();
+    EXPECT_EQ(selected.has_query, host.has_query) << c.Name();
   }
 }
 
