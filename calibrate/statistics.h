@@ -15,6 +15,8 @@
 
 namespace kvplan {
 
+// Collects, from full-cache forward passes, what every method needs; on the GPU runtime it reduces the tensors
+// where they are.
 class StatisticsObserver : public ForwardObserver {
  public:
   // Keeps the final hidden states of the first `hidden_rows` rows (the sharing search compares against them).
