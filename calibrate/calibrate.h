@@ -1,14 +1,16 @@
 // Offline calibration: runs the model on sample text, learns what each selected method needs (KVSharer layer
-// pairs, CSR dictionaries, attention coverage for token budgets, RefreshKV settings) and compiles a plan.
+// pairs, CSR dictionaries, attention coverage for token budgets, RefreshKV settings) and compiles a plan. The
+// work is done by stages over one opened session (calibrate/session.h): statistics, the sharing search,
+// dictionary training, the optimiser's measurements and the plan's verification, each in a file of its own.
 #pragma once
 
 #include <functional>
-#include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "calibrate/methods.h"
 #include "planner/planner.h"
 #include "plans/kvplan.pb.h"
 #include "runtime/backend.h"
@@ -31,7 +33,8 @@ struct CalibrateOptions {
   float target_memory_ratio = 0.2f;
   int reference_context = 0;  // the context the target is met at; 0: min(max positions, 2048)
   // Also quant (KIVI-style quantization) and optimise (quantization and budgets chosen per layer by measured loss).
-  std::set<std::string> methods = {"share", "dict", "budget", "refresh"};
+  CalibrationMethods methods = {CalibrationMethod::kShare, CalibrationMethod::kDict, CalibrationMethod::kBudget,
+                                CalibrationMethod::kRefresh};
   int sequences = 16;
   int sequence_length = 512;
   // KVSharer: accept a share while the last hidden state's cosine to the full model stays >= threshold.
@@ -81,10 +84,17 @@ struct CalibrationReport {
   int64_t peak_device_bytes = 0;  // device memory in use at its highest (sampled at each progress step); 0 on CPU
 };
 
-// Methods accepted in CalibrateOptions::methods.
-const std::set<std::string>& KnownMethods();
+class CalibrationSession;
 
+// Opens a session for `options` (the stage "loading the model") and calibrates over it; a random-weight shape
+// without random_tokens gets its synthetic plan without one.
 absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, const CalibrationProgress& progress = nullptr,
+                                     CalibrationReport* report = nullptr);
+// Calibrates over a session opened for the same model, data and device (CalibrationSession::Serves), as
+// `kvplan sweep` does for each of its points: the plan is the one Calibrate(options) writes. The report's stages
+// start after the loading.
+absl::StatusOr<plan::Plan> Calibrate(const CalibrateOptions& options, CalibrationSession& session,
+                                     const CalibrationProgress& progress = nullptr,
                                      CalibrationReport* report = nullptr);
 
 }  // namespace kvplan

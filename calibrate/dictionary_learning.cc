@@ -89,10 +89,4 @@ plan::Dictionary LearnDictionary(const std::vector<float>& samples, int dim, int
   return FinishDictionary(dictionary, dim, test, residuals.data(), split.held_back);
 }
 
-#ifndef KVPLAN_WITH_CUDA
-absl::StatusOr<plan::Dictionary> LearnDictionaryOnDevice(const std::vector<float>&, int, int, int, int) {
-  return absl::FailedPreconditionError("kvplan was built without CUDA: dictionaries train on the CPU only");
-}
-#endif
-
 }  // namespace kvplan

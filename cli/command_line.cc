@@ -155,7 +155,7 @@ CommandLine::CommandLine() {
   calibrate->add_option("--methods", calibrate_.methods, "comma-separated: share,dict,quant,budget,refresh,optimise")
       ->delimiter(',')
       ->check(kNonEmpty)
-      ->check(CLI::IsMember(KnownMethods()));
+      ->check(CLI::IsMember(CalibrationMethodNames()));
   AddCalibrationSizeFlags(calibrate, calibration);
   calibrate
       ->add_option("--share-threshold", calibration.share_cosine_threshold,

@@ -214,8 +214,8 @@ absl::Status RunBench(const BenchCommand& command) {
 absl::Status RunCalibrate(CalibrateCommand command) {
   if (command.methods.empty())
     return absl::InvalidArgumentError(
-        absl::StrCat("--methods names no method (known: ", absl::StrJoin(KnownMethods(), ", "), ")"));
-  command.options.methods = std::set<std::string>(command.methods.begin(), command.methods.end());
+        absl::StrCat("--methods names no method (known: ", absl::StrJoin(CalibrationMethodNames(), ", "), ")"));
+  KVPLAN_ASSIGN_OR_RETURN(command.options.methods, ParseCalibrationMethods(command.methods));
   if (command.scoring == "attention") {
     command.options.budget_settings.policy.scoring = plan::TokenBudgets::ATTENTION_SCORE;
   } else if (command.scoring != "l2") {

@@ -61,9 +61,10 @@ absl::Status RunBench(const BenchCommand& command);
 
 struct CalibrateCommand {
   CalibrateOptions options;
-  std::vector<std::string> methods = {"share", "dict", "budget", "refresh"};  // at least one of KnownMethods()
-  std::string scoring = "l2";                                                 // l2 | attention
-  std::string key_coding = "pre-rope";                                        // pre-rope | post-rope
+  // At least one of CalibrationMethodNames(); RunCalibrate parses them into options.methods.
+  std::vector<std::string> methods = {"share", "dict", "budget", "refresh"};
+  std::string scoring = "l2";           // l2 | attention
+  std::string key_coding = "pre-rope";  // pre-rope | post-rope
   bool no_merge = false;
   std::string device = "auto";
   std::string output_path;

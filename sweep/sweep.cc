@@ -9,9 +9,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "calibrate/session.h"
 #include "loader/documents.h"
-#include "loader/tokenizer.h"
 #include "loader/open_model.h"
+#include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "runtime/backend.h"
 #include "runtime/cache/plan_policies.h"
@@ -20,42 +21,43 @@ namespace kvplan {
 namespace {
 
 using plan::TokenBudgets;
+using enum CalibrationMethod;
 
 // Every preset states its methods and, where budgets are among them, their scoring, so it means the same whatever
 // the base options say. L2-norm eviction hurts the first layers (Devoto et al.), so L2 budgets exempt layers 0-1
 // (the planner's default); attention scores protect what those layers need and exempt none (bench/RESULTS.md).
-template <typename... Name>
-void Use(CalibrateOptions& options, Name... methods) {
+template <typename... Method>
+void Use(CalibrateOptions& options, Method... methods) {
   options.methods = {methods...};
   options.budget_settings.policy.scoring = TokenBudgets::KEY_L2_NORM;
   options.budget_settings.exempt_layers = BudgetSettings().exempt_layers;
 }
-template <typename... Name>
-void UseAttention(CalibrateOptions& options, Name... methods) {
+template <typename... Method>
+void UseAttention(CalibrateOptions& options, Method... methods) {
   Use(options, methods...);
   options.budget_settings.policy.scoring = TokenBudgets::ATTENTION_SCORE;
   options.budget_settings.exempt_layers.clear();
 }
 
 void Quantize(CalibrateOptions& options, int bits) {
-  Use(options, "quant");
+  Use(options, kQuant);
   options.key_bits = options.value_bits = bits;
 }
 
 const SweepMethod kSweepMethods[] = {
-    {"share", "KVSharer layer sharing", [](CalibrateOptions& o) { Use(o, "share"); }},
-    {"csr", "CSR sparse coding", [](CalibrateOptions& o) { Use(o, "dict"); }},
-    {"budget-l2", "token budgets, L2 key norms, layers 0-1 exempt", [](CalibrateOptions& o) { Use(o, "budget"); }},
-    {"budget-attn", "token budgets, attention scores", [](CalibrateOptions& o) { UseAttention(o, "budget"); }},
-    {"csr+budget", "csr and budget-attn", [](CalibrateOptions& o) { UseAttention(o, "dict", "budget"); }},
-    {"refresh", "RefreshKV", [](CalibrateOptions& o) { Use(o, "refresh"); }},
+    {"share", "KVSharer layer sharing", [](CalibrateOptions& o) { Use(o, kShare); }},
+    {"csr", "CSR sparse coding", [](CalibrateOptions& o) { Use(o, kDict); }},
+    {"budget-l2", "token budgets, L2 key norms, layers 0-1 exempt", [](CalibrateOptions& o) { Use(o, kBudget); }},
+    {"budget-attn", "token budgets, attention scores", [](CalibrateOptions& o) { UseAttention(o, kBudget); }},
+    {"csr+budget", "csr and budget-attn", [](CalibrateOptions& o) { UseAttention(o, kDict, kBudget); }},
+    {"refresh", "RefreshKV", [](CalibrateOptions& o) { Use(o, kRefresh); }},
     {"all", "share, csr, budget-attn and refresh together",
-     [](CalibrateOptions& o) { UseAttention(o, "share", "dict", "budget", "refresh"); }},
+     [](CalibrateOptions& o) { UseAttention(o, kShare, kDict, kBudget, kRefresh); }},
     {"quant8", "KIVI-style 8-bit keys and values", [](CalibrateOptions& o) { Quantize(o, 8); }},
     {"quant4", "KIVI-style 4-bit keys and values", [](CalibrateOptions& o) { Quantize(o, 4); }},
     {"quant2", "KIVI-style 2-bit keys and values", [](CalibrateOptions& o) { Quantize(o, 2); }},
     {"optimise", "quantization and attention-scored budgets chosen per layer by measured loss",
-     [](CalibrateOptions& o) { UseAttention(o, "optimise"); }},
+     [](CalibrateOptions& o) { UseAttention(o, kOptimise); }},
 };
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
@@ -86,6 +88,16 @@ ProgressCallback Stage(const StageProgressCallback& progress, const std::string&
   return [&progress, stage](int64_t done, int64_t total) { progress(stage, done, total); };
 }
 
+// The calibration session every point calibrates over: the checkpoint opened and the calibration data tokenized
+// once, as the stage "calibration data: loading the model".
+absl::StatusOr<std::unique_ptr<CalibrationSession>> OpenSession(const CalibrateOptions& calibration,
+                                                                const StageProgressCallback& progress) {
+  const StageProgressCallback labelled = Labelled(progress, "calibration data");
+  CalibrationReport opening;
+  StageClock clock(labelled, opening, ResolveBackend(calibration.device) == Backend::kCuda);
+  return CalibrationSession::Open(calibration, clock);
+}
+
 }  // namespace
 
 std::span<const SweepMethod> SweepMethods() { return kSweepMethods; }
@@ -102,12 +114,14 @@ absl::StatusOr<SweepMethod> FindSweepMethod(const std::string& name) {
 absl::StatusOr<SweepResult> Sweep(const SweepOptions& options, const StageProgressCallback& progress) {
   KVPLAN_RETURN_IF_ERROR(CheckOptions(options));
   const int context = options.perplexity.window;
-  KVPLAN_ASSIGN_OR_RETURN(const LoadedModel loaded, OpenModel(options.calibration.model_dir));
+  KVPLAN_ASSIGN_OR_RETURN(const std::unique_ptr<CalibrationSession> session,
+                          OpenSession(options.calibration, progress));
+  const LoadedModel& loaded = session->model();
   const ModelConfig& config = loaded.config;
-  KVPLAN_ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::Load(options.calibration.model_dir + "/tokenizer.json"));
+  const Tokenizer& tokenizer = *loaded.tokenizer;
   KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(options.eval_data_path));
   const std::vector<int32_t> tokens =
-      TokenizeDocuments(*tokenizer, SplitDocuments(text), config.bos_token_id, options.perplexity.max_tokens);
+      TokenizeDocuments(tokenizer, SplitDocuments(text), config.bos_token_id, options.perplexity.max_tokens);
 
   int capacity = context;
   for (int length : options.needle.context_lengths) capacity = std::max(capacity, length);
@@ -123,8 +137,8 @@ absl::StatusOr<SweepResult> Sweep(const SweepOptions& options, const StageProgre
   auto start = std::chrono::steady_clock::now();
   KVPLAN_ASSIGN_OR_RETURN(full.perplexity, EvaluatePerplexity(*reference, tokens, options.perplexity,
                                                               Stage(progress, "full cache: perplexity")));
-  KVPLAN_ASSIGN_OR_RETURN(
-      full.needle, EvaluateNeedle(*reference, *tokenizer, options.needle, Stage(progress, "full cache: needle")));
+  KVPLAN_ASSIGN_OR_RETURN(full.needle,
+                          EvaluateNeedle(*reference, tokenizer, options.needle, Stage(progress, "full cache: needle")));
   for (NeedleResult& needle : full.needle) needle.reference_correct = needle.correct;
   full.eval_seconds = SecondsSince(start);
 
@@ -140,7 +154,7 @@ absl::StatusOr<SweepResult> Sweep(const SweepOptions& options, const StageProgre
       calibration.target_memory_ratio = target;
       calibration.reference_context = context;
       start = std::chrono::steady_clock::now();
-      KVPLAN_ASSIGN_OR_RETURN(const plan::Plan plan, Calibrate(calibration, Labelled(progress, label)));
+      KVPLAN_ASSIGN_OR_RETURN(const plan::Plan plan, Calibrate(calibration, *session, Labelled(progress, label)));
       point.calibration_seconds = SecondsSince(start);
       point.meets_target = CheckMemoryTarget(plan).ok();
       point.kv_bytes = PlanCacheBytes(plan, context);
@@ -154,7 +168,7 @@ absl::StatusOr<SweepResult> Sweep(const SweepOptions& options, const StageProgre
                                                 Stage(progress, absl::StrCat(label, ": perplexity"))));
       point.perplexity = compared.model;
       point.divergence = compared.divergence;
-      KVPLAN_ASSIGN_OR_RETURN(point.needle, EvaluateNeedle(*planned, *tokenizer, options.needle,
+      KVPLAN_ASSIGN_OR_RETURN(point.needle, EvaluateNeedle(*planned, tokenizer, options.needle,
                                                            Stage(progress, absl::StrCat(label, ": needle"))));
       for (size_t i = 0; i < point.needle.size(); ++i) point.needle[i].reference_correct = full.needle[i].correct;
       point.eval_seconds = SecondsSince(start);

@@ -50,7 +50,7 @@ struct SweepPoint {
   PerplexityResult perplexity;
   std::optional<DivergenceResult> divergence;  // from the full cache; unset on the full cache's row
   std::vector<NeedleResult> needle;            // reference_correct: the full cache's count on the same trials
-  double calibration_seconds = 0;
+  double calibration_seconds = 0;  // the point's calibration stages; the session is opened once, before them
   double eval_seconds = 0;
 
   double kv_reduction() const { return kv_bytes > 0 ? double(full_kv_bytes) / kv_bytes : 0.0; }
@@ -65,12 +65,13 @@ struct SweepResult {
   std::vector<SweepPoint> points;  // methods in the order given, each with its targets in the order given
 };
 
-// Runs the full cache once (perplexity, needle), then calibrates and evaluates every (method, target) point.
-// Evaluation builds its two models once (the full cache, and one that switches to each point's plan);
-// Calibrate opens the model directory itself for each point (memory-mapped weights, so that costs little on the
-// CPU). KL divergence and top-1 agreement need the full cache's logits beside each plan's, so its windows run
-// again with every point (keeping them would take tokens × vocabulary floats); its needle trials do not.
-// `progress` gets stages named "<point>: <stage>", e.g. "[2/8] csr+budget at 0.25: dictionaries".
+// Opens one calibration session (calibrate/session.h: the checkpoint, its tokenizer and the calibration data's
+// sequences), runs the full cache once (perplexity, needle), then calibrates over the session and evaluates every
+// (method, target) point. Evaluation builds its two models once (the full cache, and one that switches to each
+// point's plan) on the session's weights; each point's calibration builds its own runtime model. KL divergence and
+// top-1 agreement need the full cache's logits beside each plan's, so its windows run again with every point (keeping
+// them would take tokens × vocabulary floats); its needle trials do not. `progress` gets stages named "<point>:
+// <stage>", e.g. "[2/8] csr+budget at 0.25: dictionaries", after "calibration data: loading the model".
 // InvalidArgument, before any work, for an unknown method (named), no methods or targets, a target outside (0, 1]
 // or no evaluation data; then the errors of loading the model and data, of Calibrate and of the evaluations
 // (eval data shorter than one window, say) pass through.

@@ -2,7 +2,8 @@
 #   kernels  <- nothing of kvplan's but kernels and base/number_formats.h; no .cu or .cuh includes abseil or protobuf
 #   base, plans, planner: never runtime, loader, kernels, eval or calibrate (planner and runtime meet only in plans)
 #   loader: never plans, runtime, eval, planner or calibrate;  runtime: never eval, planner or calibrate
-#   calibrate: never eval (it reads text through loader/);  sweep: never cli;  serve: never eval, planner or calibrate
+#   calibrate: never eval (it reads text through loader/), nor, outside calibrate/cuda/, the GPU's rooms or #ifdef CUDA
+#   sweep: never cli;  serve: never eval, planner or calibrate
 #   capi: the runtime's rooms only
 set(rules
   "kernels:base/status_macros|base/hash|plans/|loader/|runtime/|eval/|planner/|calibrate/|cli/"
@@ -30,13 +31,22 @@ foreach(rule IN LISTS rules)
     endforeach()
   endforeach()
 endforeach()
-file(GLOB_RECURSE device_sources "${SOURCE_DIR}/kernels/*.cu" "${SOURCE_DIR}/kernels/*.cuh")
-foreach(source IN LISTS device_sources)
-  file(STRINGS "${source}" includes REGEX "^#include [\"<](absl/|google/protobuf)")
-  foreach(line IN LISTS includes)
-    list(APPEND violations "${source}: ${line}")
+# The lines of the files named after `pattern` that match it are violations.
+function(forbid_lines pattern)
+  foreach(source IN LISTS ARGN)
+    file(STRINGS "${source}" lines REGEX "${pattern}")
+    foreach(line IN LISTS lines)
+      list(APPEND violations "${source}: ${line}")
+    endforeach()
   endforeach()
-endforeach()
+  set(violations "${violations}" PARENT_SCOPE)
+endfunction()
+file(GLOB_RECURSE device_sources "${SOURCE_DIR}/kernels/*.cu" "${SOURCE_DIR}/kernels/*.cuh")
+forbid_lines("^#include [\"<](absl/|google/protobuf)" ${device_sources})
+# Calibration's GPU parts live in calibrate/cuda/, which CMake builds only with CUDA: the rest of calibrate/ neither
+# includes the GPU's rooms nor asks whether CUDA is there.
+file(GLOB calibrate_sources "${SOURCE_DIR}/calibrate/*.h" "${SOURCE_DIR}/calibrate/*.cc")
+forbid_lines("^#(include \"(kernels|runtime)/cuda/|if.*KVPLAN_WITH_CUDA)" ${calibrate_sources})
 if(violations)
   list(JOIN violations "\n" message)
   message(FATAL_ERROR "layering violations:\n${message}")

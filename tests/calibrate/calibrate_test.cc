@@ -3,10 +3,12 @@
 #include "calibrate/calibrate.h"
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "base/build_info.h"
+#include "calibrate/session.h"
 #include "eval/evaluate.h"
 #include "loader/documents.h"
 #include "loader/open_model.h"
-#include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "plans/plan_io.h"
 #include "runtime/cache/plan_policies.h"
@@ -55,6 +57,7 @@ TEST(CalibrateTest, EveryMethodEndToEnd) {
   EXPECT_GT(report.share_candidates, 0);
   EXPECT_GT(report.seconds_per_share_candidate, 0.0);
   EXPECT_EQ(report.peak_device_bytes, 0);
+  EXPECT_EQ(plan.calibration().tool_version(), absl::StrCat("kvplan ", kKvplanVersion));
   EXPECT_EQ(plan.sharing().shares_size(), 1);
   EXPECT_GT(plan.sparse_coding().layers_size(), 0);
   EXPECT_GT(plan.budgets().layers_size(), 0);
@@ -69,9 +72,8 @@ TEST(CalibrateTest, EveryMethodEndToEnd) {
   KVPLAN_ASSERT_OK_AND_ASSIGN(read, ReadPlanFile(path));
   KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(testing::FixtureModelDir()));
   KVPLAN_ASSERT_OK_AND_ASSIGN(model, CreatePlannedCpuModel(loaded.config, *loaded.weights, read, {.capacity = 512}));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(testing::FixtureModelDir() + "/tokenizer.json"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(text, ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt"));
-  const std::vector<int32_t> tokens = TokenizeDocuments(*tokenizer, SplitDocuments(text), 0, 512);
+  const std::vector<int32_t> tokens = TokenizeDocuments(*loaded.tokenizer, SplitDocuments(text), 0, 512);
   KVPLAN_ASSERT_OK_AND_ASSIGN(result, EvaluatePerplexity(*model, tokens, {.window = 512, .max_tokens = 512}));
   EXPECT_TRUE(std::isfinite(result.perplexity));
   EXPECT_LT(result.perplexity, 200.0);
@@ -87,7 +89,7 @@ TEST(CalibrateTest, EveryMethodEndToEnd) {
 TEST(CalibrateTest, OptimiserChoosesMeasuredSettingsAndVerifiesThem) {
   CalibrateOptions options = SmallOptions();
   options.device = Backend::kCpu;
-  options.methods = {"optimise"};
+  options.methods = {CalibrationMethod::kOptimise};
   options.sequences = 4;
   options.sequence_length = 64;
   options.optimiser_widths = {4};
@@ -113,20 +115,72 @@ TEST(CalibrateTest, OptimiserChoosesMeasuredSettingsAndVerifiesThem) {
   EXPECT_FLOAT_EQ(decisions.retrieval_weight(), options.retrieval_weight);
   for (const auto& entry : plan.quantization().layers()) EXPECT_EQ(entry.key_channel_scale_size(), 2 * 64);
 
-  options.methods = {"optimise", "budget"};
+  options.methods = {CalibrationMethod::kOptimise, CalibrationMethod::kBudget};
   EXPECT_TRUE(absl::StrContains(Calibrate(options).status().message(), "drop budget"));
-  options.methods = {"optimise"};
+  options.methods = {CalibrationMethod::kOptimise};
   options.sequences = 3;  // 2 to measure and 2 to verify need 4
   EXPECT_EQ(Calibrate(options).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// `kvplan sweep` calibrates every point over one session: each plan is byte for byte the one a calibration that
+// opens the model itself writes, and a session refuses options that read other data.
+TEST(CalibrateTest, CalibrationsOverOneSessionMatchSeparateOnes) {
+  CalibrateOptions options = SmallOptions();
+  options.device = Backend::kCpu;
+  options.sequences = 2;
+  options.sequence_length = 64;
+  CalibrationReport opening;
+  KVPLAN_ASSERT_OK_AND_ASSIGN(session, [&] {
+    StageClock clock(nullptr, opening, false);
+    return CalibrationSession::Open(options, clock);
+  }());
+  ASSERT_EQ(opening.stage_seconds.size(), 1u);
+  EXPECT_EQ(opening.stage_seconds[0].first, "loading the model");
+  EXPECT_EQ(session->sequences().size(), 2u);
+  using enum CalibrationMethod;
+  for (const CalibrationMethods& methods : {CalibrationMethods{kShare, kBudget, kRefresh}, CalibrationMethods{kQuant},
+                                            CalibrationMethods{kDict, kBudget}}) {
+    options.methods = methods;
+    CalibrationReport report;
+    KVPLAN_ASSERT_OK_AND_ASSIGN(over_session, Calibrate(options, *session, nullptr, &report));
+    KVPLAN_ASSERT_OK_AND_ASSIGN(alone, Calibrate(options));
+    EXPECT_EQ(over_session.SerializeAsString(), alone.SerializeAsString());
+    EXPECT_EQ(report.device, "cpu");
+    EXPECT_NE(report.stage_seconds.front().first, "loading the model");
+  }
+  options.sequence_length = 32;
+  EXPECT_EQ(Calibrate(options, *session).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The synthetic plan of a random-weight shape is stamped with the version too.
+TEST(CalibrateTest, SyntheticPlanCarriesTheVersion) {
+  CalibrateOptions options;
+  options.model_shape = "llama-3-8b";
+  options.methods = {CalibrationMethod::kBudget, CalibrationMethod::kQuant};
+  KVPLAN_ASSERT_OK_AND_ASSIGN(plan, Calibrate(options));
+  EXPECT_EQ(plan.calibration().tool_version(), absl::StrCat("kvplan ", kKvplanVersion));
+  EXPECT_EQ(plan.quantization().layers_size(), 32);
+  options.methods = {CalibrationMethod::kShare};
+  EXPECT_EQ(Calibrate(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CalibrateTest, MethodsAreParsedOnceNamingAnUnknownOne) {
+  KVPLAN_ASSERT_OK_AND_ASSIGN(methods, ParseCalibrationMethods({"share", "quant", "share"}));
+  EXPECT_EQ(methods, (CalibrationMethods{CalibrationMethod::kShare, CalibrationMethod::kQuant}));
+  EXPECT_FALSE(methods.contains(CalibrationMethod::kDict));
+  for (const std::string& name : CalibrationMethodNames()) {
+    KVPLAN_ASSERT_OK_AND_ASSIGN(one, ParseCalibrationMethods({name}));
+    EXPECT_FALSE(one.empty()) << name;
+  }
+  const auto unknown = ParseCalibrationMethods({"share", "quantize"});
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(unknown.status().message(),
+                                "unknown method \"quantize\" (known: budget, dict, optimise, quant, refresh, share)"))
+      << unknown.status();
+}
+
 TEST(CalibrateTest, BadOptionsAreRejected) {
   CalibrateOptions options = SmallOptions();
-  options.methods = {"share", "quantize"};
-  const auto unknown = Calibrate(options);
-  ASSERT_FALSE(unknown.ok());
-  EXPECT_NE(unknown.status().message().find("quantize"), std::string::npos);
-  options = SmallOptions();
   options.target_memory_ratio = 3.0f;
   EXPECT_FALSE(Calibrate(options).ok());
   options = SmallOptions();

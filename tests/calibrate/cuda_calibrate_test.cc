@@ -7,7 +7,6 @@
 #include "eval/evaluate.h"
 #include "loader/documents.h"
 #include "loader/open_model.h"
-#include "loader/tokenizer.h"
 #include "planner/planner.h"
 #include "runtime/backend.h"
 #include "runtime/cpu/cpu_model.h"
@@ -77,9 +76,8 @@ TEST(CudaCalibrateTest, GpuCalibrationIsAsGoodAsCpu) {
   options.max_training_vectors = 4096;
   options.target_memory_ratio = 0.3f;
   KVPLAN_ASSERT_OK_AND_ASSIGN(loaded, OpenModel(options.model_dir));
-  KVPLAN_ASSERT_OK_AND_ASSIGN(tokenizer, Tokenizer::Load(options.model_dir + "/tokenizer.json"));
   KVPLAN_ASSERT_OK_AND_ASSIGN(text, ReadTextFile(testing::SharedDir() + "/data/heldout-git-docs.txt"));
-  const std::vector<int32_t> heldout = TokenizeDocuments(*tokenizer, SplitDocuments(text), 0, 1024);
+  const std::vector<int32_t> heldout = TokenizeDocuments(*loaded.tokenizer, SplitDocuments(text), 0, 1024);
   double perplexity[2];
   for (int on_gpu = 0; on_gpu < 2; ++on_gpu) {
     options.device = on_gpu ? Backend::kCuda : Backend::kCpu;

@@ -121,7 +121,7 @@ class CudaPlanTest : public ::testing::Test {
     CalibrateOptions options;
     options.model_dir = testing::FixtureModelDir();
     options.data_path = testing::SharedDir() + "/data/calib-sample.txt";
-    options.methods = {"dict"};
+    options.methods = {CalibrationMethod::kDict};
     options.sequences = 4;
     options.sequence_length = 256;
     options.dictionary_atoms = 256;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "cli/command_line.h"
 #include "cli/commands.h"
@@ -197,7 +198,7 @@ TEST(SweepReportTest, ThePlotHasOneLinePerMethodInEachPanelAndALegend) {
   EXPECT_FALSE(IsSweepCsv("method,score\n"));
 }
 
-TEST(SweepTest, EveryPresetNamesKnownCalibrationMethods) {
+TEST(SweepTest, EveryPresetSetsItsCalibrationMethods) {
   std::set<std::string> names;
   for (const SweepMethod& method : SweepMethods()) {
     EXPECT_TRUE(names.insert(method.name).second) << "duplicate " << method.name;
@@ -206,14 +207,24 @@ TEST(SweepTest, EveryPresetNamesKnownCalibrationMethods) {
     options.methods.clear();
     method.configure(options);
     EXPECT_FALSE(options.methods.empty()) << method.name;
-    for (const std::string& calibration_method : options.methods)
-      EXPECT_TRUE(KnownMethods().contains(calibration_method)) << method.name << ": " << calibration_method;
   }
   KVPLAN_ASSERT_OK_AND_ASSIGN(budget, FindSweepMethod("budget-attn"));
   CalibrateOptions options;
   budget.configure(options);
-  EXPECT_EQ(options.methods, (std::set<std::string>{"budget"}));
+  EXPECT_EQ(options.methods, CalibrationMethods{CalibrationMethod::kBudget});
   EXPECT_EQ(options.budget_settings.policy.scoring, plan::TokenBudgets::ATTENTION_SCORE);
+}
+
+// The checkpoint is opened and the calibration data tokenized once for the whole grid, not once per point.
+TEST(SweepTest, OneSessionServesEveryPoint) {
+  SweepOptions options = TinySweep(TestFolder("session")).options;
+  options.targets = {0.5f};
+  std::vector<std::string> loads;
+  KVPLAN_ASSERT_OK_AND_ASSIGN(result, Sweep(options, [&](const std::string& stage, int64_t done, int64_t) {
+                                if (absl::StrContains(stage, "loading the model") && done == 0) loads.push_back(stage);
+                              }));
+  EXPECT_EQ(result.points.size(), 2u);
+  EXPECT_EQ(loads, std::vector<std::string>{"calibration data: loading the model"});
 }
 
 TEST(SweepTest, BadInputIsRefusedNamingTheProblem) {
