@@ -1,6 +1,6 @@
 # Sourced by the device scripts: unpacks the carried build (binaries, non-system libraries, fixtures).
 set -o pipefail
-mkdir -p /tmp/kv && tar -C /tmp/kv -xJf .device-carry/carry.tar.xz && nproc
+mkdir -p /tmp/kv && tar -C /tmp/kv -xJf ${CARRY:-.device-carry}/carry.tar.xz && nproc
 export LD_LIBRARY_PATH=/tmp/kv/lib:${LD_LIBRARY_PATH:-}
 export KVPLAN_SHARED_DIR=/tmp/kv/shared
 export PYTHONUNBUFFERED=1

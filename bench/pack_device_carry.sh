@@ -1,5 +1,6 @@
 # Packs what the device runs need into .device-carry/carry.tar.xz (git-ignored): the CUDA build's binaries,
 # the non-system shared libraries they load (ldd), the fixtures, and plans given as arguments.
+# CARRY names the folder it writes (default .device-carry; bench/device_setup.sh reads the same variable).
 # BUILD names the CUDA build folder (default build-cuda), BINARIES the programs to carry (paths in it); KVPLAN_BEFORE, a kvplan binary of another build to
 # carry as bin/kvplan-before (bench/device_ab_plans.sh compares the two).
 set -euo pipefail
@@ -19,7 +20,8 @@ strip $stage/bin/*
 cp -r ../shared/models/llama-dev-6m ../shared/models/llama-dev-16l $stage/shared/models/
 cp ../shared/data/heldout-git-docs.txt ../shared/data/calib-sample.txt $stage/shared/data/
 for plan in "$@"; do cp "$plan" $stage/plans/; done
-rm -rf .device-carry && mkdir .device-carry
-XZ_OPT=${XZ_OPT:--9 -T2} tar -C $stage -cJf .device-carry/carry.tar.xz bin lib plans shared
+carry=${CARRY:-.device-carry}
+rm -rf $carry && mkdir $carry
+XZ_OPT=${XZ_OPT:--9 -T2} tar -C $stage -cJf $carry/carry.tar.xz bin lib plans shared
 rm -rf $stage
-du -sh .device-carry
+du -sh $carry
