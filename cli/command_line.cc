@@ -71,6 +71,16 @@ CommandLine::CommandLine() {
   // Every --help shows each option's default; subcommands inherit this from the app.
   app_.option_defaults()->always_capture_default();
 
+  AddGenerateCommand();
+  AddEvalCommand();
+  AddBenchCommand();
+  AddCalibrateCommand();
+  AddSweepCommand();
+  AddInspectCommands();
+  AddServeCommand();
+}
+
+void CommandLine::AddGenerateCommand() {
   CLI::App* generate = app_.add_subcommand("generate", "greedy text generation");
   AddCommonRunFlags(generate, generate_.model_dir, generate_.allow_longer_context);
   generate->get_option("--model")->required();
@@ -78,7 +88,9 @@ CommandLine::CommandLine() {
   generate->add_option("--max-new-tokens", generate_.max_new_tokens, "tokens to generate")->check(kPositive);
   AddDevice(generate, generate_.device, "auto | cpu | cuda");
   generate->add_option("--plan", generate_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
+}
 
+void CommandLine::AddEvalCommand() {
   CLI::App* eval = app_.add_subcommand(
       "eval", "held-out perplexity and pass-key (needle) accuracy; with --plan, against the full cache too");
   AddCommonRunFlags(eval, eval_.model_dir, eval_.allow_longer_context);
@@ -100,7 +112,9 @@ CommandLine::CommandLine() {
                    "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
   eval->add_flag("--force", eval_.force, "replace existing output files kvplan did not write");
   AddQuietFlag(eval, eval_.quiet);
+}
 
+void CommandLine::AddBenchCommand() {
   CLI::App* bench = app_.add_subcommand(
       "bench", "decode tokens/s (median and range of repetitions), KV bytes and prefill tokens/s per context length");
   AddCommonRunFlags(bench, bench_.model_dir, bench_.allow_longer_context);
@@ -122,7 +136,9 @@ CommandLine::CommandLine() {
       ->add_option("--fit-memory", bench_.fit_memory_gb,
                    "CUDA: decode the largest batch whose device memory fits this many GB (instead of --batch)")
       ->check(kPositive);
+}
 
+void CommandLine::AddCalibrateCommand() {
   CalibrateOptions& calibration = calibrate_.options;
   CLI::App* calibrate = app_.add_subcommand("calibrate", "learn a cache plan from sample text");
   AddCommonRunFlags(calibrate, calibration.model_dir, calibrate_.allow_longer_context);
@@ -217,7 +233,9 @@ CommandLine::CommandLine() {
   AddList(calibrate, "--exempt-layers", calibration.budget_settings.exempt_layers,
           "budgets: layers that keep every token (default 0,1; pass -1 for none)")
       ->check(CLI::Range(-1, 1 << 20));
+}
 
+void CommandLine::AddSweepCommand() {
   SweepOptions& sweep_options = sweep_.options;
   CalibrateOptions& sweep_calibration = sweep_options.calibration;
   std::vector<std::string> sweep_methods, sweep_method_help;
@@ -262,7 +280,9 @@ CommandLine::CommandLine() {
   sweep->add_option("--needle-trials", sweep_options.needle.trials, "needle trials per length, at evenly spread depths")
       ->check(kPositive);
   AddCalibrationSizeFlags(sweep, sweep_calibration);
+}
 
+void CommandLine::AddInspectCommands() {
   CLI::App* inspect = app_.add_subcommand("inspect", "print a plan's decisions and memory per context length");
   inspect->add_option("plan", inspect_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
   inspect->add_flag("--json", inspect_.json, "as JSON");
@@ -274,7 +294,9 @@ CommandLine::CommandLine() {
       ->required()
       ->check(CLI::ExistingDirectory);
   validate->add_option("plan", validate_.plan_path, "plan file")->required()->check(CLI::ExistingFile);
+}
 
+void CommandLine::AddServeCommand() {
   CLI::App* serve = app_.add_subcommand(
       "serve", "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching");
   serve->add_option("--model", serve_.model_dir, "Hugging Face model directory")

@@ -20,6 +20,14 @@ class CommandLine {
   absl::Status Run() const;
 
  private:
+  // One per subcommand: each declares its options into the command struct it fills.
+  void AddGenerateCommand();
+  void AddEvalCommand();
+  void AddBenchCommand();
+  void AddCalibrateCommand();
+  void AddSweepCommand();
+  void AddInspectCommands();
+  void AddServeCommand();
   CLI::App app_{"kvplan: KV-cache compression plans for Llama-family models"};
   GenerateCommand generate_;
   EvalCommand eval_;
