@@ -17,8 +17,10 @@ for binary in $stage/bin/*; do ldd $binary; done | awk '/=>/ {print $1, $3}' | s
   grep -vE '^(libc\.|libm\.|libpthread|libdl|librt|ld-linux|libcublas|libcuda\.)' | awk '{print $2}' |
   xargs -I{} cp -L {} $stage/lib/
 strip $stage/bin/*
-cp -r ../shared/models/llama-dev-6m ../shared/models/llama-dev-16l $stage/shared/models/
-cp ../shared/data/heldout-git-docs.txt ../shared/data/calib-sample.txt $stage/shared/data/
+if [ "${FIXTURES:-1}" = 1 ]; then  # FIXTURES=0: runs on --shape models need none
+  cp -r ../shared/models/llama-dev-6m ../shared/models/llama-dev-16l $stage/shared/models/
+  cp ../shared/data/heldout-git-docs.txt ../shared/data/calib-sample.txt $stage/shared/data/
+fi
 for plan in "$@"; do cp "$plan" $stage/plans/; done
 carry=${CARRY:-.device-carry}
 rm -rf $carry && mkdir $carry
