@@ -29,7 +29,7 @@ class StageClock {
   CalibrationReport& report() { return report_; }
 
  private:
-  const CalibrationProgress& progress_;
+  CalibrationProgress progress_;  // a copy: callers pass temporaries (nullptr, lambdas)
   CalibrationReport& report_;
   bool on_device_;
   std::string stage_;
