@@ -6,9 +6,11 @@ rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 header = rows[0]; rows = rows[1:]
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 k = header.index("Kernel Name"); v = header.index("Metric Value"); u = header.index("Metric Unit")
+# ncu names units by its version: "nsecond" (2022) or "ns" (2025).
+MICROSECONDS_PER_UNIT = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 total = collections.defaultdict(float); count = collections.Counter()
 for r in rows:
-    value = float(r[v].replace(",", "")) * (1e-3 if r[u] == "nsecond" else 1.0 if r[u] == "usecond" else 1e3)
+    value = float(r[v].replace(",", "")) * MICROSECONDS_PER_UNIT[r[u]]
     name = r[k].split("(")[0][:70]
     if steps and "noise" in name: continue
     total[name] += value / max(steps, 1); count[name] += 1

@@ -397,12 +397,42 @@ struct NoCodedEntries {
   __device__ __forceinline__ void write_weights(const AttentionLaunch&, int64_t, int, float) const {}
 };
 
-// Quantized coded entries, read before the dense ones as those are: each lane dequantizes its 8 dimensions (the
-// key's scaled back by its channel scales) and the entry joins the dense pass's online softmax.
+// A lane's 8 channels of a quantized vector: the vector's range word (scale and minimum, fp16) and the one or two
+// words that hold the lane's levels (8 * bits bits from bit 8 * bits * lane of the level words; int8 spans two).
+struct QuantizedLane {
+  uint32_t range;
+  uint2 levels;
+};
+__device__ __forceinline__ QuantizedLane load_quantized_lane(const uint32_t* words, int bits, int dim_base) {
+  const uint32_t* first = words + 1 + dim_base * bits / 32;
+  return {__ldg(words), make_uint2(__ldg(first), bits == 8 ? __ldg(first + 1) : 0u)};
+}
+// The lane's channels as cpu::dequantize_vector rounds them (a multiply and an add, not fused), times the key's
+// channel scales where given.
+__device__ __forceinline__ void dequantize_quantized_lane(const QuantizedLane& lane, int bits, int dim_base,
+                                                          const float* channel_scale, float (&out)[8]) {
+  const float scale = fp16_value(uint16_t(lane.range & 0xffff)), minimum = fp16_value(uint16_t(lane.range >> 16));
+  const int first_bit = dim_base * bits % 32;
+  const uint32_t mask = (1u << bits) - 1u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int bit = first_bit + i * bits;
+    const uint32_t level = ((bit < 32 ? lane.levels.x : lane.levels.y) >> (bit % 32)) & mask;
+    out[i] = __fadd_rn(minimum, __fmul_rn(scale, float(level)));
+    if (channel_scale != nullptr) out[i] = __fmul_rn(out[i], channel_scale[i]);
+  }
+}
+
+// Quantized coded entries, read before the dense ones as those are: each lane group takes kUnroll entries per tile
+// (their range and level words loaded together, one or two 4-byte loads per vector and lane, so several entries are
+// in flight), dequantizes its 8 dimensions in registers (the key's scaled back by its channel scales), and the tile
+// joins the dense pass's online softmax with one rescale per tile.
 template <int kHeadDim, int kGroup>
 struct QuantizedEntries : NoCodedEntries<kHeadDim, kGroup> {
   // Four in flight spilled at group 4 beside the quantized pass.
   static constexpr int kDenseUnroll = 2;
+  // Entries per lane group and tile: four spilled at group 4, where two blocks per SM cap a thread at 128 registers.
+  static constexpr int kUnroll = kGroup == 4 ? 2 : 4;
 
   __device__ QuantizedEntries(float* shared, const SplitSharedLayout& layout)
       : NoCodedEntries<kHeadDim, kGroup>(shared, layout) {}
@@ -412,41 +442,50 @@ struct QuantizedEntries : NoCodedEntries<kHeadDim, kGroup> {
                                                     float (&running_sum)[kGroup], float (&acc)[kGroup][8]) {
     constexpr int kLanesPerEntry = SplitThread<kHeadDim>::kLanesPerEntry;
     constexpr int kEntriesPerStep = SplitThread<kHeadDim>::kEntriesPerStep;
+    constexpr int kEntriesPerWarpTile = kEntriesPerStep * kUnroll;
     const int64_t coded_base = p.layer.coded_begin[t.head];
+    const int key_bits = p.tables.key_bits, value_bits = p.tables.value_bits;
     float key_scale[8];
     load_floats<8>(p.tables.key_channel_scale + int64_t(t.kv_head) * kHeadDim + t.dim_base, key_scale);
-    for (int first = t.share.coded_begin + t.warp * kEntriesPerStep; first < t.share.coded_end;
-         first += kSplitWarps * kEntriesPerStep) {
-      const int entry = first + t.entry_slot;
-      const int64_t slot = coded_base + entry;
-      const int32_t position = entry < t.share.coded_end ? p.layer.coded_positions[slot] : INT32_MAX;
-      const bool visible =
-          position <= t.query_position && t.filter.sees_slot(p.layer.coded_selected, slot, position);
-      float key[8] = {}, value[8] = {};
-      if (entry < t.share.coded_end) {
-        const uint32_t* key_words = p.layer.key_codes + slot * p.layer.key_sparsity;
-        const uint32_t* value_words = p.layer.value_codes + slot * p.layer.value_sparsity;
-        const QuantizedRange key_range = quantized_range(key_words), value_range = quantized_range(value_words);
+    for (int tile = t.share.coded_begin + t.warp * kEntriesPerWarpTile; tile < t.share.coded_end;
+         tile += kSplitWarps * kEntriesPerWarpTile) {
+      QuantizedLane keys[kUnroll], values[kUnroll];
+      bool visible[kUnroll];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          key[i] = __fmul_rn(dequantized_channel(key_words, key_range, t.dim_base + i, p.tables.key_bits, nullptr),
-                             key_scale[i]);
-          value[i] = dequantized_channel(value_words, value_range, t.dim_base + i, p.tables.value_bits, nullptr);
-        }
+      for (int u = 0; u < kUnroll; ++u) {
+        const int entry = tile + u * kEntriesPerStep + t.entry_slot;
+        const int64_t slot = coded_base + entry;
+        keys[u] = values[u] = QuantizedLane{0u, make_uint2(0u, 0u)};
+        visible[u] = false;
+        if (entry >= t.share.coded_end) continue;
+        keys[u] = load_quantized_lane(p.layer.key_codes + slot * p.layer.key_sparsity, key_bits, t.dim_base);
+        values[u] = load_quantized_lane(p.layer.value_codes + slot * p.layer.value_sparsity, value_bits, t.dim_base);
+        const int32_t position = p.layer.coded_positions[slot];
+        visible[u] = position <= t.query_position && t.filter.sees_slot(p.layer.coded_selected, slot, position);
       }
-      float score[1][kGroup];
+      float score[kUnroll][kGroup];
 #pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
-        score[0][g] = visible ? dot : -INFINITY;
+      for (int u = 0; u < kUnroll; ++u) {
+        float key[8];
+        dequantize_quantized_lane(keys[u], key_bits, t.dim_base, key_scale, key);
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
+          score[u][g] = visible[u] ? dot : -INFINITY;
+        }
       }
       rescale_to_tile(score, running_max, running_sum, acc);
 #pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        const float weight = __expf(score[0][g] - running_max[g]);
-        running_sum[g] += weight;
+      for (int u = 0; u < kUnroll; ++u) {
+        float value[8];
+        dequantize_quantized_lane(values[u], value_bits, t.dim_base, nullptr, value);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
+        for (int g = 0; g < kGroup; ++g) {
+          const float weight = __expf(score[u][g] - running_max[g]);
+          running_sum[g] += weight;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
+        }
       }
     }
   }
