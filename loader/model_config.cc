@@ -57,12 +57,44 @@ T Optional(const json& object, const char* key, T fallback) {
   return ValueAs<T>(object[key]).value_or(fallback);
 }
 
+// Like Optional, but a value that is present and of the wrong type or range is an error, not the fallback.
+template <typename T>
+absl::StatusOr<T> CheckedOptional(const json& object, const char* key, T fallback) {
+  if (!object.contains(key) || object[key].is_null()) return fallback;
+  return Required<T>(object, key);
+}
+
 // eos_token_id may be a list (Llama 3 instruct); the first entry is the one generation stops on.
 int FirstTokenId(const json& object, const char* key) {
   if (!object.contains(key) || object[key].is_null()) return -1;
   const json& value = object[key];
   if (value.is_array()) return value.empty() ? -1 : JsonInteger<int>(value[0]).value_or(-1);
   return JsonInteger<int>(value).value_or(-1);
+}
+
+// transformers' defaults where config.json leaves max_position_embeddings out: LlamaConfig 2048, MistralConfig
+// 4096 * 32, Qwen2Config 32768.
+int64_t DefaultMaxPositions(const std::string& architecture) {
+  if (architecture == "MistralForCausalLM") return 4096 * 32;
+  if (architecture == "Qwen2ForCausalLM") return 32768;
+  return 2048;
+}
+
+// Values that parse but would make the model silently wrong: a non-positive epsilon (NaN or negative variance
+// terms), a context no model has (0 or negative turns off every position check, beyond 2^24 no real model
+// reaches), and special tokens outside the vocabulary (generation would never stop, or embed out of bounds).
+absl::Status CheckValues(const ModelConfig& model) {
+  if (!(model.rms_norm_eps > 0.0f))
+    return ConfigError(absl::StrCat("\"rms_norm_eps\" must be positive (got ", model.rms_norm_eps, ")"));
+  constexpr int64_t kMaxPositions = int64_t(1) << 24;
+  if (model.max_position_embeddings < 1 || model.max_position_embeddings > kMaxPositions)
+    return ConfigError(absl::StrCat("\"max_position_embeddings\" must be from 1 to ", kMaxPositions, " (got ",
+                                    model.max_position_embeddings, ")"));
+  for (const auto& [key, id] : {std::pair{"bos_token_id", model.bos_token_id}, {"eos_token_id", model.eos_token_id}})
+    if (id < -1 || id >= model.vocab_size)  // -1: not given
+      return ConfigError(
+          absl::StrCat("\"", key, "\" ", id, " is outside the vocabulary (vocab_size ", model.vocab_size, ")"));
+  return absl::OkStatus();
 }
 
 // Far above any real model (hidden sizes near 2^14, vocabularies near 2^18, about 128 layers), and low enough
@@ -161,8 +193,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
                                     ") must be a multiple of num_key_value_heads (", model.num_kv_heads, ")"));
   if (model.head_dim <= 0 || model.head_dim % 2 != 0) return ConfigError("head_dim must be even and positive");
   KVPLAN_RETURN_IF_ERROR(CheckSizesAreBounded(model));
-  model.rms_norm_eps = Optional<float>(config, "rms_norm_eps", 1e-6f);
-  model.max_position_embeddings = Optional<int64_t>(config, "max_position_embeddings", 4096);
+  KVPLAN_ASSIGN_OR_RETURN(model.rms_norm_eps, CheckedOptional<float>(config, "rms_norm_eps", 1e-6f));
+  KVPLAN_ASSIGN_OR_RETURN(model.max_position_embeddings, CheckedOptional<int64_t>(config, "max_position_embeddings",
+                                                                                  DefaultMaxPositions(model.architecture)));
   model.tie_word_embeddings = Optional<bool>(config, "tie_word_embeddings", false);
   // Qwen2 always has q/k/v biases and writes no attention_bias key.
   model.attention_bias = Optional<bool>(config, "attention_bias", model.architecture == "Qwen2ForCausalLM");
@@ -171,6 +204,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
   model.sliding_window = sliding ? Optional<int>(config, "sliding_window", 0) : 0;
   model.bos_token_id = FirstTokenId(config, "bos_token_id");
   model.eos_token_id = FirstTokenId(config, "eos_token_id");
+  KVPLAN_RETURN_IF_ERROR(CheckValues(model));
   KVPLAN_RETURN_IF_ERROR(ParseRope(config, model));
   return model;
 }

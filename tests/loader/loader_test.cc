@@ -77,6 +77,49 @@ TEST(ModelConfigTest, ClearErrors) {
   EXPECT_EQ(LoadModelConfig("/nonexistent").status().code(), absl::StatusCode::kNotFound);
 }
 
+// Values that parse but make no model: refused naming the key and the value, where they once ran silently.
+TEST(ModelConfigTest, AbsurdValuesAreRefusedNamingTheKey) {
+  const struct {
+    const char* extra;
+    const char* named;
+  } kCases[] = {
+      {R"(, "rms_norm_eps": -1)", "\"rms_norm_eps\" must be positive (got -1)"},
+      {R"(, "rms_norm_eps": 0)", "\"rms_norm_eps\" must be positive"},
+      {R"(, "eos_token_id": -5)", "\"eos_token_id\" -5 is outside the vocabulary (vocab_size 16)"},
+      {R"(, "eos_token_id": [16, 2])", "\"eos_token_id\" 16 is outside"},
+      {R"(, "bos_token_id": 99)", "\"bos_token_id\" 99 is outside"},
+  };
+  for (const auto& [extra, named] : kCases) {
+    const auto config = ParseModelConfig(BaseConfig(extra));
+    ASSERT_FALSE(config.ok()) << extra;
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << extra;
+    EXPECT_NE(config.status().message().find(named), std::string::npos) << config.status().message();
+  }
+  for (const nlohmann::json& positions : {nlohmann::json(0), nlohmann::json(-1), nlohmann::json(1e18),
+                                           nlohmann::json(16777217), nlohmann::json("2048")}) {
+    nlohmann::json config = nlohmann::json::parse(BaseConfig(""));
+    config["max_position_embeddings"] = positions;
+    const auto parsed = ParseModelConfig(config.dump());
+    ASSERT_FALSE(parsed.ok()) << positions;
+    EXPECT_NE(parsed.status().message().find("\"max_position_embeddings\""), std::string::npos)
+        << parsed.status().message();
+  }
+}
+
+// Where config.json leaves max_position_embeddings out, the architecture's transformers default applies.
+TEST(ModelConfigTest, MissingContextTakesTheTransformersDefault) {
+  nlohmann::json base = nlohmann::json::parse(BaseConfig(R"(, "eos_token_id": 15)"));
+  base.erase("max_position_embeddings");
+  for (const auto& [architecture, positions] :
+       {std::pair{"LlamaForCausalLM", 2048}, {"MistralForCausalLM", 131072}, {"Qwen2ForCausalLM", 32768}}) {
+    nlohmann::json config = base;
+    config["architectures"] = {architecture};
+    KVPLAN_ASSERT_OK_AND_ASSIGN(parsed, ParseModelConfig(config.dump()));
+    EXPECT_EQ(parsed.max_position_embeddings, positions) << architecture;
+    EXPECT_EQ(parsed.eos_token_id, 15);
+  }
+}
+
 // Writes a safetensors file with the given header entries and raw data.
 void WriteSafetensors(const std::string& path, const nlohmann::json& header, const std::string& data) {
   const std::string header_text = header.dump();
