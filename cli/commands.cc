@@ -247,6 +247,10 @@ absl::Status RunCalibrate(CalibrateCommand command) {
   KVPLAN_RETURN_IF_ERROR(WritePlanFile(plan, command.output_path));
   SetInterruptedActivity(absl::StrCat("calibrate, after writing ", command.output_path));
   std::printf("%s\nwrote %s\n", DescribePlan(plan).c_str(), command.output_path.c_str());
+  if (report.device.empty()) {  // a synthetic plan (--shape): nothing ran
+    std::printf("synthetic plan: no calibration ran\n");
+    return absl::OkStatus();
+  }
   std::printf("calibrated on %s:", report.device.c_str());
   for (const auto& [stage, seconds] : report.stage_seconds) std::printf(" %s %.1f s;", stage.c_str(), seconds);
   if (report.share_candidates > 0)
