@@ -58,8 +58,18 @@ bool HoldsKind(const std::string& path, OutputKind kind) {
   return true;
 }
 
+// What a file that is not a regular one is, for the refusal that names it.
+const char* FileKindName(mode_t mode) {
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
 absl::Status CheckOutputFile(const OutputFile& output, const std::vector<struct stat>& inputs, bool force) {
   const char* kind = KindName(output.kind);
+  if (output.path.empty()) return absl::InvalidArgumentError(absl::StrCat("the ", kind, " path is empty"));
   const std::filesystem::path parent = std::filesystem::path(output.path).parent_path();
   const std::string directory = parent.empty() ? std::string(".") : parent.string();
   const std::optional<struct stat> directory_info = Stat(directory);
@@ -73,6 +83,10 @@ absl::Status CheckOutputFile(const OutputFile& output, const std::vector<struct 
   if (!existing) return absl::OkStatus();
   if (S_ISDIR(existing->st_mode))
     return absl::InvalidArgumentError(absl::StrCat("cannot write the ", kind, " to ", output.path, ": a directory"));
+  // The atomic rename would put a regular file in the place of a device node or a FIFO, --force or not.
+  if (!S_ISREG(existing->st_mode))
+    return absl::InvalidArgumentError(absl::StrCat("cannot write the ", kind, " to ", output.path, ": it is ",
+                                                   FileKindName(existing->st_mode), "; name a regular file"));
   for (const struct stat& input : inputs)
     if (input.st_dev == existing->st_dev && input.st_ino == existing->st_ino)
       return absl::InvalidArgumentError(
@@ -100,6 +114,19 @@ absl::Status CheckOutputFiles(const CommandFiles& files, bool force) {
   for (const std::string& path : files.reads)
     if (const std::optional<struct stat> info = Stat(path)) inputs.push_back(*info);
   for (const OutputFile& output : files.writes) KVPLAN_RETURN_IF_ERROR(CheckOutputFile(output, inputs, force));
+  // Two outputs on one file: the second would silently replace the first.
+  for (size_t i = 0; i < files.writes.size(); ++i)
+    for (size_t j = i + 1; j < files.writes.size(); ++j) {
+      const OutputFile &first = files.writes[i], &second = files.writes[j];
+      const std::optional<struct stat> a = Stat(first.path), b = Stat(second.path);
+      const bool same = a && b ? a->st_dev == b->st_dev && a->st_ino == b->st_ino
+                               : std::filesystem::path(first.path).lexically_normal() ==
+                                     std::filesystem::path(second.path).lexically_normal();
+      if (same)
+        return absl::InvalidArgumentError(absl::StrCat("the ", KindName(first.kind), " and the ",
+                                                       KindName(second.kind), " would both be written to ",
+                                                       second.path, "; name two files"));
+    }
   return absl::OkStatus();
 }
 

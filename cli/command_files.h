@@ -26,8 +26,9 @@ struct CommandFiles {
 // *.safetensors file.
 std::vector<std::string> ModelFiles(const std::string& model_dir);
 
-// Each output's directory exists and is writable; no output is a file the command reads (the same device and
-// inode, whatever path or link leads to it); an existing output holds what kvplan writes there (a plan over a
+// Each output's path is not empty, its directory exists and is writable; no output is a file the command reads
+// (the same device and inode, whatever path or link leads to it) or another output; an existing output is a
+// regular file (never a device or a FIFO, even with `force`) that holds what kvplan writes there (a plan over a
 // plan, an eval report over an eval report), unless `force`.
 absl::Status CheckOutputFiles(const CommandFiles& files, bool force);
 

@@ -107,9 +107,10 @@ void CommandLine::AddEvalCommand() {
   eval->add_option("--plan", eval_.plan_path, "execute this cache plan")->check(CLI::ExistingFile);
   eval->add_flag("--no-reference", eval_.no_reference,
                  "with --plan: skip the full-cache run it is compared with (KL divergence, top-1 agreement)");
-  eval->add_option("--json", eval_.json_path, "also write results as JSON to this file");
+  eval->add_option("--json", eval_.json_path, "also write results as JSON to this file")->check(kNonEmpty);
   eval->add_option("--needle-prompts", eval_.needle_prompts_path,
-                   "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers");
+                   "write the needle prompts (token ids, pass key) as JSON, e.g. to replay them in transformers")
+      ->check(kNonEmpty);
   eval->add_flag("--force", eval_.force, "replace existing output files kvplan did not write");
   AddQuietFlag(eval, eval_.quiet);
 }
@@ -154,7 +155,7 @@ void CommandLine::AddCalibrateCommand() {
   AddDevice(calibrate, calibrate_.device, "auto | cpu | cuda: forward passes, sharing search and dictionary training");
   calibrate->add_option("--data", calibration.data_path, "calibration text, documents separated by <|doc|> lines")
       ->check(CLI::ExistingFile);
-  calibrate->add_option("-o,--output", calibrate_.output_path, "plan file to write")->required();
+  calibrate->add_option("-o,--output", calibrate_.output_path, "plan file to write")->required()->check(kNonEmpty);
   calibrate->add_flag("--force", calibrate_.force, "replace an existing file that is not a kvplan plan");
   calibrate->add_flag("--strict,--require-target", calibrate_.require_target,
                       "fail, writing no plan, when the plan misses --target-memory");
@@ -264,8 +265,9 @@ void CommandLine::AddSweepCommand() {
       ->check(kNonEmpty)
       ->check(kPositive)
       ->check(CLI::Range(0.0, 1.0));
-  sweep->add_option("-o,--output", sweep_.output_path, "CSV table to write")->required();
-  sweep->add_option("--svg", sweep_.svg_path, "also plot KV reduction against perplexity and needle accuracy here");
+  sweep->add_option("-o,--output", sweep_.output_path, "CSV table to write")->required()->check(kNonEmpty);
+  sweep->add_option("--svg", sweep_.svg_path, "also plot KV reduction against perplexity and needle accuracy here")
+      ->check(kNonEmpty);
   AddQuietFlag(sweep, sweep_.quiet);
   sweep->add_flag("--force", sweep_.force, "replace existing output files kvplan did not write");
   AddDevice(sweep, sweep_.device, "auto | cpu | cuda: calibration and evaluation");

@@ -2,6 +2,7 @@
 // functions and the command line; and two processes writing one plan path.
 #include "cli/commands.h"
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -109,6 +110,35 @@ TEST(OutputFilesTest, AnUnwritableOutputIsReportedBeforeAnyWork) {
   EXPECT_EQ(into_a_file.code(), absl::StatusCode::kNotFound);
   const absl::Status onto_a_folder = CheckOutputFiles({.writes = {{folder, OutputKind::kPlan}}}, true);
   EXPECT_TRUE(Contains(onto_a_folder, "a directory")) << onto_a_folder;
+}
+
+// A device node or a FIFO is never replaced by the rename, --force or not, and never read to see what it holds;
+// two outputs on one file and an empty path are refused, all before any work.
+TEST(OutputFilesTest, SpecialFilesSharedAndEmptyOutputsAreRefused) {
+  for (const bool force : {false, true}) {
+    const absl::Status device = CheckOutputFiles({.writes = {{"/dev/null", OutputKind::kPlan}}}, force);
+    EXPECT_EQ(device.code(), absl::StatusCode::kInvalidArgument) << device;
+    EXPECT_TRUE(Contains(device, "/dev/null: it is a character device; name a regular file")) << device;
+    EXPECT_FALSE(Contains(device, "--force")) << device;
+  }
+  const std::string fifo = TestFolder("special") + "/fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  const absl::Status pipe = CheckOutputFiles({.writes = {{fifo, OutputKind::kEvalReport}}}, true);
+  EXPECT_TRUE(Contains(pipe, "it is a FIFO")) << pipe;
+
+  const std::string folder = TestFolder("shared-output");
+  const absl::Status shared = CheckOutputFiles(
+      {.writes = {{folder + "/out.json", OutputKind::kEvalReport}, {folder + "/./out.json", OutputKind::kNeedlePrompts}}},
+      false);
+  EXPECT_EQ(shared.code(), absl::StatusCode::kInvalidArgument) << shared;
+  EXPECT_TRUE(Contains(shared, "the eval report and the needle prompts would both be written to")) << shared;
+  const absl::Status empty = CheckOutputFiles({.writes = {{"", OutputKind::kPlan}}}, false);
+  EXPECT_TRUE(Contains(empty, "the plan path is empty")) << empty;
+  EXPECT_TRUE(Contains(RunEval({.model_dir = testing::FixtureModelDir(),
+                                .data_path = testing::SharedDir() + "/data/heldout-git-docs.txt",
+                                .json_path = folder + "/same.json",
+                                .needle_prompts_path = folder + "/same.json"}),
+                       "would both be written to"));
 }
 
 TEST(OutputFilesTest, TheModelFilesIncludeEveryShard) {
@@ -227,6 +257,11 @@ TEST(CommandLineTest, EmptyListsAndNonPositiveNumbersAreRejected) {
   EXPECT_NE(ParseError({"eval", "--model", model, "--data", "/nonexistent/data.txt"}), "");
   EXPECT_NE(ParseError({"eval", "--model", "/nonexistent/model"}), "");
   EXPECT_NE(ParseError({"inspect", "/nonexistent/plan.kvplan"}), "");
+  // An empty output path once calibrated for the whole run, or made eval write nothing and succeed.
+  EXPECT_EQ(ParseError({"calibrate", "--model", model, "-o", ""}), "--output: an empty value or list item");
+  EXPECT_EQ(ParseError({"eval", "--model", model, "--json", ""}), "--json: an empty value or list item");
+  EXPECT_EQ(ParseError({"eval", "--model", model, "--needle-prompts", ""}),
+            "--needle-prompts: an empty value or list item");
 }
 
 TEST(CommandLineTest, EveryHelpShowsTheDefaults) {
