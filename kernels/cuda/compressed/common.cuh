@@ -39,14 +39,18 @@ __device__ inline float fp16_value(uint16_t bits) { return __half2float(__ushort
 struct QuantizedRange {
   float scale, minimum;
 };
-__device__ inline QuantizedRange quantized_range(const uint32_t* words) {
-  const uint32_t word = words[0];
+__device__ inline QuantizedRange quantized_range_of(uint32_t word) {
   return {fp16_value(uint16_t(word & 0xffff)), fp16_value(uint16_t(word >> 16))};
 }
-// Channel d of a quantized vector as cpu::dequantize_vector rounds it: a multiply and an add, not fused.
+__device__ inline QuantizedRange quantized_range(const uint32_t* words) { return quantized_range_of(words[0]); }
+// A level as cpu::dequantize_vector rounds it: a multiply and an add, not fused.
+__device__ inline float dequantized_level(const QuantizedRange& range, uint32_t level) {
+  return __fadd_rn(range.minimum, __fmul_rn(range.scale, float(level)));
+}
+// Channel d of a quantized vector, times its channel scale where given.
 __device__ inline float dequantized_channel(const uint32_t* words, const QuantizedRange& range, int d, int bits,
                                             const float* channel_scale) {
-  const float value = __fadd_rn(range.minimum, __fmul_rn(range.scale, float(QuantizedLevel(words, d, bits))));
+  const float value = dequantized_level(range, QuantizedLevel(words, d, bits));
   return channel_scale != nullptr ? __fmul_rn(value, channel_scale[d]) : value;
 }
 

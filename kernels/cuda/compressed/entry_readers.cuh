@@ -407,18 +407,16 @@ __device__ __forceinline__ QuantizedLane load_quantized_lane(const uint32_t* wor
   const uint32_t* first = words + 1 + dim_base * bits / 32;
   return {__ldg(words), make_uint2(__ldg(first), bits == 8 ? __ldg(first + 1) : 0u)};
 }
-// The lane's channels as cpu::dequantize_vector rounds them (a multiply and an add, not fused), times the key's
-// channel scales where given.
+// The lane's channels dequantized (dequantized_level), times the key's channel scales where given.
 __device__ __forceinline__ void dequantize_quantized_lane(const QuantizedLane& lane, int bits, int dim_base,
                                                           const float* channel_scale, float (&out)[8]) {
-  const float scale = fp16_value(uint16_t(lane.range & 0xffff)), minimum = fp16_value(uint16_t(lane.range >> 16));
+  const QuantizedRange range = quantized_range_of(lane.range);
   const int first_bit = dim_base * bits % 32;
   const uint32_t mask = (1u << bits) - 1u;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int bit = first_bit + i * bits;
-    const uint32_t level = ((bit < 32 ? lane.levels.x : lane.levels.y) >> (bit % 32)) & mask;
-    out[i] = __fadd_rn(minimum, __fmul_rn(scale, float(level)));
+    out[i] = dequantized_level(range, ((bit < 32 ? lane.levels.x : lane.levels.y) >> (bit % 32)) & mask);
     if (channel_scale != nullptr) out[i] = __fmul_rn(out[i], channel_scale[i]);
   }
 }
