@@ -18,8 +18,6 @@
 #include "calibrate/dictionary_learning.h"
 #include "kernels/compressed_layout.h"
 #include "kernels/cpu/compressed/pursuit.h"
-#include "loader/documents.h"
-#include "loader/tokenizer.h"
 #include "loader/open_model.h"
 #include "runtime/backend.h"
 #include "runtime/cache/sparse_coding.h"
@@ -48,13 +46,11 @@ class KvCollector : public ForwardObserver {
   int kv_dim_ = 0;
 };
 
-absl::StatusOr<KvCollector> Collect(const LoadedModel& loaded, const Tokenizer& tokenizer, const std::string& path,
-                                    int sequences) {
+absl::StatusOr<KvCollector> Collect(const LoadedModel& loaded, const std::string& path, int sequences) {
   KvCollector collector(loaded.config.num_layers);
   collector.set_kv_dim(loaded.config.kv_dim());
-  KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(path));
-  const std::vector<int32_t> tokens = TokenizeDocuments(tokenizer, SplitDocuments(text), loaded.config.bos_token_id,
-                                                        int64_t(sequences) * kSequenceLength);
+  KVPLAN_ASSIGN_OR_RETURN(const std::vector<int32_t> tokens,
+                          loaded.EncodeDataFile(path, int64_t(sequences) * kSequenceLength));
   KVPLAN_ASSIGN_OR_RETURN(auto model,
                           CreateModel(loaded.config, *loaded.weights,
                                       {.backend = Backend::kCpu, .capacity = kSequenceLength, .observer = &collector}));
@@ -182,8 +178,8 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", loaded.status().ToString().c_str());
     return 1;
   }
-  auto calibration = Collect(*loaded, *loaded->tokenizer, argv[2], 16);
-  auto heldout = calibration.ok() ? Collect(*loaded, *loaded->tokenizer, argv[3], 8) : calibration.status();
+  auto calibration = Collect(*loaded, argv[2], 16);
+  auto heldout = calibration.ok() ? Collect(*loaded, argv[3], 8) : calibration.status();
   if (!heldout.ok()) {
     std::fprintf(stderr, "%s\n", heldout.status().ToString().c_str());
     return 1;

@@ -7,7 +7,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
-#include "loader/documents.h"
 #include "runtime/backend.h"
 
 namespace kvplan {
@@ -26,10 +25,8 @@ std::vector<std::vector<int32_t>> RandomSequences(int vocab_size, int count, int
 // The calibration sequences: whole sequence_length pieces of the tokenized data.
 absl::StatusOr<std::vector<std::vector<int32_t>>> DataSequences(const CalibrateOptions& options,
                                                                 const LoadedModel& model) {
-  KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(options.data_path));
-  const int64_t wanted = int64_t(options.sequences) * options.sequence_length;
-  const std::vector<int32_t> stream =
-      TokenizeDocuments(*model.tokenizer, SplitDocuments(text), model.config.bos_token_id, wanted);
+  KVPLAN_ASSIGN_OR_RETURN(const std::vector<int32_t> stream,
+                          model.EncodeDataFile(options.data_path, int64_t(options.sequences) * options.sequence_length));
   if (int64_t(stream.size()) < options.sequence_length)
     return absl::InvalidArgumentError(absl::StrCat(options.data_path, " holds ", stream.size(),
                                                    " tokens; calibration needs at least ", options.sequence_length));

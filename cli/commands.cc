@@ -15,7 +15,6 @@
 #include "eval/bench.h"
 #include "eval/eval_report.h"
 #include "eval/evaluate.h"
-#include "loader/documents.h"
 #include "loader/open_model.h"
 #include "loader/tokenizer.h"
 #include "planner/planner.h"
@@ -148,8 +147,7 @@ absl::Status RunEval(const EvalCommand& command) {
   EvalOptions options;
   std::vector<int32_t> tokens;
   if (!command.skip_perplexity) {
-    KVPLAN_ASSIGN_OR_RETURN(auto text, ReadTextFile(command.data_path));
-    tokens = TokenizeDocuments(tokenizer, SplitDocuments(text), loaded.config.bos_token_id, command.max_tokens);
+    KVPLAN_ASSIGN_OR_RETURN(tokens, loaded.EncodeDataFile(command.data_path, command.max_tokens));
     options.perplexity = PerplexityOptions{.window = command.window, .max_tokens = command.max_tokens};
   }
   const NeedleOptions needle = {.context_lengths = command.needle_lengths, .trials = command.needle_trials};

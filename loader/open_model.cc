@@ -1,6 +1,7 @@
 #include "loader/open_model.h"
 
 #include "base/status_macros.h"
+#include "loader/documents.h"
 #include "loader/model_files.h"
 #include "loader/safetensors.h"
 
@@ -12,6 +13,11 @@ std::vector<int32_t> LoadedModel::EncodePrompt(std::string_view text) const {
   const std::vector<int32_t> body = tokenizer->Encode(text);
   ids.insert(ids.end(), body.begin(), body.end());
   return ids;
+}
+
+absl::StatusOr<std::vector<int32_t>> LoadedModel::EncodeDataFile(const std::string& path, int64_t max_tokens) const {
+  KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(path));
+  return TokenizeDocuments(*tokenizer, SplitDocuments(text), config.bos_token_id, max_tokens);
 }
 
 absl::StatusOr<LoadedModel> OpenModel(const std::string& model_dir) {

@@ -26,6 +26,10 @@ struct LoadedModel {
   // The model's BOS token when it has one, then `text`'s tokens: how every entry point encodes a prompt. Needs
   // the tokenizer.
   std::vector<int32_t> EncodePrompt(std::string_view text) const;
+  // A data file (ReadTextFile: refused when it is not text) as the token stream calibration and evaluation read:
+  // its <|doc|>-separated documents, each as BOS + its tokens, concatenated, cut at max_tokens (TokenizeDocuments).
+  // Needs the tokenizer.
+  absl::StatusOr<std::vector<int32_t>> EncodeDataFile(const std::string& path, int64_t max_tokens) const;
 };
 
 // config.json, the safetensors checkpoint (one file or a sharded index), tokenizer.json and the generation

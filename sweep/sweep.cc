@@ -10,7 +10,6 @@
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "calibrate/session.h"
-#include "loader/documents.h"
 #include "loader/open_model.h"
 #include "loader/tokenizer.h"
 #include "planner/planner.h"
@@ -119,9 +118,8 @@ absl::StatusOr<SweepResult> Sweep(const SweepOptions& options, const StageProgre
   const LoadedModel& loaded = session->model();
   const ModelConfig& config = loaded.config;
   const Tokenizer& tokenizer = *loaded.tokenizer;
-  KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadTextFile(options.eval_data_path));
-  const std::vector<int32_t> tokens =
-      TokenizeDocuments(tokenizer, SplitDocuments(text), config.bos_token_id, options.perplexity.max_tokens);
+  KVPLAN_ASSIGN_OR_RETURN(const std::vector<int32_t> tokens,
+                          loaded.EncodeDataFile(options.eval_data_path, options.perplexity.max_tokens));
 
   int capacity = context;
   for (int length : options.needle.context_lengths) capacity = std::max(capacity, length);
