@@ -4,10 +4,7 @@
 # --value-bits 4 --target-memory 1`) in the same call: batch 1 at 4K and 32K, and the equal-memory batch (70 GB, 32K).
 source bench/device_setup.sh
 K=/tmp/kv/bin/kvplan
-for test in /tmp/kv/bin/cuda_*_test; do
-  $test > $OUT/$(basename $test).log 2>&1
-  echo "$(basename $test): $(grep -E '^\[  (PASSED|FAILED) ' $OUT/$(basename $test).log | tr '\n' ' ')"
-done
+run_carried_cuda_tests $OUT
 common="--shape llama-3-8b --allow-longer-context --device cuda"
 for plan in "" /tmp/kv/plans/8b-int4.kvplan; do
   $K bench $common --context 4096,32768 --steps 32 --no-prefill ${plan:+--plan $plan}
