@@ -3,6 +3,7 @@
     python3 bench/hf_reference.py correctness MODEL_DIR DATA_FILE   # logits vs reference.safetensors, perplexity
     python3 bench/hf_reference.py needle MODEL_DIR PROMPTS_JSON       # greedy answers to kvplan's needle prompts
     python3 bench/hf_reference.py speed llama-3-8b 4096,32768         # decode tokens/s, random bf16 weights
+    python3 bench/hf_reference.py prefill llama-3-8b 4096,32768       # one sdpa forward of the prompt, tokens/s
 """
 import json
 import sys
@@ -119,11 +120,38 @@ def speed(shape, contexts):
         torch.cuda.empty_cache()
 
 
+def prefill(shape, contexts):
+    """The prompt in one forward, sdpa attention, the cache written and only the last logits kept (logits_to_keep=1),
+    as kvplan's prefill does; the median of three after a warm-up."""
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(contexts) + 64)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    for context in contexts:
+        x = torch.randint(0, config.vocab_size, (1, context), device="cuda")
+        times = []
+        with torch.no_grad():
+            for run in range(4):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = model(x, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                if run > 0:
+                    times.append(time.perf_counter() - start)
+                del out
+        seconds = sorted(times)[1]
+        print(json.dumps({"hf_shape": shape, "context": context, "prefill_seconds": seconds,
+                          "prefill_tokens_per_second": context / seconds}))
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "correctness":
         correctness(sys.argv[2], sys.argv[3])
     elif command == "needle":
         needle(sys.argv[2], sys.argv[3])
+    elif command == "prefill":
+        prefill(sys.argv[2], [int(c) for c in sys.argv[3].split(",")])
     else:
         speed(sys.argv[2], [int(c) for c in sys.argv[3].split(",")])

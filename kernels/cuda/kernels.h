@@ -66,6 +66,31 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
                       const __nv_bfloat16* v_cache, float scale, int sliding_window, int max_context, void* workspace,
                       __nv_bfloat16* out, cudaStream_t stream);
 
+// Prefill attention on tensor cores (flash_attention.cu): the same causal GQA attention over the full cache as
+// attention(), for passes whose rows come in tiles of consecutive rows of one sequence: tile i is rows
+// [tiles[2 i], tiles[2 i + 1]) of the pass (device memory, at most kFlashRows rows each; flash_tiles makes them).
+// The query and the softmax weights enter bf16 MMAs with fp32 accumulation, so the oracle is cpu::flash_attention
+// (cpu::attention of the query rounded to bf16), and the weights' rounding moves an output by at most 2^-8 of the
+// largest |value| the row sees. head_dim 64 or 128 (flash_attention_supported).
+inline constexpr int kFlashRows = 64;
+bool flash_attention_supported(int heads, int kv_heads, int head_dim);
+cudaError_t flash_attention(const float* q, const int32_t* row_sequence, const int32_t* row_position,
+                            const int32_t* tiles, int tile_count, int heads, int kv_heads, int head_dim, int capacity,
+                            const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, float scale,
+                            int sliding_window, __nv_bfloat16* out, cudaStream_t stream);
+// The tiles of a pass whose sequence g holds rows [row_begin[g], row_begin[g + 1]), into `tiles` (room for
+// 2 * flash_tile_bound(rows, groups) values); returns their count. Host code: the plan half of plan/run.
+inline int flash_tile_bound(int rows, int groups) { return rows / kFlashRows + groups; }
+inline int flash_tiles(const int32_t* row_begin, int groups, int32_t* tiles) {
+  int count = 0;
+  for (int g = 0; g < groups; ++g)
+    for (int first = row_begin[g]; first < row_begin[g + 1]; first += kFlashRows, ++count) {
+      tiles[2 * count] = first;
+      tiles[2 * count + 1] = first + kFlashRows < row_begin[g + 1] ? first + kFlashRows : row_begin[g + 1];
+    }
+  return count;
+}
+
 }  // namespace kvplan::cuda
 
 // --- Compressed layer caches (kernels/compressed_layout.h) ---------------------------------------------------

@@ -33,6 +33,7 @@ struct DeviceLayer {
 // the cache's limits, so every pass (and a captured graph) finds them in the same place.
 struct PassLayout {
   int64_t tokens = 0, row_sequence = 0, row_position = 0, sequence = 0, row_begin = 0;
+  int64_t flash_tiles = 0;              // the tensor-core prefill's row tiles (cuda::flash_tiles)
   std::vector<int64_t> kept, selected;  // [layer]; -1 for layers that do not compress
   int64_t words = 0;
 };
@@ -133,6 +134,7 @@ class CudaKvCacheImpl : public CudaKvCache {
     layout_.row_position = take(options_.max_rows);
     layout_.sequence = take(max_groups_);
     layout_.row_begin = take(max_groups_ + 1);
+    layout_.flash_tiles = take(2 * cuda::flash_tile_bound(options_.max_rows, max_groups_));
     layout_.kept.assign(c.num_layers, -1);
     layout_.selected.assign(c.num_layers, -1);
     for (int l = 0; l < c.num_layers; ++l) {
@@ -388,6 +390,9 @@ class CudaKvCacheImpl : public CudaKvCache {
     std::copy_n(rows.positions.data() + begin, T, words + layout_.row_position);
     std::copy(groups_.sequence.begin(), groups_.sequence.end(), words + layout_.sequence);
     std::copy(groups_.row_begin.begin(), groups_.row_begin.end(), words + layout_.row_begin);
+    flash_tile_count_ = UsesFlashAttention()
+                            ? cuda::flash_tiles(groups_.row_begin.data(), G, words + layout_.flash_tiles)
+                            : 0;
     for (int l = 0; l < config_.num_layers; ++l) {
       if (compressed_[l] == nullptr) continue;
       const StepCounts counts = CountsForStep(policy_.layers[l], config_.num_kv_heads, groups_);
@@ -434,8 +439,27 @@ class CudaKvCacheImpl : public CudaKvCache {
         .max_region = layer.max_region};
   }
 
+  // A pass in which every sequence brings at least kFlashMinRows rows (a prompt's chunk) runs the full cache's
+  // attention on tensor cores; decode steps and passes that mix them with prompts keep the split-KV kernel, which
+  // spreads one row's long context over the GPU.
+  static constexpr int kFlashMinRows = 16;
+  bool UsesFlashAttention() const {
+    const ModelConfig& c = config_;
+    if (!cuda::flash_attention_supported(c.num_heads, c.num_kv_heads, c.head_dim)) return false;
+    for (size_t g = 0; g + 1 < groups_.row_begin.size(); ++g)
+      if (groups_.row_begin[g + 1] - groups_.row_begin[g] < kFlashMinRows) return false;
+    return true;
+  }
+
   absl::Status DenseAttention(int slot, const float* q, __nv_bfloat16* out) {
     const ModelConfig& c = config_;
+    if (flash_tile_count_ > 0)
+      return CudaStatus(cuda::flash_attention(q, row_sequence(), row_position(),
+                                              metadata_.as<int32_t>() + layout_.flash_tiles, flash_tile_count_,
+                                              c.num_heads, c.num_kv_heads, c.head_dim, options_.capacity,
+                                              SlotKeys(slot), SlotValues(slot), 1.0f / std::sqrt(float(c.head_dim)),
+                                              c.sliding_window, out, stream_),
+                        "flash attention");
     return CudaStatus(
         cuda::attention(q, row_sequence(), row_position(), rows_, c.num_heads, c.num_kv_heads, c.head_dim,
                         options_.capacity, SlotKeys(slot), SlotValues(slot), 1.0f / std::sqrt(float(c.head_dim)),
@@ -488,6 +512,7 @@ class CudaKvCacheImpl : public CudaKvCache {
   CudaCacheOptions options_;
   cudaStream_t stream_;
   int max_rows_per_sequence_ = 0, max_groups_ = 0;
+  int flash_tile_count_ = 0;  // the staged pass's prefill tiles; 0: its attention runs split-KV
   std::vector<int> layer_slot_;  // [layer] full-cache slot, -1 for other layers
   DeviceBuffer k_cache_, v_cache_;
   std::vector<std::unique_ptr<DeviceLayer>> compressed_;  // [layer], null for layers that do not compress

@@ -4,12 +4,16 @@
 // (tests/testing/tolerance.h), with the tolerance stated beside each kernel below.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <random>
 #include <string>
 
 #include "absl/strings/str_format.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/flash_attention.h"
 #include "kernels/cuda/kernels.h"
 #include "tests/testing/cuda_test_util.h"
 #include "tests/testing/test_util.h"
@@ -127,50 +131,47 @@ struct AttentionCase {
   int max_context = 0;
 };
 
-// Appends random K/V through append_kv, then attends with the last rows_per_sequence positions of each
-// sequence as queries (prefill-like when > 1, decode when 1), and compares with cpu::attention.
-void CheckAttention(const AttentionCase& c) {
-  const int max_context = c.max_context > 0 ? c.max_context : c.context;
-  const int capacity = std::max(c.context + 3, max_context);
-  const int rows = c.sequences * c.rows_per_sequence;
-  const size_t kv_row = size_t(c.kv_heads) * c.head_dim;
-  // Fill every sequence's cache with `context` entries through append_kv.
-  std::vector<int32_t> fill_sequences, fill_positions;
-  for (int s = 0; s < c.sequences; ++s)
-    for (int p = 0; p < c.context; ++p) {
-      fill_sequences.push_back(s);
-      fill_positions.push_back(p);
-    }
-  const std::vector<float> k = RoundToBf16(RandomVector(fill_positions.size() * kv_row, 10, 1.5f));
-  const std::vector<float> v = RoundToBf16(RandomVector(fill_positions.size() * kv_row, 11));
-  const size_t cache_elements = size_t(c.sequences) * c.kv_heads * capacity * c.head_dim;
-  Device<float> device_k(k), device_v(v);
-  Device<int32_t> device_fill_sequences(fill_sequences), device_fill_positions(fill_positions);
-  Device<uint16_t> k_cache(cache_elements), v_cache(cache_elements);
-  ASSERT_EQ(cuda::append_kv(device_k.get(), device_v.get(), device_fill_sequences.get(), device_fill_positions.get(),
-                            int(fill_positions.size()), c.kv_heads, c.head_dim, capacity, AsBf16(k_cache),
-                            AsBf16(v_cache), nullptr),
-            cudaSuccess);
+// A case's inputs: every sequence's cache filled with `context` random bf16 entries through append_kv, and query
+// rows at the last rows_per_sequence positions of each sequence (prefill-like when > 1, decode when 1).
+struct AttentionInputs {
+  AttentionInputs(const AttentionCase& c, int capacity)
+      : c(c),
+        capacity(capacity),
+        kv_row(size_t(c.kv_heads) * c.head_dim),
+        rows(c.sequences * c.rows_per_sequence),
+        k_cache(size_t(c.sequences) * kv_row * capacity),
+        v_cache(size_t(c.sequences) * kv_row * capacity) {
+    std::vector<int32_t> fill_sequences, fill_positions;
+    for (int s = 0; s < c.sequences; ++s)
+      for (int p = 0; p < c.context; ++p) {
+        fill_sequences.push_back(s);
+        fill_positions.push_back(p);
+      }
+    k = RoundToBf16(RandomVector(fill_positions.size() * kv_row, 10, 1.5f));
+    v = RoundToBf16(RandomVector(fill_positions.size() * kv_row, 11));
+    Device<float> device_k(k), device_v(v);
+    Device<int32_t> device_fill_sequences(fill_sequences), device_fill_positions(fill_positions);
+    EXPECT_EQ(cuda::append_kv(device_k.get(), device_v.get(), device_fill_sequences.get(), device_fill_positions.get(),
+                              int(fill_positions.size()), c.kv_heads, c.head_dim, capacity, AsBf16(k_cache),
+                              AsBf16(v_cache), nullptr),
+              cudaSuccess);
+    for (int s = 0; s < c.sequences; ++s)
+      for (int r = 0; r < c.rows_per_sequence; ++r) {
+        row_sequences.push_back(s);
+        row_positions.push_back(c.context - c.rows_per_sequence + r);
+      }
+    q = RandomVector(size_t(rows) * c.heads * c.head_dim, 12);
+  }
 
-  std::vector<int32_t> row_sequences, row_positions;
-  for (int s = 0; s < c.sequences; ++s)
-    for (int r = 0; r < c.rows_per_sequence; ++r) {
-      row_sequences.push_back(s);
-      row_positions.push_back(c.context - c.rows_per_sequence + r);
-    }
-  const std::vector<float> q = RandomVector(size_t(rows) * c.heads * c.head_dim, 12);
-  Device<float> device_q(q);
-  Device<int32_t> device_sequences(row_sequences), device_positions(row_positions);
-  Device<char> workspace(cuda::attention_workspace_bytes(rows, c.heads, c.kv_heads, c.head_dim, max_context));
-  Device<uint16_t> out(q.size());
-  const float scale = 1.0f / std::sqrt(float(c.head_dim));
-
-  std::vector<int32_t> entry_positions(c.context);
-  std::iota(entry_positions.begin(), entry_positions.end(), 0);
-  auto expected_at = [&](const std::vector<int32_t>& positions) {
+  using Oracle = void (*)(const float*, const int32_t*, int, int, const cpu::KvHeadView*, int, int, float, int,
+                          float*);
+  // The oracle's output for the rows at `positions`.
+  std::vector<float> Expected(const std::vector<int32_t>& positions, Oracle oracle) const {
+    std::vector<int32_t> entry_positions(c.context);
+    std::iota(entry_positions.begin(), entry_positions.end(), 0);
     std::vector<float> expected(q.size());
     for (int s = 0; s < c.sequences; ++s) {
-      // cpu::attention wants [entries, head_dim] per KV head; the fill order is [position, kv_head, head_dim].
+      // The oracle wants [entries, head_dim] per KV head; the fill order is [position, kv_head, head_dim].
       std::vector<std::vector<float>> keys(c.kv_heads), values(c.kv_heads);
       std::vector<cpu::KvHeadView> views(c.kv_heads);
       for (int h = 0; h < c.kv_heads; ++h) {
@@ -182,18 +183,43 @@ void CheckAttention(const AttentionCase& c) {
         views[h] = {keys[h].data(), values[h].data(), entry_positions.data(), c.context};
       }
       const size_t offset = size_t(s) * c.rows_per_sequence * c.heads * c.head_dim;
-      cpu::attention(q.data() + offset, positions.data() + s * c.rows_per_sequence, c.rows_per_sequence, c.heads,
-                     views.data(), c.kv_heads, c.head_dim, scale, c.sliding_window, expected.data() + offset);
+      oracle(q.data() + offset, positions.data() + s * c.rows_per_sequence, c.rows_per_sequence, c.heads,
+             views.data(), c.kv_heads, c.head_dim, Scale(), c.sliding_window, expected.data() + offset);
     }
     return expected;
-  };
-  const std::string shape_name =
-      absl::StrFormat("sequences %d heads %d/%d head_dim %d context %d rows %d window %d max_context %d", c.sequences,
-                      c.heads, c.kv_heads, c.head_dim, c.context, c.rows_per_sequence, c.sliding_window, max_context);
+  }
+  float Scale() const { return 1.0f / std::sqrt(float(c.head_dim)); }
+  std::string Name() const {
+    return absl::StrFormat("sequences %d heads %d/%d head_dim %d context %d rows %d window %d", c.sequences, c.heads,
+                           c.kv_heads, c.head_dim, c.context, c.rows_per_sequence, c.sliding_window);
+  }
+
+  AttentionCase c;
+  int capacity;
+  size_t kv_row;
+  int rows;
+  Device<uint16_t> k_cache, v_cache;
+  std::vector<float> k, v, q;
+  std::vector<int32_t> row_sequences, row_positions;
+};
+
+// Attends with the split-KV kernel and compares with cpu::attention.
+void CheckAttention(const AttentionCase& c) {
+  const int max_context = c.max_context > 0 ? c.max_context : c.context;
+  AttentionInputs inputs(c, std::max(c.context + 3, max_context));
+  const std::vector<float>& q = inputs.q;
+  const std::vector<int32_t>& row_positions = inputs.row_positions;
+  const int rows = inputs.rows;
+  Device<float> device_q(q);
+  Device<int32_t> device_sequences(inputs.row_sequences), device_positions(row_positions);
+  Device<char> workspace(cuda::attention_workspace_bytes(rows, c.heads, c.kv_heads, c.head_dim, max_context));
+  Device<uint16_t> out(q.size());
+  auto expected_at = [&](const std::vector<int32_t>& positions) { return inputs.Expected(positions, cpu::attention); };
+  const std::string shape_name = inputs.Name() + absl::StrFormat(" max_context %d", max_context);
   auto attend = [&](cudaStream_t stream) {
     return cuda::attention(device_q.get(), device_sequences.get(), device_positions.get(), rows, c.heads, c.kv_heads,
-                           c.head_dim, capacity, AsBf16(k_cache), AsBf16(v_cache), scale, c.sliding_window, max_context,
-                           workspace.get(), AsBf16(out), stream);
+                           c.head_dim, inputs.capacity, AsBf16(inputs.k_cache), AsBf16(inputs.v_cache),
+                           inputs.Scale(), c.sliding_window, max_context, workspace.get(), AsBf16(out), stream);
   };
 
   if (c.max_context == 0) {
@@ -214,7 +240,7 @@ void CheckAttention(const AttentionCase& c) {
   ASSERT_EQ(cudaGraphInstantiate(&replay, graph, 0), cudaSuccess);
   std::vector<int32_t> earlier_positions = row_positions;
   for (int32_t& position : earlier_positions) position /= 3;
-  for (const std::vector<int32_t>* positions : {&earlier_positions, &row_positions}) {
+  for (const std::vector<int32_t>* positions : {static_cast<const std::vector<int32_t>*>(&earlier_positions), &row_positions}) {
     ASSERT_EQ(cudaMemcpyAsync(device_positions.get(), positions->data(), positions->size() * sizeof(int32_t),
                               cudaMemcpyHostToDevice, stream),
               cudaSuccess);
@@ -255,10 +281,56 @@ TEST(CudaKernelsTest, AttentionMatchesCpu) {
   for (const AttentionCase& c : cases) CheckAttention(c);
 }
 
+// The tensor-core prefill kernel against cpu::flash_attention on the same inputs, the rows of each sequence in tiles
+// of at most kFlashRows. Tolerance: the split kernel's (kBf16Attention) plus the softmax weights' rounding to bf16
+// before P V, at most 2^-9 relative per weight, which moves a row's output by at most 2^-9 of its largest |value|.
+void CheckFlashAttention(const AttentionCase& c) {
+  AttentionInputs inputs(c, c.context + 5);
+  std::vector<int32_t> row_begin;
+  for (int s = 0; s <= c.sequences; ++s) row_begin.push_back(s * c.rows_per_sequence);
+  std::vector<int32_t> tiles(2 * cuda::flash_tile_bound(inputs.rows, c.sequences));
+  const int tile_count = cuda::flash_tiles(row_begin.data(), c.sequences, tiles.data());
+  Device<float> device_q(inputs.q);
+  Device<int32_t> device_sequences(inputs.row_sequences), device_positions(inputs.row_positions), device_tiles(tiles);
+  Device<uint16_t> out(inputs.q.size());
+  ASSERT_EQ(cuda::flash_attention(device_q.get(), device_sequences.get(), device_positions.get(), device_tiles.get(),
+                                  tile_count, c.heads, c.kv_heads, c.head_dim, inputs.capacity,
+                                  AsBf16(inputs.k_cache), AsBf16(inputs.v_cache), inputs.Scale(), c.sliding_window,
+                                  AsBf16(out), nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  float largest_value = 0.0f;
+  for (float x : inputs.v) largest_value = std::max(largest_value, std::abs(x));
+  const Tolerance tolerance{.atol = kBf16Attention.atol + 0x1p-9 * largest_value, .rtol = kBf16Attention.rtol};
+  EXPECT_TRUE(AllClose(ReadBf16(out), inputs.Expected(inputs.row_positions, cpu::flash_attention), tolerance))
+      << inputs.Name();
+}
+
+TEST(CudaKernelsTest, FlashAttentionMatchesCpu) {
+  KVPLAN_SKIP_WITHOUT_GPU();
+  const AttentionCase cases[] = {
+      {1, 4, 2, 64, 1, 1, 0},          {1, 4, 2, 64, 64, 64, 0},        {1, 4, 2, 64, 300, 300, 0},
+      {2, 32, 8, 128, 1000, 1000, 0},  {3, 7, 1, 128, 999, 130, 0},     {1, 28, 4, 128, 130, 17, 0},
+      {2, 6, 3, 64, 300, 200, 64},     {5, 8, 8, 64, 77, 65, 0},        {1, 16, 2, 128, 4099, 4099, 0},
+      {2, 12, 4, 128, 2000, 129, 300}, {1, 64, 8, 128, 8192, 8192, 0},
+  };
+  for (const AttentionCase& c : cases) CheckFlashAttention(c);
+}
+
+TEST(CudaKernelsTest, FlashTilesCoverEachSequenceInTiles) {
+  const std::vector<int32_t> row_begin = {0, 1, 65, 65, 200};
+  std::vector<int32_t> tiles(2 * cuda::flash_tile_bound(200, 4));
+  ASSERT_EQ(cuda::flash_tiles(row_begin.data(), 4, tiles.data()), 5);
+  tiles.resize(10);
+  EXPECT_EQ(tiles, (std::vector<int32_t>{0, 1, 1, 65, 65, 129, 129, 193, 193, 200}));
+}
+
 TEST(CudaKernelsTest, AttentionRejectsUnsupportedShapes) {
   EXPECT_FALSE(cuda::attention_supported(32, 2, 128));  // 16 query heads per KV head
   EXPECT_FALSE(cuda::attention_supported(8, 8, 80));
   EXPECT_TRUE(cuda::attention_supported(32, 8, 128));
+  EXPECT_FALSE(cuda::flash_attention_supported(32, 8, 256));
+  EXPECT_TRUE(cuda::flash_attention_supported(32, 8, 128));
 }
 
 }  // namespace

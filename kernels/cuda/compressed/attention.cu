@@ -260,7 +260,8 @@ __global__ void __launch_bounds__(kSplitThreads, split_blocks_per_sm(kGroup))
   const Thread t{split, kv_head, launch_row, row,  group,      query_position, head,
                  counts, share,  filter,     warp, lane, atoms, entry_slot,     dim_base};
   const Dense dense{dense_base, warp_begin};
-  CodedReader coded(shared, split_shared_layout(kHeadDim, kGroup, t.atoms, CodedReader::kUsesTable));
+  CodedReader coded(shared, split_shared_layout(kHeadDim, kGroup, t.atoms, CodedReader::kUsesTable,
+                                                CodedReader::stage_words(p.layer)));
   coded.attend_apart(p, t, dense);
 
   float query[kGroup][8], acc[kGroup][8], running_max[kGroup], running_sum[kGroup];

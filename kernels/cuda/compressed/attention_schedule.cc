@@ -36,7 +36,7 @@ void choose_path(const CompressedLayer& layer, const CodingTables* tables, const
                  CompressedAttentionPlan& plan) {
   const bool coded = layer.coded_count != nullptr && layer.key_sparsity > 0;
   const int width = group_width(plan.group);
-  const size_t uncoded_bytes = split_shared_layout(layer.head_dim, width, 0, false).floats * sizeof(float);
+  const size_t uncoded_bytes = split_shared_layout(layer.head_dim, width, 0, false, 0).floats * sizeof(float);
   plan.shared_bytes = uncoded_bytes;
   if (!coded) {
     plan.path = AttentionPath::kSplitDense;
@@ -44,6 +44,14 @@ void choose_path(const CompressedLayer& layer, const CodingTables* tables, const
   }
   if (tables != nullptr && tables->key_bits > 0) {
     plan.path = AttentionPath::kSplitQuantized;
+    const int stage_words = 2 * quantized_chunk_words(layer.head_dim, layer.key_sparsity, layer.value_sparsity);
+    const size_t bytes = split_shared_layout(layer.head_dim, width, 0, false, stage_words).floats * sizeof(float);
+    if (bytes > size_t(device.shared_bytes_per_block_optin)) {  // a device with little shared memory per block
+      plan.path = AttentionPath::kGeneral;
+      plan.shared_bytes = 0;
+      return;
+    }
+    plan.shared_bytes = bytes;
     return;
   }
   plan.shared_bytes = 0;
@@ -51,7 +59,7 @@ void choose_path(const CompressedLayer& layer, const CodingTables* tables, const
   if (tables == nullptr || !tables->keys_after_rope || layer.key_sparsity % 4 != 0 || layer.value_sparsity % 4 != 0 ||
       most_codes > 16)
     return;
-  const size_t bytes = split_shared_layout(layer.head_dim, width, tables->atoms, true).floats * sizeof(float);
+  const size_t bytes = split_shared_layout(layer.head_dim, width, tables->atoms, true, 0).floats * sizeof(float);
   if (bytes > size_t(device.shared_bytes_per_block_optin)) return;
   plan.path = AttentionPath::kSplitCodedAfterRope;
   plan.max_codes = most_codes <= 8 ? 8 : 16;

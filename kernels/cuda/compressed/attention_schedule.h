@@ -56,21 +56,31 @@ KVPLAN_HOST_DEVICE constexpr int group_width(int group) {
 KVPLAN_HOST_DEVICE constexpr int split_blocks_per_sm(int group_width) { return group_width <= 4 ? 2 : 1; }
 KVPLAN_HOST_DEVICE constexpr int round_up_4(int n) { return (n + 3) / 4 * 4; }
 
+// The quantized reader stages its entries per warp in chunks of 8 entries per lane group (8 * 256 / head_dim), two
+// chunks at a time: a chunk's codes (key_sparsity and value_sparsity words per entry) and positions, in 4-byte words.
+KVPLAN_HOST_DEVICE constexpr int quantized_chunk_entries(int head_dim) { return 8 * 256 / head_dim; }
+KVPLAN_HOST_DEVICE constexpr int quantized_chunk_words(int head_dim, int key_sparsity, int value_sparsity) {
+  return quantized_chunk_entries(head_dim) * (key_sparsity + value_sparsity + 1);
+}
+
 // The split kernel's dynamic shared memory, in 4-byte words: the query-atom table for the group (reused for the
 // warps' softmax states once the coded pass is done), the atom weights, each warp's per-tile maxima and coefficient
-// sum (two tiles' worth, by parity), and the per-warp coded sums. Only the reader of codes after RoPE stages the
-// table and the weights (`coded`).
+// sum (two tiles' worth, by parity), the per-warp coded sums, and each warp's stage_words of staged entries. Only the
+// reader of codes after RoPE stages the table and the weights (`coded`); only the quantized reader stages entries.
 struct SplitSharedLayout {
-  int weights, tile_stats, coded_sums, floats;
+  int weights, tile_stats, coded_sums, stages, stage_words, floats;
 };
-KVPLAN_HOST_DEVICE inline SplitSharedLayout split_shared_layout(int head_dim, int width, int atoms, bool coded) {
+KVPLAN_HOST_DEVICE inline SplitSharedLayout split_shared_layout(int head_dim, int width, int atoms, bool coded,
+                                                                int stage_words) {
   const int states = kSplitWarps * width * (head_dim + 2);  // WarpSoftmaxStates<kSplitWarps, width, head_dim>
   const int table = coded ? round_up_4(width * atoms) : 0;
   SplitSharedLayout layout;
   layout.weights = round_up_4(states > table ? states : table);
   layout.tile_stats = layout.weights + (coded ? round_up_4(width * atoms) : 0);
   layout.coded_sums = layout.tile_stats + 2 * kSplitWarps * (width + 1);
-  layout.floats = layout.coded_sums + kSplitWarps * width;
+  layout.stages = round_up_4(layout.coded_sums + kSplitWarps * width);
+  layout.stage_words = stage_words;
+  layout.floats = layout.stages + kSplitWarps * stage_words;
   return layout;
 }
 

@@ -178,6 +178,13 @@ __device__ inline void copy_async_16(void* shared_target, const void* global_sou
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_source));
 }
 __device__ inline void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+__device__ inline void copy_async_4(void* shared_target, const void* global_source) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_target));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global_source));
+}
+// Copies issued since the last commit form one group; waiting for older groups leaves the newest in flight.
+__device__ inline void commit_async_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ inline void wait_for_older_copies() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 // Programmatic dependent launch: the next kernel of the chain (launched by launch_dependent) may start its prologue,
 // which reads nothing this kernel writes, once every block of this one has allowed it; it waits for this kernel's

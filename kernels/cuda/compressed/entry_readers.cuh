@@ -386,6 +386,8 @@ struct NoCodedEntries {
   static constexpr bool kUsesTable = false;
 
   __device__ NoCodedEntries(float*, const SplitSharedLayout&) {}
+  // Shared-memory words each warp stages entries in (split_shared_layout).
+  __device__ static int stage_words(const CompressedLayer&) { return 0; }
   template <typename Dense>
   __device__ __forceinline__ void attend_apart(const AttentionLaunch&, const SplitThread<kHeadDim>&, const Dense&) {}
   __device__ __forceinline__ void attend_with_dense(const AttentionLaunch&, const SplitThread<kHeadDim>&,
@@ -403,87 +405,225 @@ struct QuantizedLane {
   uint32_t range;
   uint2 levels;
 };
-__device__ __forceinline__ QuantizedLane load_quantized_lane(const uint32_t* words, int bits, int dim_base) {
+__device__ __forceinline__ QuantizedLane staged_quantized_lane(const uint32_t* words, int bits, int dim_base,
+                                                               bool present) {
   const uint32_t* first = words + 1 + dim_base * bits / 32;
-  return {__ldg(words), make_uint2(__ldg(first), bits == 8 ? __ldg(first + 1) : 0u)};
+  // An entry past the share reads whatever the stage holds: a range of 0 keeps it finite (its weight is 0).
+  return {present ? words[0] : 0u, make_uint2(first[0], bits == 8 ? first[1] : 0u)};
 }
-// The lane's channels dequantized (dequantized_level), times the key's channel scales where given.
-__device__ __forceinline__ void dequantize_quantized_lane(const QuantizedLane& lane, int bits, int dim_base,
-                                                          const float* channel_scale, float (&out)[8]) {
-  const QuantizedRange range = quantized_range_of(lane.range);
-  const int first_bit = dim_base * bits % 32;
+
+// The lane's levels as the floats 2^23 + level: a level OR'd into the mantissa of 2^23 is that float exactly, so a
+// subtraction finishes the conversion in full-rate instructions, where an integer-to-float conversion runs at a
+// quarter of the rate.
+constexpr float kLevelBias = 8388608.0f;  // 2^23
+__device__ __forceinline__ void biased_levels(const QuantizedLane& lane, int bits, int first_bit, float (&out)[8]) {
   const uint32_t mask = (1u << bits) - 1u;
+  uint32_t word = lane.levels.x >> first_bit;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int bit = first_bit + i * bits;
-    out[i] = dequantized_level(range, ((bit < 32 ? lane.levels.x : lane.levels.y) >> (bit % 32)) & mask);
-    if (channel_scale != nullptr) out[i] = __fmul_rn(out[i], channel_scale[i]);
+    if (i == 4 && bits == 8) word = lane.levels.y;
+    out[i] = __uint_as_float((word & mask) | 0x4B000000u);
+    word >>= bits;
   }
 }
 
-// Quantized coded entries, read before the dense ones as those are: each lane group takes kUnroll entries per tile
-// (their range and level words loaded together, one or two 4-byte loads per vector and lane, so several entries are
-// in flight), dequantizes its 8 dimensions in registers (the key's scaled back by its channel scales), and the tile
-// joins the dense pass's online softmax with one rescale per tile.
+// Sums kGroup values of every lane over its lane group of kLanes lanes and leaves each lane one of the totals: that
+// of group (lane % kLanes) / (kLanes / kGroup). At each halving step a lane keeps half of its values and sends the
+// other half, so the kGroup totals cost kGroup - 1 + log2(kLanes / kGroup) shuffles, not kGroup log2(kLanes).
+template <int kLanes, int kGroup>
+__device__ __forceinline__ float lane_group_scatter_sum(float (&values)[kGroup], int lane) {
+  static_assert(kGroup <= kLanes, "a lane group holds at least one lane per query head");
+#pragma unroll
+  for (int count = kGroup, offset = kLanes / 2; count > 1; count /= 2, offset /= 2) {
+    const bool upper = lane & offset;
+#pragma unroll
+    for (int j = 0; j < count / 2; ++j) {
+      const float keep = upper ? values[j + count / 2] : values[j];
+      const float send = upper ? values[j] : values[j + count / 2];
+      values[j] = keep + __shfl_xor_sync(0xffffffff, send, offset);
+    }
+  }
+  float total = values[0];
+#pragma unroll
+  for (int offset = kLanes / kGroup / 2; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffff, total, offset);
+  return total;
+}
+
+// Quantized coded entries, read before the dense ones as those are. Each warp stages its chunks of entries (codes and
+// positions) in shared memory with asynchronous 4-byte copies, the next chunk in flight while it reads the current
+// one: the loads then do not wait on registers, so a warp keeps a chunk's worth of bytes in flight, where register
+// tiles held only two entries per lane group at group 4. Within a chunk each lane group takes kUnroll entries per
+// tile, which joins the dense pass's online softmax with one rescale per tile.
+//
+// The arithmetic is what bounds the pass once the bytes flow (a lane handles 8 channels of a 68-byte int4 vector
+// where the dense pass handles 8 of a 256-byte one), so the entry's range is applied once per entry rather than once
+// per channel: with key channel d = c_d (m + s l_d),
+//   q . k = s * sum_d (q_d c_d) l_d + m * sum_d q_d c_d,
+// the second sum fixed per query head, and a value's weighted sum p (m + s l_d) splits the same way into (p s) l_d,
+// per channel, and p m, one per query head added to every channel at the end. Each lane's per-head partial dots are
+// summed so that each lane ends with one head's logit (lane_group_scatter_sum), whose exponential it alone computes,
+// then the weights are gathered back: 9 shuffles and one exponential per entry at group 4, not 16 and 4.
 template <int kHeadDim, int kGroup>
 struct QuantizedEntries : NoCodedEntries<kHeadDim, kGroup> {
   // Four in flight spilled at group 4 beside the quantized pass.
   static constexpr int kDenseUnroll = 2;
   // Entries per lane group and tile: four spilled at group 4, where two blocks per SM cap a thread at 128 registers.
   static constexpr int kUnroll = kGroup == 4 ? 2 : 4;
+  static constexpr int kLanesPerEntry = SplitThread<kHeadDim>::kLanesPerEntry;
+  static constexpr int kEntriesPerStep = SplitThread<kHeadDim>::kEntriesPerStep;
+  static constexpr int kLanesPerHead = kLanesPerEntry / kGroup;  // lanes of a lane group left holding one head's sums
+  static constexpr int kChunkEntries = quantized_chunk_entries(kHeadDim);
+  static_assert(kChunkEntries % (kEntriesPerStep * kUnroll) == 0, "a chunk is whole tiles");
+
+  uint32_t* stages;  // this warp's two chunks
 
   __device__ QuantizedEntries(float* shared, const SplitSharedLayout& layout)
-      : NoCodedEntries<kHeadDim, kGroup>(shared, layout) {}
+      : NoCodedEntries<kHeadDim, kGroup>(shared, layout),
+        stages(reinterpret_cast<uint32_t*>(shared + layout.stages) + (threadIdx.x / 32) * layout.stage_words) {}
+  __device__ static int stage_words(const CompressedLayer& layer) {
+    return 2 * quantized_chunk_words(kHeadDim, layer.key_sparsity, layer.value_sparsity);
+  }
 
   __device__ __forceinline__ void attend_with_dense(const AttentionLaunch& p, const SplitThread<kHeadDim>& t,
                                                     const float (&query)[kGroup][8], float (&running_max)[kGroup],
                                                     float (&running_sum)[kGroup], float (&acc)[kGroup][8]) {
-    constexpr int kLanesPerEntry = SplitThread<kHeadDim>::kLanesPerEntry;
-    constexpr int kEntriesPerStep = SplitThread<kHeadDim>::kEntriesPerStep;
-    constexpr int kEntriesPerWarpTile = kEntriesPerStep * kUnroll;
-    const int64_t coded_base = p.layer.coded_begin[t.head];
-    const int key_bits = p.tables.key_bits, value_bits = p.tables.value_bits;
     float key_scale[8];
     load_floats<8>(p.tables.key_channel_scale + int64_t(t.kv_head) * kHeadDim + t.dim_base, key_scale);
-    for (int tile = t.share.coded_begin + t.warp * kEntriesPerWarpTile; tile < t.share.coded_end;
-         tile += kSplitWarps * kEntriesPerWarpTile) {
-      QuantizedLane keys[kUnroll], values[kUnroll];
-      bool visible[kUnroll];
+    float scaled_query_sum[kGroup];  // sum_d q_d c_d, then this lane's head's
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int entry = tile + u * kEntriesPerStep + t.entry_slot;
-        const int64_t slot = coded_base + entry;
-        keys[u] = values[u] = QuantizedLane{0u, make_uint2(0u, 0u)};
-        visible[u] = false;
-        if (entry >= t.share.coded_end) continue;
-        keys[u] = load_quantized_lane(p.layer.key_codes + slot * p.layer.key_sparsity, key_bits, t.dim_base);
-        values[u] = load_quantized_lane(p.layer.value_codes + slot * p.layer.value_sparsity, value_bits, t.dim_base);
-        const int32_t position = p.layer.coded_positions[slot];
-        visible[u] = position <= t.query_position && t.filter.sees_slot(p.layer.coded_selected, slot, position);
+    for (int g = 0; g < kGroup; ++g) {
+      scaled_query_sum[g] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) scaled_query_sum[g] = fmaf(query[g][i], key_scale[i], scaled_query_sum[g]);
+    }
+    const float own_query_sum = lane_group_scatter_sum<kLanesPerEntry, kGroup>(scaled_query_sum, t.lane);
+    float minimum_sum[kGroup];  // sum of p m over the entries, at the running max
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) minimum_sum[g] = 0.0f;
+
+    constexpr int kChunkStride = kSplitWarps * kChunkEntries;
+    const int first_chunk = t.share.coded_begin + t.warp * kChunkEntries;
+    stage_chunk(p, t, first_chunk, 0);
+    for (int chunk = first_chunk, stage = 0; chunk < t.share.coded_end; chunk += kChunkStride, stage ^= 1) {
+      stage_chunk(p, t, chunk + kChunkStride, stage ^ 1);
+      wait_for_older_copies();
+      __syncwarp();
+#pragma unroll 1
+      for (int tile = 0; tile < kChunkEntries; tile += kEntriesPerStep * kUnroll)
+        attend_tile(p, t, chunk, stage, tile, query, key_scale, own_query_sum, running_max, running_sum, minimum_sum,
+                    acc);
+      __syncwarp();  // every lane is done with this stage before a copy overwrites it
+    }
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] += minimum_sum[g];
+  }
+
+ private:
+  __device__ __forceinline__ uint32_t* key_words(const AttentionLaunch& p, int stage) const {
+    return stages + stage * quantized_chunk_words(kHeadDim, p.layer.key_sparsity, p.layer.value_sparsity);
+  }
+  __device__ __forceinline__ uint32_t* value_words(const AttentionLaunch& p, int stage) const {
+    return key_words(p, stage) + kChunkEntries * p.layer.key_sparsity;
+  }
+  __device__ __forceinline__ int32_t* positions(const AttentionLaunch& p, int stage) const {
+    return reinterpret_cast<int32_t*>(value_words(p, stage) + kChunkEntries * p.layer.value_sparsity);
+  }
+
+  // The codes and positions of the share's entries [first, first + kChunkEntries) into `stage`, as one group of
+  // asynchronous copies (empty past the share, so that every iteration commits one).
+  __device__ __forceinline__ void stage_chunk(const AttentionLaunch& p, const SplitThread<kHeadDim>& t, int first,
+                                              int stage) const {
+    const int entries = max(0, min(kChunkEntries, t.share.coded_end - first));
+    const int64_t slot = p.layer.coded_begin[t.head] + first;
+    const int key_sparsity = p.layer.key_sparsity, value_sparsity = p.layer.value_sparsity;
+    uint32_t* keys = key_words(p, stage);
+    uint32_t* values = value_words(p, stage);
+    int32_t* staged_positions = positions(p, stage);
+    for (int i = t.lane; i < entries * key_sparsity; i += 32)
+      copy_async_4(keys + i, p.layer.key_codes + slot * key_sparsity + i);
+    for (int i = t.lane; i < entries * value_sparsity; i += 32)
+      copy_async_4(values + i, p.layer.value_codes + slot * value_sparsity + i);
+    for (int i = t.lane; i < entries; i += 32) copy_async_4(staged_positions + i, p.layer.coded_positions + slot + i);
+    commit_async_copies();
+  }
+
+  // kUnroll entries per lane group from entry `tile` of the staged chunk that starts at share entry `chunk`.
+  __device__ __forceinline__ void attend_tile(const AttentionLaunch& p, const SplitThread<kHeadDim>& t, int chunk,
+                                              int stage, int tile, const float (&query)[kGroup][8],
+                                              const float (&key_scale)[8], float own_query_sum, float (&running_max)[kGroup],
+                                              float (&running_sum)[kGroup], float (&minimum_sum)[kGroup],
+                                              float (&acc)[kGroup][8]) const {
+    const int key_bits = p.tables.key_bits, value_bits = p.tables.value_bits;
+    const int key_sparsity = p.layer.key_sparsity, value_sparsity = p.layer.value_sparsity;
+    const int key_first_bit = t.dim_base * key_bits % 32, value_first_bit = t.dim_base * value_bits % 32;
+    const int own_head = (t.lane % kLanesPerEntry) / kLanesPerHead;
+    const int group_lane = t.entry_slot * kLanesPerEntry;  // the lane group's first lane
+    const int64_t chunk_slot = p.layer.coded_begin[t.head] + chunk;
+    // Values are read from the stage only when they are added, so that they hold no registers during the logits.
+    QuantizedLane keys[kUnroll];
+    bool visible[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int local = tile + u * kEntriesPerStep + t.entry_slot;
+      const bool present = chunk + local < t.share.coded_end;
+      const int32_t position = positions(p, stage)[local];
+      visible[u] = present && position <= t.query_position &&
+                   t.filter.sees_slot(p.layer.coded_selected, chunk_slot + local, position);
+      keys[u] = staged_quantized_lane(key_words(p, stage) + local * key_sparsity, key_bits, t.dim_base, visible[u]);
+    }
+    // This lane's head's logit of each entry, and their max.
+    float logit[kUnroll], own_tile_max = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float level[8], partial[kGroup];
+      biased_levels(keys[u], key_bits, key_first_bit, level);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) level[i] = (level[i] - kLevelBias) * key_scale[i];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        partial[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) partial[g] = fmaf(query[g][i], level[i], partial[g]);
       }
-      float score[kUnroll][kGroup];
+      const float dot = lane_group_scatter_sum<kLanesPerEntry, kGroup>(partial, t.lane);
+      const QuantizedRange range = quantized_range_of(keys[u].range);
+      logit[u] = visible[u] ? fmaf(range.scale, dot, range.minimum * own_query_sum) : -INFINITY;
+      own_tile_max = fmaxf(own_tile_max, logit[u]);
+    }
+    float own_max = 0.0f;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        float key[8];
-        dequantize_quantized_lane(keys[u], key_bits, t.dim_base, key_scale, key);
+    for (int g = 0; g < kGroup; ++g) {
+      const float tile_max = __shfl_sync(0xffffffff, own_tile_max, group_lane + g * kLanesPerHead);
+      const float new_max = fmaxf(running_max[g], tile_max);
+      const float correction = __expf(running_max[g] - new_max);
+      running_max[g] = new_max;
+      running_sum[g] *= correction;
+      minimum_sum[g] *= correction;
 #pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          const float dot = lane_group_dot<kLanesPerEntry>(query[g], key);
-          score[u][g] = visible[u] ? dot : -INFINITY;
-        }
-      }
-      rescale_to_tile(score, running_max, running_sum, acc);
+      for (int i = 0; i < 8; ++i) acc[g][i] *= correction;
+      if (g == own_head) own_max = new_max;
+    }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        float value[8];
-        dequantize_quantized_lane(values[u], value_bits, t.dim_base, nullptr, value);
+    for (int u = 0; u < kUnroll; ++u) {
+      const float own_weight = __expf(logit[u] - own_max);
+      const int local = tile + u * kEntriesPerStep + t.entry_slot;
+      const QuantizedLane value =
+          staged_quantized_lane(value_words(p, stage) + local * value_sparsity, value_bits, t.dim_base, visible[u]);
+      const QuantizedRange range = quantized_range_of(value.range);
+      float level[8];
+      biased_levels(value, value_bits, value_first_bit, level);
 #pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          const float weight = __expf(score[u][g] - running_max[g]);
-          running_sum[g] += weight;
+      for (int i = 0; i < 8; ++i) level[i] -= kLevelBias;
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] += weight * value[i];
-        }
+      for (int g = 0; g < kGroup; ++g) {
+        const float weight = __shfl_sync(0xffffffff, own_weight, group_lane + g * kLanesPerHead);
+        running_sum[g] += weight;
+        minimum_sum[g] = fmaf(weight, range.minimum, minimum_sum[g]);
+        const float scaled_weight = weight * range.scale;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(scaled_weight, level[i], acc[g][i]);
       }
     }
   }
