@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "base/input_file.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "plans/plan_io.h"
@@ -56,15 +57,6 @@ bool HoldsKind(const std::string& path, OutputKind kind) {
     if (!trial.is_object() || !trial.contains("length") || !trial.contains("key") || !trial.contains("ids"))
       return false;
   return true;
-}
-
-// What a file that is not a regular one is, for the refusal that names it.
-const char* FileKindName(mode_t mode) {
-  if (S_ISCHR(mode)) return "a character device";
-  if (S_ISBLK(mode)) return "a block device";
-  if (S_ISFIFO(mode)) return "a FIFO";
-  if (S_ISSOCK(mode)) return "a socket";
-  return "not a regular file";
 }
 
 absl::Status CheckOutputFile(const OutputFile& output, const std::vector<struct stat>& inputs, bool force) {

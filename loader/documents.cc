@@ -1,13 +1,12 @@
 #include "loader/documents.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "base/input_file.h"
+#include "base/status_macros.h"
 
 namespace kvplan {
 
@@ -59,11 +58,7 @@ double NonTextFraction(std::string_view text) {
 }
 
 absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream stream;
-  stream << file.rdbuf();
-  std::string text = stream.str();
+  KVPLAN_ASSIGN_OR_RETURN(std::string text, ReadInputFile(path, "data file"));
   const double non_text = NonTextFraction(text);
   if (non_text > kMaxNonTextFraction)
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -2,10 +2,9 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <optional>
-#include <sstream>
 
+#include "base/input_file.h"
 #include "base/status_macros.h"
 #include "loader/json_input.h"
 #include "loader/model_files.h"
@@ -18,11 +17,8 @@ using nlohmann::json;
 // The parsed file, or nullopt when it does not exist.
 absl::StatusOr<std::optional<json>> ReadOptionalJson(const std::string& path) {
   if (!std::filesystem::exists(path)) return std::optional<json>();
-  std::ifstream file(path);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream text;
-  text << file.rdbuf();
-  KVPLAN_ASSIGN_OR_RETURN(json document, ParseJsonInput(text.str(), path));
+  KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadInputFile(path, "generation config"));
+  KVPLAN_ASSIGN_OR_RETURN(json document, ParseJsonInput(text, path));
   if (!document.is_object()) return absl::DataLossError(absl::StrCat(path, ": not a JSON object"));
   return std::optional<json>(std::move(document));
 }

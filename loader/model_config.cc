@@ -1,16 +1,15 @@
 #include "loader/model_config.h"
 
 #include <cmath>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <numbers>
 #include <optional>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/input_file.h"
 #include "base/status_macros.h"
 #include "loader/json_input.h"
 #include "loader/model_files.h"
@@ -211,11 +210,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text) {
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path = ModelFile(model_dir, "config.json");
-  std::ifstream file(path);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream text;
-  text << file.rdbuf();
-  absl::StatusOr<ModelConfig> config = ParseModelConfig(text.str());
+  KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadInputFile(path, "model config"));
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(text);
   if (!config.ok()) return absl::Status(config.status().code(), absl::StrCat(path, ": ", config.status().message()));
   return config;
 }

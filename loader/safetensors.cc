@@ -6,13 +6,12 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/input_file.h"
 #include "base/status_macros.h"
 #include "loader/json_input.h"
 #include "loader/model_files.h"
@@ -88,12 +87,17 @@ void ConvertToFloat(DType dtype, const uint8_t* data, int64_t n, float* out) {
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a FIFO is refused, not waited on
   if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
   struct stat info;
   if (::fstat(fd, &info) != 0) {
     ::close(fd);
     return absl::InternalError(absl::StrCat("cannot stat ", path));
+  }
+  if (!S_ISREG(info.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot read checkpoint ", path, ": it is ", FileKindName(info.st_mode), ", not a regular file"));
   }
   const size_t size = size_t(info.st_size);
   if (size < 8) {
@@ -178,12 +182,10 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   const std::string single = ModelFile(model_dir, "model.safetensors");
   const std::string index_path = ModelFile(model_dir, "model.safetensors.index.json");
   if (::access(single.c_str(), F_OK) == 0) return OpenFile(single);
-  std::ifstream index_file(index_path);
-  if (!index_file)
+  if (::access(index_path.c_str(), F_OK) != 0)
     return absl::NotFoundError(absl::StrCat("no model.safetensors or model.safetensors.index.json in ", model_dir));
-  std::stringstream text;
-  text << index_file.rdbuf();
-  KVPLAN_ASSIGN_OR_RETURN(const json index, ParseJsonInput(text.str(), index_path));
+  KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadInputFile(index_path, "checkpoint index"));
+  KVPLAN_ASSIGN_OR_RETURN(const json index, ParseJsonInput(text, index_path));
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     return absl::DataLossError(absl::StrCat(index_path, ": missing \"weight_map\""));
 

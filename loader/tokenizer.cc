@@ -4,15 +4,14 @@
 #include <pcre2.h>
 
 #include <algorithm>
-#include <fstream>
 #include <queue>
-#include <sstream>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "base/input_file.h"
 #include "base/status_macros.h"
 #include "loader/json_input.h"
 #include "nlohmann/json.hpp"
@@ -501,11 +500,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path) {
-  std::ifstream file(path);
-  if (!file) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream text;
-  text << file.rdbuf();
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = FromJson(text.str());
+  KVPLAN_ASSIGN_OR_RETURN(const std::string text, ReadInputFile(path, "tokenizer"));
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = FromJson(text);
   if (!tokenizer.ok())
     return absl::Status(tokenizer.status().code(), absl::StrCat(path, ": ", tokenizer.status().message()));
   return tokenizer;

@@ -2,13 +2,12 @@
 
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "base/atomic_file.h"
 #include "base/hash.h"
+#include "base/input_file.h"
 #include "base/status_macros.h"
 #include "plans/cache_policy.h"
 
@@ -79,11 +78,8 @@ absl::Status WritePlanFile(const plan::Plan& plan, const std::string& path) {
 }
 
 absl::StatusOr<plan::Plan> ReadPlanFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open plan ", path));
-  std::stringstream bytes;
-  bytes << in.rdbuf();
-  absl::StatusOr<plan::Plan> plan = ParsePlanFile(bytes.str());
+  KVPLAN_ASSIGN_OR_RETURN(const std::string bytes, ReadInputFile(path, "plan"));
+  absl::StatusOr<plan::Plan> plan = ParsePlanFile(bytes);
   if (!plan.ok()) return absl::Status(plan.status().code(), absl::StrCat(path, ": ", plan.status().message()));
   return plan;
 }

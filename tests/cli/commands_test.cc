@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/atomic_file.h"
 #include "base/build_info.h"
+#include "base/input_file.h"
 #include "cli/command_files.h"
 #include "cli/command_line.h"
 #include "nlohmann/json.hpp"
@@ -139,6 +140,45 @@ TEST(OutputFilesTest, SpecialFilesSharedAndEmptyOutputsAreRefused) {
                                 .json_path = folder + "/same.json",
                                 .needle_prompts_path = folder + "/same.json"}),
                        "would both be written to"));
+}
+
+// Inputs that never end (/dev/zero), that block (a FIFO with no writer) or that are folders are refused with their
+// kind named, before a byte is read: the data file of eval and calibrate, a plan, a model's config.json.
+TEST(InputFilesTest, SpecialFilesAsInputsAreRefusedWithoutReading) {
+  const std::string folder = TestFolder("special-inputs");
+  const std::string fifo = folder + "/fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  const std::string data = testing::SharedDir() + "/data/heldout-git-docs.txt";
+  for (const auto& [path, kind] : {std::pair<std::string, std::string>{"/dev/zero", "a character device"},
+                                   {fifo, "a FIFO"},
+                                   {folder, "a directory"}}) {
+    const absl::Status eval = RunEval({.model_dir = testing::FixtureModelDir(), .data_path = path});
+    EXPECT_EQ(eval.code(), absl::StatusCode::kInvalidArgument) << eval;
+    EXPECT_TRUE(Contains(eval, "cannot read data file " + path + ": it is " + kind)) << eval;
+    CalibrateCommand calibrate = {.methods = {"budget"}, .device = "cpu", .output_path = folder + "/plan.kvplan"};
+    calibrate.options.model_dir = testing::FixtureModelDir();
+    calibrate.options.data_path = path;
+    EXPECT_TRUE(Contains(RunCalibrate(calibrate), "it is " + kind));
+    EXPECT_TRUE(Contains(RunEval({.model_dir = testing::FixtureModelDir(), .data_path = data, .plan_path = path}),
+                         "cannot read plan " + path + ": it is " + kind));
+  }
+  // A model folder whose config.json is a FIFO.
+  const std::string model = folder + "/model";
+  std::filesystem::create_directories(model);
+  ASSERT_EQ(mkfifo((model + "/config.json").c_str(), 0600), 0);
+  const absl::Status config = RunEval({.model_dir = model, .data_path = data});
+  EXPECT_TRUE(Contains(config, "cannot read model config " + model + "/config.json: it is a FIFO")) << config;
+}
+
+TEST(InputFilesTest, AnInputLargerThanItsReaderAcceptsIsRefusedBeforeReading) {
+  const std::string path = TestFolder("large-input") + "/ten.txt";
+  ASSERT_TRUE(WriteFileAtomically(path, "0123456789").ok());
+  const absl::StatusOr<std::string> small = ReadInputFile(path, "data file", 4);
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(small.status(), "holds 10 bytes; at most 4 are accepted")) << small.status();
+  const absl::StatusOr<std::string> whole = ReadInputFile(path, "data file", 10);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ(*whole, "0123456789");
 }
 
 TEST(OutputFilesTest, TheModelFilesIncludeEveryShard) {
