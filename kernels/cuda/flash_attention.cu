@@ -104,11 +104,13 @@ __device__ __forceinline__ void tile_scores(const uint16_t* key_tile, const uint
   }
 }
 
-// Masks and scales a tile's scores (element e of an n-tile: the thread's row e / 2, key 2 quad_lane + e % 2), raises
-// each row's running max, rescales its sum and accumulators, and leaves the weights in bf16 as the A fragments of
-// P V: n-tiles 2 k and 2 k + 1 of S are k-step k's columns 0-7 and 8-15.
+// Masks a tile's scores where `masked` (element e of an n-tile: the thread's row e / 2, key 2 quad_lane + e % 2; a
+// tile every row sees whole skips it), raises each row's running max (in units of scaled logits: scale_log2 > 0,
+// so the max of raw scores scales to the max of scaled ones), rescales its sum and accumulators, and leaves the
+// weights exp2(s * scale_log2 - max), one fused multiply-add each, in bf16 as the A fragments of P V: n-tiles 2 k
+// and 2 k + 1 of S are k-step k's columns 0-7 and 8-15.
 template <int kHeadDim>
-__device__ __forceinline__ void online_softmax(const FlashParams& p, int first_key, int quad_lane,
+__device__ __forceinline__ void online_softmax(const FlashParams& p, int first_key, bool masked, int quad_lane,
                                                const int32_t (&position)[2], float (&score)[kKeys / 8][4],
                                                float (&running_max)[2], float (&running_sum)[2],
                                                float (&acc)[kHeadDim / 8][4], uint32_t (&weights)[kKeys / 16][4]) {
@@ -117,9 +119,11 @@ __device__ __forceinline__ void online_softmax(const FlashParams& p, int first_k
   for (int j = 0; j < kKeys / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int key = first_key + 8 * j + 2 * quad_lane + e % 2, distance = position[e / 2] - key;
-      const bool seen = distance >= 0 && (p.sliding_window <= 0 || distance < p.sliding_window);
-      score[j][e] = seen ? score[j][e] * p.scale_log2 : -INFINITY;
+      if (masked) {
+        const int key = first_key + 8 * j + 2 * quad_lane + e % 2, distance = position[e / 2] - key;
+        const bool seen = distance >= 0 && (p.sliding_window <= 0 || distance < p.sliding_window);
+        score[j][e] = seen ? score[j][e] : -INFINITY;
+      }
       tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
     }
   float reference[2];
@@ -127,7 +131,7 @@ __device__ __forceinline__ void online_softmax(const FlashParams& p, int first_k
   for (int i = 0; i < 2; ++i) {
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
     tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
-    const float new_max = fmaxf(running_max[i], tile_max[i]);
+    const float new_max = fmaxf(running_max[i], tile_max[i] * p.scale_log2);
     reference[i] = new_max == -INFINITY ? 0.0f : new_max;  // a row that has seen nothing keeps weights of 0
     const float correction = exp2f(running_max[i] - reference[i]);
     running_max[i] = new_max;
@@ -140,7 +144,7 @@ __device__ __forceinline__ void online_softmax(const FlashParams& p, int first_k
     float w[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      w[e] = exp2f(score[j][e] - reference[e / 2]);
+      w[e] = exp2f(fmaf(score[j][e], p.scale_log2, -reference[e / 2]));
       running_sum[e / 2] += w[e];
     }
     weights[j / 2][2 * (j % 2)] = bf16_pair(w[0], w[1]);
@@ -243,7 +247,12 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(FlashPar
     float score[kKeys / 8][4];
     tile_scores<kHeadDim>(key_tile, query, lane, score);
     uint32_t weights[kKeys / 16][4];
-    online_softmax<kHeadDim>(p, first_key, quad_lane, position, score, running_max, running_sum, acc, weights);
+    // Every row sees the whole tile when it ends at or before the least position and, with a window, starts within
+    // the window of the largest one.
+    const bool masked = first_key + kKeys - 1 > bounds[0] ||
+                        (p.sliding_window > 0 && first_key < bounds[1] - p.sliding_window + 1);
+    online_softmax<kHeadDim>(p, first_key, masked, quad_lane, position, score, running_max, running_sum, acc,
+                             weights);
     add_values<kHeadDim>(value_tile, weights, lane, acc);
   }
 
