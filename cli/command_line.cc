@@ -123,7 +123,8 @@ void CommandLine::AddBenchCommand() {
       ->add_option("--shape", bench_.model_shape,
                    "random weights of a real shape: " + absl::StrJoin(NamedModelShapes(), ", "))
       ->check(CLI::IsMember(NamedModelShapes()));
-  AddList(bench, "--context", bench_.contexts, "context lengths")->check(kPositive);
+  AddList(bench, "--context", bench_.contexts,
+          "context lengths (default: 4096, or the model's positions less --steps where fewer)")->check(kPositive);
   bench->add_option("--batch", bench_.batch, "sequences decoded together")->check(kPositive);
   bench->add_option("--steps", bench_.steps, "timed decode steps per repetition")->check(kPositive);
   bench->add_option("--repetitions", bench_.repetitions, "timed runs per context length")->check(CLI::Range(1, 1000));

@@ -169,10 +169,18 @@ absl::Status RunBench(const BenchCommand& command) {
   KVPLAN_ASSIGN_OR_RETURN(auto backend, ParseBackend(command.device));
   if (command.model_dir.empty() == command.model_shape.empty())
     return absl::InvalidArgumentError("give exactly one of --model and --shape");
+  if (command.fit_memory_gb > 0 && ResolveBackend(backend) == Backend::kCpu)
+    return absl::InvalidArgumentError(
+        "--fit-memory sizes a batch to GPU memory and needs the CUDA runtime (--device cuda, on a machine with a GPU)");
   KVPLAN_ASSIGN_OR_RETURN(auto loaded, command.model_dir.empty() ? RandomModel(command.model_shape, 1)
                                                                  : OpenModel(command.model_dir));
-  if (command.contexts.empty()) return absl::InvalidArgumentError("bench needs at least one --context");
-  const int max_context = *std::max_element(command.contexts.begin(), command.contexts.end());
+  // No --context: 4096, or as much of the model's context as the timed steps leave.
+  const std::vector<int> contexts =
+      !command.contexts.empty()
+          ? command.contexts
+          : std::vector<int>{int(std::max<int64_t>(
+                1, std::min<int64_t>(kDefaultBenchContext, loaded.config.max_position_embeddings - command.steps)))};
+  const int max_context = *std::max_element(contexts.begin(), contexts.end());
   KVPLAN_RETURN_IF_ERROR(CheckPositions(loaded.config, int64_t(max_context) + command.steps,
                                         absl::StrCat("--context ", max_context, " and --steps ", command.steps),
                                         command.allow_longer_context));
@@ -196,7 +204,7 @@ absl::Status RunBench(const BenchCommand& command) {
   }
   std::vector<BenchResult> results;
   if (!command.json) std::printf("%s", BenchTableHeader().c_str());
-  for (int context : command.contexts) {
+  for (int context : contexts) {
     SetInterruptedActivity(absl::StrCat("bench at context ", context));
     KVPLAN_ASSIGN_OR_RETURN(results.emplace_back(), BenchDecode(*model, {.context = context,
                                                                          .steps = command.steps,

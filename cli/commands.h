@@ -42,10 +42,11 @@ struct EvalCommand {
 };
 absl::Status RunEval(const EvalCommand& command);
 
+inline constexpr int kDefaultBenchContext = 4096;
 struct BenchCommand {
   std::string model_dir;    // a checkpoint, or
   std::string model_shape;  // a named real shape with random weights
-  std::vector<int> contexts = {4096};
+  std::vector<int> contexts;  // empty: kDefaultBenchContext, or less where the model holds fewer positions
   int batch = 1;
   int steps = 32;
   std::string device = "auto";

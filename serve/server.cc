@@ -29,6 +29,7 @@ using nlohmann::json;
 
 constexpr size_t kMaxBodyBytes = size_t(16) << 20;
 constexpr int kMaxStopStrings = 16;
+constexpr double kMaxTemperature = 2.0;  // OpenAI's range: 0 to 2
 // How often a streaming handler looks at its client while no token comes, so a client that left is noticed.
 constexpr std::chrono::milliseconds kPollInterval(50);
 
@@ -114,9 +115,40 @@ absl::StatusOr<std::string> MessageContent(const json& content) {
   return text;
 }
 
+// OpenAI fields the server does not implement, each with the values that ask for nothing (so clients that send the
+// defaults are served); any other value is refused naming the field, never silently ignored.
+bool AsksForNothing(const std::string& field, const json& value) {
+  if (value.is_null()) return true;
+  if (field == "echo") return value == false;
+  if (field == "best_of") return value == 1;
+  if (field == "suffix") return value == "";
+  if (field == "presence_penalty" || field == "frequency_penalty") return value.is_number() && value == 0;
+  if (field == "logit_bias") return value.is_object() && value.empty();
+  if (field == "tools" || field == "functions") return value.is_array() && value.empty();
+  if (field == "tool_choice" || field == "function_call") return value == "none";
+  if (field == "response_format") return value.is_object() && value.size() == 1 && value.value("type", json()) == "text";
+  if (field == "stream_options")
+    return value.is_object() && (!value.contains("include_usage") || value["include_usage"] == false);
+  return false;
+}
+
+absl::Status RefuseUnsupportedFields(const json& body, std::string& param) {
+  for (const char* field : {"echo", "best_of", "suffix", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
+                            "functions", "tool_choice", "function_call", "response_format", "stream_options"}) {
+    if (!body.contains(field) || AsksForNothing(field, body[field])) continue;
+    param = field;
+    return absl::InvalidArgumentError(
+        std::string(field) == "stream_options"
+            ? "stream_options.include_usage is not supported (the final response of a request counts its tokens)"
+            : absl::StrCat(field, " is not supported by this server"));
+  }
+  return absl::OkStatus();
+}
+
 // Checks field types and values; `param` names the field at fault.
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(const json& body, bool chat, std::string& param) {
   if (!body.is_object()) return absl::InvalidArgumentError("the request body must be a JSON object");
+  KVPLAN_RETURN_IF_ERROR(RefuseUnsupportedFields(body, param));
   CompletionRequest request{.chat = chat};
   if (chat) {
     param = "messages";
@@ -148,6 +180,9 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const json& body, bool 
   if (Present(body, "temperature")) {
     param = "temperature";
     KVPLAN_ASSIGN_OR_RETURN(const double temperature, Number(body, "temperature"));
+    if (!(temperature >= 0 && temperature <= kMaxTemperature))
+      return absl::InvalidArgumentError(
+          absl::StrCat("temperature must lie in [0, ", kMaxTemperature, "] (0: greedy), got ", temperature));
     request.sampling.temperature = float(temperature);
   }
   if (Present(body, "top_p")) {
@@ -166,8 +201,15 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(const json& body, bool 
   } else {
     request.sampling.seed = std::random_device()();
   }
-  param = "temperature";
-  KVPLAN_RETURN_IF_ERROR(ValidateSamplingSettings(request.sampling));
+  // Each setting checked on its own, so that the error names the field at fault.
+  for (const char* field : {"temperature", "top_k", "top_p"}) {
+    param = field;
+    SamplingSettings alone;
+    if (param == "temperature") alone.temperature = request.sampling.temperature;
+    if (param == "top_k") alone.top_k = request.sampling.top_k;
+    if (param == "top_p") alone.top_p = request.sampling.top_p;
+    KVPLAN_RETURN_IF_ERROR(ValidateSamplingSettings(alone));
+  }
   if (Present(body, "stop")) {
     param = "stop";
     const json& stop = body["stop"];

@@ -181,6 +181,21 @@ TEST(InputFilesTest, AnInputLargerThanItsReaderAcceptsIsRefusedBeforeReading) {
   EXPECT_EQ(*whole, "0123456789");
 }
 
+// bench on a model of fewer positions than its default context runs at what the model holds; --fit-memory on the CPU
+// says it needs CUDA before anything else can fail.
+TEST(BenchCommandTest, DefaultsFitTheModelAndFitMemoryNeedsCuda) {
+  EXPECT_TRUE(RunBench({.model_dir = testing::FixtureModelDir(),
+                        .steps = 2,
+                        .device = "cpu",
+                        .repetitions = 1,
+                        .prefill = false,
+                        .json = true})
+                  .ok());
+  const absl::Status fit = RunBench({.model_dir = testing::FixtureModelDir(), .device = "cpu", .fit_memory_gb = 1});
+  EXPECT_EQ(fit.code(), absl::StatusCode::kInvalidArgument) << fit;
+  EXPECT_TRUE(Contains(fit, "--fit-memory sizes a batch to GPU memory and needs the CUDA runtime")) << fit;
+}
+
 TEST(OutputFilesTest, TheModelFilesIncludeEveryShard) {
   const std::vector<std::string> files = ModelFiles(testing::FixtureModelDir());
   for (const char* name : {"/config.json", "/tokenizer.json", "/model.safetensors", "/reference.safetensors"})

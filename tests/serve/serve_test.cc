@@ -236,6 +236,42 @@ TEST(ServeTest, ConcurrentClientsFaultsAndMetrics) {
   EXPECT_TRUE(responses_add_up(metrics)) << metrics;
 }
 
+// OpenAI fields the server does not implement are refused naming them unless they carry the value that asks for
+// nothing; temperature, top_p and top_k are each checked against their own range and named when wrong.
+TEST(ServeTest, UnsupportedFieldsAndSamplingRangesAreRefusedNamingTheField) {
+  RunningServer server(FixtureOptions());
+  ASSERT_TRUE(server.ok());
+  auto expect_param = [&](const json& extra, const std::string& param) {
+    const httplib::Result result = server.Post("/v1/completions", CompletionBody("git", 2, extra));
+    ExpectError(result, 400, "invalid_value", extra.dump());
+    if (result) {
+      EXPECT_EQ(json::parse(result->body)["error"]["param"], param) << result->body;
+    }
+  };
+  expect_param({{"echo", true}}, "echo");
+  expect_param({{"best_of", 3}}, "best_of");
+  expect_param({{"suffix", "end"}}, "suffix");
+  expect_param({{"presence_penalty", 0.5}}, "presence_penalty");
+  expect_param({{"frequency_penalty", -1}}, "frequency_penalty");
+  expect_param({{"logit_bias", {{"50256", -100}}}}, "logit_bias");
+  expect_param({{"tools", json::array({{{"type", "function"}}})}}, "tools");
+  expect_param({{"response_format", {{"type", "json_object"}}}}, "response_format");
+  expect_param({{"stream", true}, {"stream_options", {{"include_usage", true}}}}, "stream_options");
+  expect_param({{"temperature", 1e30}}, "temperature");
+  expect_param({{"temperature", 2.5}}, "temperature");
+  expect_param({{"top_p", 0}}, "top_p");
+  expect_param({{"top_k", -1}}, "top_k");
+  // The neutral values are served.
+  const httplib::Result neutral = server.Post(
+      "/v1/completions",
+      CompletionBody("git", 2,
+                     {{"echo", false}, {"best_of", 1}, {"suffix", ""}, {"presence_penalty", 0},
+                      {"frequency_penalty", 0}, {"logit_bias", json::object()}, {"tools", json::array()},
+                      {"response_format", {{"type", "text"}}}, {"temperature", 2}, {"top_p", 1}, {"top_k", 0}}));
+  ASSERT_TRUE(neutral);
+  EXPECT_EQ(neutral->status, 200) << neutral->body;
+}
+
 TEST(ServeTest, GreedyCompletionEqualsGenerateAndStopStringsCut) {
   RunningServer server(FixtureOptions());
   ASSERT_TRUE(server.ok());
