@@ -24,6 +24,7 @@ absl::StatusOr<LoadedModel> OpenModel(const std::string& model_dir) {
   LoadedModel model;
   KVPLAN_ASSIGN_OR_RETURN(model.config, LoadModelConfig(model_dir));
   KVPLAN_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
+  KVPLAN_RETURN_IF_ERROR(CheckCheckpointLayers(*checkpoint, model.config));
   model.weights = std::make_unique<CheckpointWeightSource>(std::move(checkpoint), model_dir);
   KVPLAN_ASSIGN_OR_RETURN(model.tokenizer, Tokenizer::Load(ModelFile(model_dir, "tokenizer.json")));
   KVPLAN_ASSIGN_OR_RETURN(model.generation, LoadGenerationConfig(model_dir));

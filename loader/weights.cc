@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/hash/hash.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "base/hash.h"
 #include "base/status_macros.h"
@@ -47,6 +48,19 @@ LayerSpecs LayerTensorSpecs(const ModelConfig& config, int layer) {
       .k_bias = vector("self_attn.k_proj.bias", kv_dim, Kind::kBias),
       .v_bias = vector("self_attn.v_proj.bias", kv_dim, Kind::kBias),
   };
+}
+
+absl::Status CheckCheckpointLayers(const Checkpoint& checkpoint, const ModelConfig& config) {
+  const std::string layers = "model.layers.";
+  for (const auto& [name, tensor] : checkpoint.tensors()) {
+    if (name.rfind(layers, 0) != 0) continue;
+    const std::string rest = name.substr(layers.size());
+    int64_t layer = 0;
+    if (!absl::SimpleAtoi(rest.substr(0, rest.find('.')), &layer) || layer < config.num_layers) continue;
+    return absl::InvalidArgumentError(absl::StrCat("the checkpoint holds ", name,
+                                                   ", but config.json's num_hidden_layers is ", config.num_layers));
+  }
+  return absl::OkStatus();
 }
 
 CheckpointWeightSource::CheckpointWeightSource(std::unique_ptr<Checkpoint> checkpoint, std::string model_dir)

@@ -30,6 +30,9 @@ struct LayerSpecs {
   TensorSpec q_bias, k_bias, v_bias;  // only read when config.attention_bias
 };
 LayerSpecs LayerTensorSpecs(const ModelConfig& config, int layer);
+// A checkpoint with tensors of layers past config.json's num_hidden_layers is an error naming the first such tensor:
+// the model would run with those layers silently dropped.
+absl::Status CheckCheckpointLayers(const Checkpoint& checkpoint, const ModelConfig& config);
 
 class WeightSource {
  public:

@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "loader/model_config.h"
+#include "loader/open_model.h"
 #include "loader/safetensors.h"
 #include "loader/weights.h"
 #include "nlohmann/json.hpp"
@@ -104,6 +105,28 @@ TEST(ModelConfigTest, AbsurdValuesAreRefusedNamingTheKey) {
     EXPECT_NE(parsed.status().message().find("\"max_position_embeddings\""), std::string::npos)
         << parsed.status().message();
   }
+}
+
+// A config.json with fewer layers than the checkpoint holds would run a truncated model: refused naming a tensor of
+// the first layer past it.
+TEST(ModelConfigTest, FewerLayersThanTheCheckpointHoldsIsRefused) {
+  const std::string fixture = testing::FixtureModelDir();
+  const std::string folder = testing::FreshTestFolder("five-layers");
+  for (const auto& entry : std::filesystem::directory_iterator(fixture))
+    if (entry.path().filename() != "config.json")
+      std::filesystem::create_symlink(entry.path(), std::filesystem::path(folder) / entry.path().filename());
+  std::ifstream in(fixture + "/config.json");
+  nlohmann::json config = nlohmann::json::parse(in);
+  ASSERT_EQ(config["num_hidden_layers"], 6);
+  config["num_hidden_layers"] = 5;
+  std::ofstream(folder + "/config.json") << config.dump();
+  const absl::StatusOr<LoadedModel> model = OpenModel(folder);
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(model.status().message().find("the checkpoint holds model.layers.5."), std::string::npos)
+      << model.status().message();
+  EXPECT_NE(model.status().message().find("num_hidden_layers is 5"), std::string::npos) << model.status().message();
+  KVPLAN_ASSERT_OK_AND_ASSIGN(fixture_model, OpenModel(fixture));
 }
 
 // Where config.json leaves max_position_embeddings out, the architecture's transformers default applies.
