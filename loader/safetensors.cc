@@ -1,8 +1,6 @@
 #include "loader/safetensors.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -87,25 +85,10 @@ void ConvertToFloat(DType dtype, const uint8_t* data, int64_t n, float* out) {
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a FIFO is refused, not waited on
-  if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
-  struct stat info;
-  if (::fstat(fd, &info) != 0) {
-    ::close(fd);
-    return absl::InternalError(absl::StrCat("cannot stat ", path));
-  }
-  if (!S_ISREG(info.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot read checkpoint ", path, ": it is ", FileKindName(info.st_mode), ", not a regular file"));
-  }
-  const size_t size = size_t(info.st_size);
-  if (size < 8) {
-    ::close(fd);
-    return absl::DataLossError(absl::StrCat(path, ": truncated safetensors file (", size, " bytes)"));
-  }
-  void* mapping = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
+  KVPLAN_ASSIGN_OR_RETURN(const InputFile input, InputFile::Open(path, "checkpoint"));
+  const size_t size = size_t(input.size());
+  if (size < 8) return absl::DataLossError(absl::StrCat(path, ": truncated safetensors file (", size, " bytes)"));
+  void* mapping = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, input.descriptor(), 0);
   if (mapping == MAP_FAILED) return absl::InternalError(absl::StrCat("cannot mmap ", path));
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->mapping_ = mapping;

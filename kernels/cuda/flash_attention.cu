@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/kernels.h"
 
 namespace kvplan::cuda {
@@ -44,10 +45,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned shared_address(const void* pointer) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
-}
-
 // Four 8x8 bf16 matrices, lane l giving the address of row l % 8 of matrix l / 8; lane l receives elements
 // (l / 4, 2 (l % 4) and + 1) of each, or with the transpose (2 (l % 4) and + 1, l / 4).
 __device__ __forceinline__ void load_matrices(uint32_t (&r)[4], const uint16_t* row) {
@@ -61,15 +58,6 @@ __device__ __forceinline__ void load_matrices_transposed(uint32_t (&r)[4], const
                : "r"(shared_address(row)));
 }
 
-// 16 bytes into shared memory, or zeros when `present` is false (entries past the tile's last position may never
-// have been written: they must not reach P V as NaN).
-__device__ __forceinline__ void copy_16_or_zero(void* target, const void* source, bool present) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(target)), "l"(source),
-               "r"(present ? 16 : 0));
-}
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 // Element offset of 16-byte chunk `chunk` of tile row `row`: chunks are XOR-swizzled by row % 8, so the eight rows
 // an ldmatrix reads at one logical chunk sit in eight different bank groups.
 template <int kHeadDim>
@@ -79,9 +67,9 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 
 template <int kHeadDim>
 struct FlashTile {
-  static constexpr int kChunks = kHeadDim / 8;          // 16-byte chunks of a cache row
-  static constexpr int kDimSteps = kHeadDim / 16;       // MMA k-steps of Q K^T
-  static constexpr int kDimTiles = kHeadDim / 8;        // n-tiles of O
+  static constexpr int kChunks = kHeadDim / 8;                 // 16-byte chunks of a cache row
+  static constexpr int kDimSteps = kHeadDim / 16;              // MMA k-steps of Q K^T
+  static constexpr int kDimTiles = kHeadDim / 8;               // n-tiles of O
   static constexpr int kStageElements = 2 * kKeys * kHeadDim;  // keys, then values
   static constexpr size_t kSharedBytes = 2 * kStageElements * sizeof(uint16_t);
 };
@@ -89,13 +77,14 @@ struct FlashTile {
 // S = Q K^T over kKeys / 8 n-tiles of the staged keys; lane l's ldmatrix row is key 8 j + l % 8 at chunk
 // 4 s + l / 8, which hands it the B fragments of k-steps 2 s and 2 s + 1.
 template <int kHeadDim>
-__device__ __forceinline__ void tile_scores(const uint16_t* key_tile, const uint32_t (&query)[kHeadDim / 16][4],
-                                            int lane, float (&score)[kKeys / 8][4]) {
+__device__ __forceinline__ void tile_scores(const uint16_t* key_tile,
+                                            const uint32_t (&query)[FlashTile<kHeadDim>::kDimSteps][4], int lane,
+                                            float (&score)[kKeys / 8][4]) {
 #pragma unroll
   for (int j = 0; j < kKeys / 8; ++j) {
     score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.0f;
 #pragma unroll
-    for (int s = 0; s < kHeadDim / 32; ++s) {
+    for (int s = 0; s < FlashTile<kHeadDim>::kDimSteps / 2; ++s) {
       uint32_t b[4];
       load_matrices(b, key_tile + swizzled<kHeadDim>(8 * j + lane % 8, 4 * s + lane / 8));
       mma_bf16(score[j], query[2 * s], b[0], b[1]);
@@ -113,7 +102,8 @@ template <int kHeadDim>
 __device__ __forceinline__ void online_softmax(const FlashParams& p, int first_key, bool masked, int quad_lane,
                                                const int32_t (&position)[2], float (&score)[kKeys / 8][4],
                                                float (&running_max)[2], float (&running_sum)[2],
-                                               float (&acc)[kHeadDim / 8][4], uint32_t (&weights)[kKeys / 16][4]) {
+                                               float (&acc)[FlashTile<kHeadDim>::kDimTiles][4],
+                                               uint32_t (&weights)[kKeys / 16][4]) {
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < kKeys / 8; ++j)
@@ -137,7 +127,10 @@ __device__ __forceinline__ void online_softmax(const FlashParams& p, int first_k
     running_max[i] = new_max;
     running_sum[i] *= correction;
 #pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) acc[n][2 * i] *= correction, acc[n][2 * i + 1] *= correction;
+    for (int n = 0; n < FlashTile<kHeadDim>::kDimTiles; ++n) {
+      acc[n][2 * i] *= correction;
+      acc[n][2 * i + 1] *= correction;
+    }
   }
 #pragma unroll
   for (int j = 0; j < kKeys / 8; ++j) {
@@ -156,14 +149,14 @@ __device__ __forceinline__ void online_softmax(const FlashParams& p, int first_k
 // 2 n + l / 16, which hands it the B fragments of output n-tiles 2 n and 2 n + 1.
 template <int kHeadDim>
 __device__ __forceinline__ void add_values(const uint16_t* value_tile, const uint32_t (&weights)[kKeys / 16][4],
-                                           int lane, float (&acc)[kHeadDim / 8][4]) {
+                                           int lane, float (&acc)[FlashTile<kHeadDim>::kDimTiles][4]) {
 #pragma unroll
   for (int k = 0; k < kKeys / 16; ++k)
 #pragma unroll
-    for (int n = 0; n < kHeadDim / 16; ++n) {
+    for (int n = 0; n < FlashTile<kHeadDim>::kDimTiles / 2; ++n) {
       uint32_t b[4];
-      load_matrices_transposed(b, value_tile + swizzled<kHeadDim>(16 * k + lane % 8 + 8 * ((lane / 8) % 2),
-                                                                  2 * n + lane / 16));
+      load_matrices_transposed(
+          b, value_tile + swizzled<kHeadDim>(16 * k + lane % 8 + 8 * ((lane / 8) % 2), 2 * n + lane / 16));
       mma_bf16(acc[2 * n], weights[k], b[0], b[1]);
       mma_bf16(acc[2 * n + 1], weights[k], b[2], b[3]);
     }
@@ -209,9 +202,9 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(FlashPar
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int dim = 16 * step + 8 * half + 2 * quad_lane;
-        const float2 pair = valid[i] ? *reinterpret_cast<const float2*>(
-                                           p.q + (int64_t(row[i]) * p.heads + head) * kHeadDim + dim)
-                                     : make_float2(0.0f, 0.0f);
+        const float2 pair =
+            valid[i] ? *reinterpret_cast<const float2*>(p.q + (int64_t(row[i]) * p.heads + head) * kHeadDim + dim)
+                     : make_float2(0.0f, 0.0f);
         query[step][2 * half + i] = bf16_pair(pair.x, pair.y);
       }
 
@@ -223,12 +216,13 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(FlashPar
     uint16_t* value_tile = key_tile + kKeys * kHeadDim;
     for (int c = threadIdx.x; c < kKeys * Tile::kChunks; c += kFlashThreads) {
       const int r = c / Tile::kChunks, chunk = c % Tile::kChunks, key = first_key + r;
+      // Entries past the tile's last position may never have been written: zeros, so that no NaN reaches P V.
       const bool present = key < key_end;
       const int64_t offset = int64_t(present ? key : key_begin) * kHeadDim + chunk * 8;
-      copy_16_or_zero(key_tile + swizzled<kHeadDim>(r, chunk), keys + offset, present);
-      copy_16_or_zero(value_tile + swizzled<kHeadDim>(r, chunk), values + offset, present);
+      copy_async_16_or_zero(key_tile + swizzled<kHeadDim>(r, chunk), keys + offset, present);
+      copy_async_16_or_zero(value_tile + swizzled<kHeadDim>(r, chunk), values + offset, present);
     }
-    commit_copies();
+    commit_async_copies();
   };
 
   float acc[Tile::kDimTiles][4];
@@ -238,7 +232,7 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(FlashPar
 
   load_tile(0, key_begin);
   for (int first_key = key_begin, stage = 0; first_key < key_end; first_key += kKeys, stage ^= 1) {
-    wait_copies();
+    wait_async_copies();
     __syncthreads();  // the tile is in, and every warp is done with the other stage
     if (first_key + kKeys < key_end) load_tile(stage ^ 1, first_key + kKeys);
     const uint16_t* key_tile = stages + stage * Tile::kStageElements;
@@ -249,10 +243,9 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(FlashPar
     uint32_t weights[kKeys / 16][4];
     // Every row sees the whole tile when it ends at or before the least position and, with a window, starts within
     // the window of the largest one.
-    const bool masked = first_key + kKeys - 1 > bounds[0] ||
-                        (p.sliding_window > 0 && first_key < bounds[1] - p.sliding_window + 1);
-    online_softmax<kHeadDim>(p, first_key, masked, quad_lane, position, score, running_max, running_sum, acc,
-                             weights);
+    const bool masked =
+        first_key + kKeys - 1 > bounds[0] || (p.sliding_window > 0 && first_key < bounds[1] - p.sliding_window + 1);
+    online_softmax<kHeadDim>(p, first_key, masked, quad_lane, position, score, running_max, running_sum, acc, weights);
     add_values<kHeadDim>(value_tile, weights, lane, acc);
   }
 
@@ -274,8 +267,8 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(FlashPar
 template <int kHeadDim>
 cudaError_t launch_flash(const FlashParams& params, cudaStream_t stream) {
   const auto kernel = flash_attention_kernel<kHeadDim>;
-  static const cudaError_t configured = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(FlashTile<kHeadDim>::kSharedBytes));
+  static const cudaError_t configured =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(FlashTile<kHeadDim>::kSharedBytes));
   if (configured != cudaSuccess) return configured;
   kernel<<<dim3(params.tile_count, params.heads), kFlashThreads, FlashTile<kHeadDim>::kSharedBytes, stream>>>(params);
   return cudaGetLastError();
@@ -289,8 +282,8 @@ bool flash_attention_supported(int heads, int kv_heads, int head_dim) {
 
 cudaError_t flash_attention(const float* q, const int32_t* row_sequence, const int32_t* row_position,
                             const int32_t* tiles, int tile_count, int heads, int kv_heads, int head_dim, int capacity,
-                            const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, float scale,
-                            int sliding_window, __nv_bfloat16* out, cudaStream_t stream) {
+                            const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, float scale, int sliding_window,
+                            __nv_bfloat16* out, cudaStream_t stream) {
   if (!flash_attention_supported(heads, kv_heads, head_dim)) return cudaErrorNotSupported;
   if (tile_count == 0) return cudaSuccess;
   const FlashParams params{q,

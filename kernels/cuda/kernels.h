@@ -70,7 +70,7 @@ cudaError_t attention(const float* q, const int32_t* row_sequence, const int32_t
 // attention(), for passes whose rows come in tiles of consecutive rows of one sequence: tile i is rows
 // [tiles[2 i], tiles[2 i + 1]) of the pass (device memory, at most kFlashRows rows each; flash_tiles makes them).
 // The query and the softmax weights enter bf16 MMAs with fp32 accumulation, so the oracle is cpu::flash_attention
-// (cpu::attention of the query rounded to bf16), and the weights' rounding moves an output by at most 2^-8 of the
+// (cpu::attention of the query rounded to bf16), and the weights' rounding moves an output by at most 2^-9 of the
 // largest |value| the row sees. head_dim 64 or 128 (flash_attention_supported).
 inline constexpr int kFlashRows = 64;
 bool flash_attention_supported(int heads, int kv_heads, int head_dim);

@@ -35,7 +35,9 @@ using testing::RandomVector;
 using testing::Tolerance;
 
 // Attention over bf16 dense entries and fp16 codes, bf16 output: the CPU decodes and rotates in another order
-// (double sincos against fp32 sincos of a reduced angle) and sums in double; the bf16 output rounding adds 2^-8.
+// (double sincos against fp32 sincos of a reduced angle) and sums in double, and the quantized reader takes each
+// entry's scale and minimum out of its sums (the same terms, associated otherwise); the bf16 output rounding adds
+// 2^-8.
 constexpr Tolerance kCompressedAttention{.atol = 1.5e-3, .rtol = 1e-2};
 // Probabilities from fast-math exp of logits computed in another order.
 constexpr Tolerance kProbabilities{.atol = 2e-5, .rtol = 2e-3};

@@ -44,7 +44,7 @@ void choose_path(const CompressedLayer& layer, const CodingTables* tables, const
   }
   if (tables != nullptr && tables->key_bits > 0) {
     plan.path = AttentionPath::kSplitQuantized;
-    const int stage_words = 2 * quantized_chunk_words(layer.head_dim, layer.key_sparsity, layer.value_sparsity);
+    const int stage_words = quantized_stage_words(layer.head_dim, layer.key_sparsity, layer.value_sparsity);
     const size_t bytes = split_shared_layout(layer.head_dim, width, 0, false, stage_words).floats * sizeof(float);
     if (bytes > size_t(device.shared_bytes_per_block_optin)) {  // a device with little shared memory per block
       plan.path = AttentionPath::kGeneral;

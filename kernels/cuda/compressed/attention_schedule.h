@@ -62,6 +62,9 @@ KVPLAN_HOST_DEVICE constexpr int quantized_chunk_entries(int head_dim) { return 
 KVPLAN_HOST_DEVICE constexpr int quantized_chunk_words(int head_dim, int key_sparsity, int value_sparsity) {
   return quantized_chunk_entries(head_dim) * (key_sparsity + value_sparsity + 1);
 }
+KVPLAN_HOST_DEVICE constexpr int quantized_stage_words(int head_dim, int key_sparsity, int value_sparsity) {
+  return 2 * quantized_chunk_words(head_dim, key_sparsity, value_sparsity);
+}
 
 // The split kernel's dynamic shared memory, in 4-byte words: the query-atom table for the group (reused for the
 // warps' softmax states once the coded pass is done), the atom weights, each warp's per-tile maxima and coefficient

@@ -1,7 +1,8 @@
 // Device helpers the compressed layer's kernels share (kernels/compressed_layout.h): a step's head slots, the number
-// formats of the entries, RoPE factors, block-wide selection, the moves that compact a region, and the asynchronous
-// copy and programmatic-dependent-launch primitives of the attention chain. Everything here is used by more than one
-// file of kernels/cuda/compressed/; what one file alone uses stays in that file.
+// formats of the entries, RoPE factors, block-wide selection, the moves that compact a region, and the prefetch and
+// programmatic-dependent-launch primitives of the attention chain (its asynchronous copies are async_copy.cuh's,
+// shared with the tensor-core prefill). Everything here is used by more than one file of kernels/cuda/compressed/;
+// what one file alone uses stays in that file.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +11,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/async_copy.cuh"
 #include "kernels/cuda/kernels.h"
 
 namespace kvplan::cuda {
@@ -171,20 +173,7 @@ struct CodingRows {
   }
 };
 
-// --- The attention chain: asynchronous copies, prefetches and programmatic dependent launch -------------------------
-
-__device__ inline void copy_async_16(void* shared_target, const void* global_source) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_target));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global_source));
-}
-__device__ inline void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-__device__ inline void copy_async_4(void* shared_target, const void* global_source) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_target));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global_source));
-}
-// Copies issued since the last commit form one group; waiting for older groups leaves the newest in flight.
-__device__ inline void commit_async_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ inline void wait_for_older_copies() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+// --- The attention chain: prefetches and programmatic dependent launch ----------------------------------------------
 
 // Programmatic dependent launch: the next kernel of the chain (launched by launch_dependent) may start its prologue,
 // which reads nothing this kernel writes, once every block of this one has allowed it; it waits for this kernel's

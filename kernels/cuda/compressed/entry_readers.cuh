@@ -481,7 +481,7 @@ struct QuantizedEntries : NoCodedEntries<kHeadDim, kGroup> {
       : NoCodedEntries<kHeadDim, kGroup>(shared, layout),
         stages(reinterpret_cast<uint32_t*>(shared + layout.stages) + (threadIdx.x / 32) * layout.stage_words) {}
   __device__ static int stage_words(const CompressedLayer& layer) {
-    return 2 * quantized_chunk_words(kHeadDim, layer.key_sparsity, layer.value_sparsity);
+    return quantized_stage_words(kHeadDim, layer.key_sparsity, layer.value_sparsity);
   }
 
   __device__ __forceinline__ void attend_with_dense(const AttentionLaunch& p, const SplitThread<kHeadDim>& t,
@@ -552,9 +552,9 @@ struct QuantizedEntries : NoCodedEntries<kHeadDim, kGroup> {
   // kUnroll entries per lane group from entry `tile` of the staged chunk that starts at share entry `chunk`.
   __device__ __forceinline__ void attend_tile(const AttentionLaunch& p, const SplitThread<kHeadDim>& t, int chunk,
                                               int stage, int tile, const float (&query)[kGroup][8],
-                                              const float (&key_scale)[8], float own_query_sum, float (&running_max)[kGroup],
-                                              float (&running_sum)[kGroup], float (&minimum_sum)[kGroup],
-                                              float (&acc)[kGroup][8]) const {
+                                              const float (&key_scale)[8], float own_query_sum,
+                                              float (&running_max)[kGroup], float (&running_sum)[kGroup],
+                                              float (&minimum_sum)[kGroup], float (&acc)[kGroup][8]) const {
     const int key_bits = p.tables.key_bits, value_bits = p.tables.value_bits;
     const int key_sparsity = p.layer.key_sparsity, value_sparsity = p.layer.value_sparsity;
     const int key_first_bit = t.dim_base * key_bits % 32, value_first_bit = t.dim_base * value_bits % 32;
